@@ -1,0 +1,1 @@
+"""A scaled-down GPT-4-style Mixture-of-Experts transformer in plain PyTorch."""

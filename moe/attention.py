@@ -1,0 +1,96 @@
+"""Rotary positions and multi-query / grouped-query / multi-head attention.
+
+Why multi-query attention: at decode time every step reads the whole KV cache, and the
+cache, not the weights, is what caps the batch at long context. With G KV heads shared by
+H query heads the cache shrinks by H / G; G = 1 (multi-query, as reported for GPT-4) is
+the extreme. A query head h reads KV head h // (H // G); K and V are never repeated in
+memory, the grouping is done by the attention call (`enable_gqa`).
+
+Rotary embeddings use the "rotate half" layout (the first half of a head's channels pairs
+with the second half), the convention of GPT-NeoX, LLaMA and Mixtral in Hugging Face
+format, so their weights load without permuting rows. Angles are computed from the
+positions we are given, per token, so every sequence in a batch can sit at its own
+position (what continuous batching and speculative decoding need).
+
+Shapes: B batch, T new tokens, S cached keys, D d_model, H query heads, G KV heads,
+Dh head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from moe.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------
+
+def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation for each position: positions [B, T] -> 2 x [B, T, Dh/2]."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device,
+                                      dtype=torch.float32) / head_dim)  # [Dh/2]
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (i, i + Dh/2) of x [B, heads, T, Dh] by the position's angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # 2 x [B, heads, T, Dh/2]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh/2], broadcast over heads
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The attention product, with and without a mask
+# ---------------------------------------------------------------------------------------
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+    """q [B, H, T, Dh], k and v [B, G, T, Dh] -> [B, H, T, Dh]; token t sees tokens <= t."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                          enable_gqa=True)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, H, T, Dh], k and v [B, G, S, Dh], mask [B, T, S] (True = may attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The attention layer
+# ---------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Project to H query heads and G KV heads, rotate, attend, project back.
+
+    With a cache, the cache does the attending: it stores the new K/V at their positions
+    and attends over everything the sequence has stored so far. Any object with
+    `attend(layer, q, k, v, positions) -> [B, H, T, Dh]` can serve (moe/cache.py).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], positions: Tensor,
+                cache=None) -> Tensor:
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_heads)  # [B, H, T, Dh]
+        k = rearrange(self.wk(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
+        v = rearrange(self.wv(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            out = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        else:
+            out = cache.attend(self.layer, q, k, v, positions)
+        return self.wo(rearrange(out, "b h t d -> b t (h d)"))  # [B, T, D]

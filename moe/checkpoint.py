@@ -1,0 +1,130 @@
+"""Checkpoints: a directory holding `config.json` and `model.safetensors`.
+
+Why this format: safetensors holds tensors only (no pickled code runs on load) and can be
+memory-mapped; the config beside it in plain JSON says how to rebuild the model before
+the weights arrive, so a checkpoint is readable without this codebase.
+
+Why atomic: a run killed halfway through a save must never leave a checkpoint that looks
+complete but is not. Everything is written into a temporary sibling directory, each file
+is flushed to disk (fsync), and only then is the directory renamed into place; a rename
+within one filesystem is atomic, so a reader sees the old checkpoint or the new one,
+never half of one.
+
+Loading checks every tensor name and shape against the model the config builds and says
+which tensor is missing, unexpected or the wrong shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe.config import ModelConfig, from_dict
+from moe.model import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The tensors to store: the state dict without the tied output head (it is the embedding)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def write_directory_atomically(path: str | Path, write) -> Path:
+    """Call `write(tmp_dir)` to fill a fresh temporary directory, fsync it, rename it to
+    `path`. An existing `path` is replaced: moved aside first, deleted after the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_model(model: Transformer, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save config and weights to directory `path`, atomically."""
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+        save_file(model_state(model), str(tmp / WEIGHTS_FILE), metadata=metadata)
+    return write_directory_atomically(path, write)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: a checkpoint is a directory with "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE} (written by save_model)")
+    try:
+        values = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file} is not valid JSON: {error}") from None
+    return from_dict(ModelConfig, values, "model")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model from `path/config.json` and fill it from `path/model.safetensors`,
+    refusing any tensor whose name or shape does not match."""
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: tuple(t.shape) for name, t in model_state(model).items()}
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found; the checkpoint is incomplete")
+    tensors = {}
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        names = set(f.keys())
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{file} does not match its config: missing tensors {missing}, "
+                                  f"unexpected tensors {unexpected}")
+        for name, shape in expected.items():
+            tensor = f.get_tensor(name)
+            if tuple(tensor.shape) != shape:
+                raise CheckpointError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, "
+                                      f"the config needs {shape}")
+            tensors[name] = tensor if dtype is None else tensor.to(dtype)
+    model.load_state_dict(tensors, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model

@@ -1,0 +1,209 @@
+"""Configuration: one dataclass per concern, loaded from TOML with command-line overrides.
+
+Why a dataclass and not a dict: every setting has a name, a type and a default in one
+place, derived fields (head size, which layers are MoE) are computed once in
+`__post_init__`, and a bad value is refused the moment the config is built, with an
+error that names the key and says how to fix it, long before a tensor shape goes wrong
+deep inside the model.
+
+A setup lives in `configs/NAME.toml`, one table per section:
+
+    [model]
+    d_model = 128   # width of the residual stream
+
+and any value can be overridden from the command line with `--set model.n_layers=4`
+(the value is read as TOML, so `--set model.capacity_factor=1.25` is a float and
+`--set model.capacity_factor=none` clears an optional setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BYTE_VOCAB_SIZE = 259  # 256 byte values + BOS, EOS, PAD (see moe/tokenizer.py)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """The shape of the transformer. Shape letters used across the code:
+    B batch, T time, D d_model, H n_heads, G n_kv_heads, E n_experts, K experts_per_token."""
+
+    vocab_size: int = BYTE_VOCAB_SIZE  # token ids are in [0, vocab_size)
+    d_model: int = 128  # D, width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # H, query heads
+    n_kv_heads: int = 1  # G: 1 = multi-query, n_heads = multi-head, between = grouped
+    head_dim: int | None = None  # per-head width; None = d_model // n_heads
+    d_expert: int = 256  # hidden width of each SwiGLU expert
+    d_ff: int | None = None  # hidden width of the dense SwiGLU FFN; None = d_expert
+    n_experts: int = 16  # E, experts per MoE layer
+    experts_per_token: int = 2  # K, experts each token is routed to
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0; 1 = all, 0 = none
+    capacity_factor: float | None = None  # None = dropless; else slots per expert = cf * N * K / E
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss
+    router_jitter: float = 0.0  # multiplicative noise on router input while training
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_base: float = 10000.0  # rotary position base frequency
+    max_seq_len: int = 256  # longest sequence (prompt + generation)
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    dropout: float = 0.0  # dropout on attention probabilities and residual branches
+    init_std: float = 0.02  # std of the normal weight init
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_expert",
+                    "n_experts", "experts_per_token", "max_seq_len"):
+            _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        _require(self.moe_every >= 0, "moe_every", "must be 0 (no MoE layer) or a positive period")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads = {self.n_kv_heads} does not divide model.n_heads = {self.n_heads}: "
+                "each KV head serves n_heads // n_kv_heads query heads; pick a divisor of n_heads "
+                "(1 = multi-query, n_heads = multi-head)")
+        if self.experts_per_token > self.n_experts:
+            raise ConfigError(
+                f"model.experts_per_token = {self.experts_per_token} is above model.n_experts = "
+                f"{self.n_experts}: a token cannot be routed to more experts than exist; lower it")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}: "
+                    "set model.head_dim explicitly or pick n_heads that divides d_model")
+            self.head_dim = self.d_model // self.n_heads
+        _require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
+                 f"must be even for rotary embeddings, got {self.head_dim}")
+        if self.d_ff is None:
+            self.d_ff = self.d_expert
+        _require(self.d_ff >= 1, "d_ff", f"must be at least 1, got {self.d_ff}")
+        if self.capacity_factor is not None:
+            _require(self.capacity_factor > 0, "capacity_factor",
+                     f"must be positive (or none for dropless), got {self.capacity_factor}")
+        for key in ("aux_loss_coef", "z_loss_coef", "router_jitter", "init_std"):
+            _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}")
+        _require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        _require(self.rope_base > 1, "rope_base", f"must be above 1, got {self.rope_base}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads that share one KV head (H // G)."""
+        return self.n_heads // self.n_kv_heads
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"model.{key} {message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: TOML file -> sections -> typed, validated dataclasses
+# ---------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, type] = {"model": ModelConfig}
+
+
+def from_dict(cls: type, values: dict[str, Any], section: str):
+    """Build dataclass `cls` from `values`, refusing unknown keys and wrong types by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = [name for name in fields if name.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{section}.{key} is not a known setting{hint}; "
+                              f"known: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation (int, float, bool, str, X | None)."""
+    args = typing.get_args(annotation)
+    optional = isinstance(annotation, types.UnionType) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+    allowed = annotation.__name__ + (" or none" if optional else "")
+    raise ConfigError(f"{key} must be {allowed}, got {value!r} ({type(value).__name__}); "
+                      f"write e.g. {key.split('.')[-1]} = {_example(annotation)}")
+
+
+def _example(annotation: type) -> str:
+    return {bool: "true", int: "4", float: "0.5", str: '"text"'}[annotation]
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'model.n_layers=4' -> ('model', 'n_layers', 4); the value is parsed as TOML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, "
+                          "e.g. --set model.n_layers=4")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as none, or an unquoted string
+    return section, key, value
+
+
+def load_sections(path: str | Path | None, overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """Read a TOML setup and apply `section.key=value` overrides; sections stay raw dicts."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pick one of "
+                              f"{', '.join(sorted(p.name for p in Path('configs').glob('*.toml')))}"
+                              " or give a path")
+        with path.open("rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    for override in overrides:
+        section, key, value = parse_override(override)
+        data.setdefault(section, {})[key] = value
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"[{section}] is not a known section; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} must be a table ([{section}]), got {values!r}")
+    return data
+
+
+def load_model_config(path: str | Path | None, overrides: list[str] = ()) -> ModelConfig:
+    return from_dict(ModelConfig, load_sections(path, overrides).get("model", {}), "model")
