@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from moe.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
+from moe.tokenizer import EOS, encode
+
+
+def test_greedy_is_one_hot_on_the_first_argmax():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 5.0]])
+    probs = warp_probs(logits, SamplingParams())
+    assert probs.dtype == torch.float32
+    assert probs.tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
+    assert sample(probs).tolist() == [1, 3]
+
+
+def test_temperature_one_is_softmax_and_low_temperature_sharpens():
+    logits = torch.randn(3, 11, dtype=torch.float64)
+    torch.testing.assert_close(warp_probs(logits, SamplingParams(temperature=1.0)),
+                               torch.softmax(logits.float(), -1))
+    sharp = warp_probs(logits, SamplingParams(temperature=0.1))
+    assert (sharp.max(-1).values > torch.softmax(logits.float(), -1).max(-1).values).all()
+
+
+def test_top_k_keeps_exactly_the_k_most_likely_renormalised():
+    logits = torch.tensor([[0.0, 4.0, 1.0, 3.0, 2.0]])
+    probs = warp_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    expected = torch.softmax(torch.tensor([4.0, 3.0]), -1)
+    torch.testing.assert_close(probs[0, [1, 3]], expected)
+    assert probs[0, [0, 2, 4]].tolist() == [0, 0, 0]
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs_in = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs_in.log()
+    # 0.5 alone < 0.7; 0.5 + 0.3 reaches it: keep {0, 2}
+    probs = warp_probs(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.0, 0.3, 0.0]) / 0.8)
+    # a tiny p still keeps the most likely token
+    probs = warp_probs(logits, SamplingParams(temperature=1.0, top_p=0.01))
+    assert probs[0].tolist() == [1, 0, 0, 0]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(20000, 3).contiguous()
+    counts = torch.bincount(sample(probs, torch.Generator().manual_seed(0)), minlength=3)
+    torch.testing.assert_close(counts / 20000, probs[0], atol=0.015, rtol=0)
+
+
+def test_a_seeded_request_draws_the_same_tokens_twice():
+    params = SamplingParams(temperature=1.0, seed=7)
+    probs = torch.softmax(torch.randn(1, 50), -1)
+    first = [sample(probs, g).item() for g in [make_generator(params)] for _ in range(10)]
+    second = [sample(probs, g).item() for g in [make_generator(params)] for _ in range(10)]
+    assert first == second and len(set(first)) > 1
+    assert make_generator(SamplingParams()) is None
+
+
+@pytest.mark.parametrize("params, reason", [
+    (SamplingParams(temperature=-0.5), "temperature"),
+    (SamplingParams(top_p=0.0), "top_p"),
+    (SamplingParams(top_p=1.5), "top_p"),
+    (SamplingParams(top_k=-1), "top_k"),
+    (SamplingParams(max_new_tokens=0), "max_new_tokens"),
+    (SamplingParams(stop=("",)), "stop"),
+])
+def test_bad_settings_are_named(params, reason):
+    assert reason in params.invalid_reason()
+
+
+def test_good_settings_pass():
+    assert SamplingParams(temperature=0.7, top_k=5, top_p=0.9, stop=("\n",)).invalid_reason() is None
+
+
+def test_stop_on_eos_unless_ignored():
+    generated = encode("ab") + [EOS]
+    assert check_stop(generated, SamplingParams()) == ("eos", 3)
+    assert check_stop(generated, SamplingParams(ignore_eos=True)) == (None, 3)
+
+
+def test_stop_after_max_new_tokens():
+    assert check_stop(encode("abc"), SamplingParams(max_new_tokens=3)) == ("length", 3)
+    assert check_stop(encode("ab"), SamplingParams(max_new_tokens=3)) == (None, 2)
+
+
+def test_stop_string_completing_anywhere_in_the_new_tokens():
+    params = SamplingParams(stop=("END", "\n\n"))
+    assert check_stop(encode("xxEN"), params) == (None, 4)
+    assert check_stop(encode("xxEND"), params) == ("stop", 5)
+    # several tokens appended at once (speculative decoding): keep up to the stop
+    assert check_stop(encode("ab\n\ncd"), params, n_new=5) == ("stop", 4)
+    assert visible_text(encode("xxEND"), params) == "xx"
+    assert visible_text(encode("xx") + [EOS], params) == "xx"
