@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from moe.generation import generate
+from moe.sampling import SamplingParams
+
+
+def greedy_by_full_forwards(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([tokens])).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt):]
+
+
+@torch.no_grad()
+def test_cached_greedy_equals_greedy_by_repeated_full_forwards(make_model):
+    model = make_model(seed=1).double()
+    prompt = [5, 17, 200, 3, 42]
+    cached = generate(model, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert cached == greedy_by_full_forwards(model, prompt, 20)
+
+
+@torch.no_grad()
+def test_generation_stops_at_the_context_length(make_model):
+    model = make_model(max_seq_len=16)
+    out = generate(model, list(range(10)), SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert len(out) == 6
+
+
+@torch.no_grad()
+def test_seeded_sampling_repeats(make_model):
+    model = make_model()
+    params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12, seed=3, ignore_eos=True)
+    assert generate(model, [1, 2, 3], params) == generate(model, [1, 2, 3], params)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    (list(range(64)), SamplingParams(), "max_seq_len"),
+    ([1], SamplingParams(temperature=-1.0), "temperature"),
+])
+def test_bad_requests_are_refused_by_name(make_model, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        generate(make_model(), prompt, params)
