@@ -48,3 +48,137 @@ class KVCache:
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
         keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # [B, G, S, Dh]
         return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Paged cache: one pool of fixed-size blocks, a block table per sequence (vLLM's layout)
+# ---------------------------------------------------------------------------------------
+#
+# Why pages: a contiguous cache reserves max_seq_len slots per sequence up front, so most
+# of it sits empty and the batch is capped by the worst case. With pages a sequence holds
+# ceil(len / block_size) blocks taken from a shared free list as it grows, and gives them
+# back the moment it finishes, so the pool fills with real tokens and more sequences fit.
+# A block of `block_size` tokens costs 2 * L * block_size * G * Dh values: with multi-query
+# attention (G = 1) the same memory holds n_heads times more tokens than multi-head would.
+#
+# A serving step runs one ragged batch: the new tokens of all B sequences flattened into
+# tokens [1, N] at positions [1, N]. `set_layout` records where they go (slot mapping)
+# and what each sequence may read (block tables, lengths, query offsets); `attend` writes
+# the new K/V through the slot mapping and attends each query over its own sequence.
+#
+# More shapes: N new tokens in the step, NB blocks in the pool, bs block_size, MB blocks
+# per table row.
+
+def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                              seq_lens: Tensor, query_start: Tensor) -> Tensor:
+    """q [N, H, Dh]; k_pool, v_pool [NB, bs, G, Dh]; block_tables int32 [B, MB]; seq_lens int32
+    [B] (keys stored, the new ones included); query_start int32 [B + 1]. The queries of
+    sequence b are its last query_start[b+1] - query_start[b] tokens, causal among
+    themselves. Returns [N, H, Dh]. Plain PyTorch: gather every sequence's blocks into a
+    padded [B, MB * bs] key row and run one masked attention."""
+    n_seqs, n_tokens = seq_lens.shape[0], q.shape[0]
+    query_lens = (query_start[1:] - query_start[:-1]).long()  # [B]
+    seq_of = torch.repeat_interleave(torch.arange(n_seqs, device=q.device), query_lens)  # [N]
+    index = torch.arange(n_tokens, device=q.device) - query_start[seq_of].long()  # [N]
+    query_pos = seq_lens[seq_of].long() - query_lens[seq_of] + index  # [N]
+    max_query = int(query_lens.max())
+    padded_q = q.new_zeros(n_seqs, max_query, *q.shape[1:])  # [B, Q, H, Dh]
+    padded_q[seq_of, index] = q
+    padded_pos = torch.zeros(n_seqs, max_query, dtype=torch.long, device=q.device)  # [B, Q]
+    padded_pos[seq_of, index] = query_pos  # padding queries sit at 0: finite, then dropped
+    keys = k_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    values = v_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    slots = torch.arange(keys.shape[1], device=q.device)  # [S]
+    mask = slots[None, None, :] <= padded_pos[:, :, None]  # [B, Q, S]
+    out = masked_attention(padded_q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                           values.transpose(1, 2).to(q.dtype), mask)  # [B, H, Q, Dh]
+    return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got num_blocks="
+                             f"{num_blocks}, block_size={block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
+        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
+        self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
+        self.layout: dict[str, Tensor] = {}
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * element
+
+    @classmethod
+    def from_memory(cls, cfg: ModelConfig, budget_bytes: int, block_size: int = 16,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """As many blocks as fit in `budget_bytes` of K and V."""
+        return cls(cfg, budget_bytes // cls.bytes_per_block(cfg, block_size, dtype), block_size,
+                   device, dtype)
+
+    # -- block bookkeeping -------------------------------------------------------------
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def can_hold(self, seq_id: int, n_tokens: int) -> bool:
+        """Whether sequence `seq_id` can grow to `n_tokens` stored tokens with the free blocks."""
+        have = len(self.tables.get(seq_id, ()))
+        return self.blocks_for(n_tokens) - have <= len(self.free_blocks)
+
+    def reserve(self, seq_id: int, n_tokens: int) -> None:
+        """Grow the block table of `seq_id` to hold `n_tokens` tokens."""
+        if not self.can_hold(seq_id, n_tokens):
+            raise RuntimeError(f"sequence {seq_id} needs {self.blocks_for(n_tokens)} blocks for "
+                               f"{n_tokens} tokens, only {len(self.free_blocks)} free; check "
+                               "can_hold first and preempt a sequence to make room")
+        table = self.tables.setdefault(seq_id, [])
+        while len(table) < self.blocks_for(n_tokens):
+            table.append(self.free_blocks.pop())
+
+    def release(self, seq_id: int) -> None:
+        """Give the blocks of `seq_id` back to the pool (finished or preempted)."""
+        self.free_blocks.extend(reversed(self.tables.pop(seq_id, [])))
+
+    # -- one step ----------------------------------------------------------------------
+
+    def set_layout(self, seq_ids: list[int], query_lens: list[int], seq_lens: list[int]) -> None:
+        """Describe the next forward: sequence b brings query_lens[b] new tokens and will
+        then hold seq_lens[b] tokens (blocks already reserved)."""
+        device = self.k.device
+        width = max(len(self.tables[s]) for s in seq_ids)
+        tables = torch.zeros(len(seq_ids), width, dtype=torch.int32)  # [B, MB]; padding -> block 0
+        slots = []
+        for b, (seq, n_new, n_all) in enumerate(zip(seq_ids, query_lens, seq_lens)):
+            table = self.tables[seq]
+            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(n_all - n_new, n_all)]
+        starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        self.layout = dict(block_tables=tables.to(device),
+                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                           query_start=starts.to(device),
+                           slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""
+        if q.shape[0] != 1 or q.shape[2] != self.layout["slot_mapping"].shape[0]:
+            raise ValueError(f"a paged step runs one ragged row of {self.layout['slot_mapping'].shape[0]}"
+                             f" tokens, got q of shape {tuple(q.shape)}; call set_layout first")
+        k_pool, v_pool = self.k[layer], self.v[layer]  # [NB, bs, G, Dh]
+        slots = self.layout["slot_mapping"]
+        k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
+        v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
+        out = paged_attention_reference(q[0].transpose(0, 1), k_pool, v_pool,
+                                        self.layout["block_tables"], self.layout["seq_lens"],
+                                        self.layout["query_start"])  # [N, H, Dh]
+        return out.transpose(0, 1)[None]  # [1, H, N, Dh]
