@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from moe.engine import Engine, EngineConfig
+from moe.generation import generate
+from moe.sampling import SamplingParams
+
+
+def workload(n, seed=0):
+    """n requests of mixed prompt and output lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 259, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    params = [SamplingParams(max_new_tokens=int(torch.randint(1, 25, (1,), generator=g)), ignore_eos=True)
+              for _ in range(n)]
+    return prompts, params
+
+
+def serve(engine, prompts, params, arrive_every=2):
+    """Add the requests a few at a time between steps (arrivals mid-run), then drain."""
+    requests, pending = [], list(zip(prompts, params))
+    step = 0
+    while pending or engine.has_unfinished():
+        if pending and step % arrive_every == 0:
+            for prompt, p in pending[:2]:
+                requests.append(engine.add_request(prompt, p))
+            pending = pending[2:]
+        engine.step()
+        step += 1
+    return requests
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tests.conftest import tiny_config
+    from moe.model import Transformer
+    torch.manual_seed(3)
+    return Transformer(tiny_config()).eval().double()
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    prompts, params = workload(10)
+    return prompts, params, [generate(model, p, s) for p, s in zip(prompts, params)]
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, block_size=4),
+    EngineConfig(max_num_seqs=3, max_num_batched_tokens=9, prefill_chunk=5, block_size=3),
+    EngineConfig(max_num_seqs=16, max_num_batched_tokens=512, block_size=16),
+], ids=["slots4", "chunked", "wide"])
+def test_continuous_batching_equals_each_request_generated_alone(model, alone, config):
+    prompts, params, expected = alone
+    engine = Engine(model, config)
+    requests = serve(engine, prompts, params)
+    assert [r.output for r in requests] == expected
+    assert all(r.status == "finished" for r in requests)
+    assert engine.cache.used_blocks == 0 and max(engine.batch_sizes) > 1
+
+
+def test_forced_preemption_recomputes_and_still_equals_generation_alone(model, alone):
+    prompts, params, expected = alone
+    # 12 blocks of 4 tokens: a few requests fit at once, and growing ones run out of blocks
+    engine = Engine(model, EngineConfig(max_num_seqs=6, max_num_batched_tokens=16,
+                                        prefill_chunk=6, block_size=4, num_blocks=12))
+    requests = serve(engine, prompts, params, arrive_every=1)
+    assert engine.preemptions > 0
+    assert [r.output for r in requests] == expected
+    assert engine.cache.used_blocks == 0
+
+
+def test_chunked_prefill_equals_unchunked(model):
+    prompts, params = workload(6, seed=1)
+    outputs = []
+    for chunk in (None, 3):
+        engine = Engine(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                            prefill_chunk=chunk, block_size=4))
+        requests = [engine.add_request(p, s) for p, s in zip(prompts, params)]
+        engine.run()
+        outputs.append([r.output for r in requests])
+    assert outputs[0] == outputs[1]
+
+
+def test_seeded_sampling_in_the_engine_equals_sampling_alone(model):
+    prompts = [[1, 2, 3], [40, 50], [7] * 9]
+    params = [SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=10, seed=s,
+                             ignore_eos=True) for s in range(3)]
+    engine = Engine(model, EngineConfig(max_num_seqs=3, block_size=4))
+    requests = [engine.add_request(p, s) for p, s in zip(prompts, params)]
+    engine.run()
+    assert [r.output for r in requests] == [generate(model, p, s) for p, s in zip(prompts, params)]
+
+
+def test_bad_requests_are_refused_with_a_reason_and_the_others_served(model, alone):
+    prompts, params, expected = alone
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, num_blocks=10))
+    bad = [
+        ([], SamplingParams(), "empty"),
+        ([1] * 64, SamplingParams(), "max_seq_len"),
+        ([300, 1], SamplingParams(), "vocabulary"),
+        ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        ([1], SamplingParams(temperature=-1.0), "temperature"),
+        ([1], SamplingParams(temperature=1.0, top_p=0.0), "top_p"),
+        ([1] * 30, SamplingParams(max_new_tokens=20), "whole KV pool"),
+    ]
+    refused = [engine.add_request(p, s) for p, s, _ in bad]
+    good = [engine.add_request(p, s) for p, s in zip(prompts[:3], params[:3])]
+    engine.run()
+    for request, (_, _, reason) in zip(refused, bad):
+        assert request.status == "refused" and reason in request.refusal
+    assert [r.output for r in good] == expected[:3]
+
+
+def test_stop_strings_and_max_new_tokens_end_requests(model):
+    engine = Engine(model, EngineConfig(max_num_seqs=2, block_size=4))
+    free = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    engine.run()
+    assert free.finish_reason == "length" and len(free.output) == 12
+    ascii_tokens = [t for t in free.output[2:] if t < 128]
+    assert ascii_tokens, "the fixed seed gives some ASCII tokens"
+    stop = chr(ascii_tokens[0])
+    stopped = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=12, stop=(stop,), ignore_eos=True))
+    engine.run()
+    assert stopped.finish_reason == "stop"
+    assert stopped.output == free.output[:free.output.index(ascii_tokens[0]) + 1]
+    assert stop not in stopped.text
+
+
+def test_metrics_are_recorded_per_step_and_per_token(model, alone):
+    prompts, params, _ = alone
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4))
+    requests = [engine.add_request(p, s) for p, s in zip(prompts, params)]
+    engine.run()
+    assert len(engine.batch_sizes) == engine.steps == len(engine.block_utilisation)
+    assert all(0 < u <= 1 for u in engine.block_utilisation)
+    for r in requests:
+        assert len(r.token_times) == len(r.output)
+        assert r.arrival_time <= r.first_token_time <= r.finish_time
