@@ -60,6 +60,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the output head
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal weight init
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA) | "triton" | "torch"; see kernels/backend.py
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_expert",
@@ -94,6 +95,8 @@ class ModelConfig:
         _require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         _require(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         _require(self.rope_base > 1, "rope_base", f"must be above 1, got {self.rope_base}")
+        _require(self.kernel_backend in ("auto", "triton", "torch"), "kernel_backend",
+                 f"must be \"auto\", \"triton\" or \"torch\", got {self.kernel_backend!r}")
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_every > 0 and (layer + 1) % self.moe_every == 0

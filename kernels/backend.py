@@ -1,0 +1,61 @@
+"""Which implementation runs a kernel: the Triton kernel or its plain-PyTorch reference.
+
+Why a switch and not an import-time choice: the same model runs on a laptop CPU (no
+Triton, or Triton only through its interpreter), on a GPU for serving (Triton), and in
+training, where our forward-only kernels have no backward and autograd needs the
+reference. The setting comes from `ModelConfig.kernel_backend`; the environment variable
+`MOE_KERNEL_BACKEND` overrides it for one run without editing a config:
+
+    MOE_KERNEL_BACKEND=torch python generate.py ...
+
+    "auto"   -> "triton" when the tensors are on CUDA and Triton imports, else "torch"
+    "triton" -> the Triton kernels (on CPU only under TRITON_INTERPRET=1, for tests)
+    "torch"  -> the references
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "MOE_KERNEL_BACKEND"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The backend to use for tensors on `device`: "triton" or "torch"."""
+    name = os.environ.get(ENV_VAR) or name
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {name!r} is not one of {', '.join(BACKENDS)}; "
+                         f"fix model.kernel_backend or the {ENV_VAR} environment variable")
+    device = torch.device(device)
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("kernel backend 'triton' was asked for but triton does not import; "
+                               "install triton (Linux x86-64) or use kernel_backend = \"torch\"")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"kernel backend 'triton' needs CUDA tensors, got {device}; run on "
+                               "a GPU, set TRITON_INTERPRET=1 before importing triton (slow, for "
+                               "tests) or use kernel_backend = \"auto\"")
+    return name
+
+
+def use_triton(name: str, *tensors: torch.Tensor) -> bool:
+    """Whether a forward over `tensors` should run the Triton kernel: the backend says so and
+    no gradient is needed (the kernels are forward-only; training runs the reference)."""
+    if resolve_backend(name, tensors[0].device) != "triton":
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
