@@ -113,11 +113,14 @@ def check_stop(generated: list[int], params: SamplingParams, n_new: int = 1) -> 
     return None, len(generated)
 
 
-def visible_text(generated: list[int], params: SamplingParams) -> str:
-    """The text a user sees: special tokens left out, a final stop string cut off."""
+def visible_bytes(generated: list[int], params: SamplingParams) -> bytes:
+    """The bytes a user sees: special tokens left out, a final stop string cut off."""
     data = decode_bytes(generated)
     for s in params.stop:
         if data.endswith(s.encode("utf-8")):
-            data = data[: len(data) - len(s.encode("utf-8"))]
-            break
-    return data.decode("utf-8", errors="replace")
+            return data[: len(data) - len(s.encode("utf-8"))]
+    return data
+
+
+def visible_text(generated: list[int], params: SamplingParams) -> str:
+    return visible_bytes(generated, params).decode("utf-8", errors="replace")

@@ -136,3 +136,17 @@ def test_metrics_are_recorded_per_step_and_per_token(model, alone):
     for r in requests:
         assert len(r.token_times) == len(r.output)
         assert r.arrival_time <= r.first_token_time <= r.finish_time
+
+
+def test_static_batching_equals_each_request_generated_alone(model, alone):
+    from moe.engine import Request
+    from moe.static_batching import run_static_batch
+    prompts, params, expected = alone
+    requests = [Request(i, p, s) for i, (p, s) in enumerate(zip(prompts, params))]
+    live = []
+    for start in range(0, len(requests), 4):
+        live += run_static_batch(model, requests[start:start + 4])
+    assert [r.output for r in requests] == expected
+    # a batch runs until its longest member is done: steps = sum over batches of max length
+    lengths = [s.max_new_tokens for s in params]
+    assert len(live) == sum(max(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
