@@ -1,0 +1,241 @@
+"""Generate text from a checkpoint, serve a file of requests, or benchmark the engine.
+
+    # stream one completion as it is generated
+    python generate.py --ckpt runs/tiny --prompt "def main(" --max-new-tokens 100 --temperature 0.8
+
+    # many requests through the continuous-batching engine: JSONL in, JSONL out
+    # (one object per line: {"prompt": "...", "max_new_tokens": 50, "temperature": 0.7, ...})
+    python generate.py --ckpt runs/tiny --prompt-file prompts.jsonl --out results.jsonl
+
+    # continuous vs static batching, side by side; writes benchmarks/results/*.json
+    python generate.py bench --ckpt runs/tiny --slots 8 16
+    python generate.py bench --arrival poisson            # rate: 90% of static capacity
+
+Without --ckpt, `bench` uses a randomly initialised model of --config (speed does not
+depend on the weights when EOS is ignored). The logic lives in moe/generation.py,
+moe/engine.py, moe/static_batching.py and moe/bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import load_model
+from moe.config import load_model_config
+from moe.engine import Engine, EngineConfig
+from moe.generation import stream
+from moe.model import Transformer
+from moe.sampling import SamplingParams, visible_bytes
+from moe.tokenizer import encode
+
+SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per forward")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="longest prompt piece per step")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(args) -> tuple[Transformer, str]:
+    dtype = getattr(torch, args.dtype)
+    if args.ckpt:
+        return load_model(args.ckpt, args.device, dtype).eval(), str(args.ckpt)
+    torch.manual_seed(0)
+    cfg = load_model_config(args.config, args.set)
+    return Transformer(cfg).to(args.device, dtype).eval(), f"random init of {args.config}"
+
+
+# ---------------------------------------------------------------------------------------
+# generate: one streamed prompt, or a JSONL file through the engine
+# ---------------------------------------------------------------------------------------
+
+def stream_prompt(model: Transformer, prompt: str, params: SamplingParams, bos: bool) -> None:
+    """Print text as tokens arrive, holding back bytes that may start a stop string."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    hold = max((len(s.encode("utf-8")) for s in params.stop), default=1) - 1
+    generated, shown = [], 0
+    for token in stream(model, encode(prompt, bos=bos), params):
+        generated.append(token)
+        data = visible_bytes(generated, params)
+        if len(data) - hold > shown:
+            sys.stdout.write(decoder.decode(data[shown:len(data) - hold]))
+            sys.stdout.flush()
+            shown = len(data) - hold
+    sys.stdout.write(decoder.decode(visible_bytes(generated, params)[shown:], final=True) + "\n")
+
+
+def parse_line(line: str) -> tuple[str, SamplingParams]:
+    item = json.loads(line)
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise ValueError('each line must be an object with a "prompt" string')
+    unknown = set(item) - SAMPLING_KEYS - {"prompt"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; known: prompt, {', '.join(sorted(SAMPLING_KEYS))}")
+    settings = {k: v for k, v in item.items() if k != "prompt"}
+    if "stop" in settings:
+        stop = settings["stop"]
+        settings["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return item["prompt"], SamplingParams(**settings)
+
+
+def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig, bos: bool) -> None:
+    engine = Engine(model, engine_config)
+    lines = Path(path).read_text().splitlines()
+    results: list[dict] = []
+    requests = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompt, params = parse_line(line)
+        except (ValueError, TypeError) as error:
+            results.append(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
+            continue
+        requests[number] = engine.add_request(encode(prompt, bos=bos), params)
+    engine.run()
+    for number, r in requests.items():
+        result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
+        if r.refusal:
+            result["refusal"] = r.refusal
+        else:
+            result.update(text=r.text, output_tokens=len(r.output), preemptions=r.preemptions,
+                          ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finish_time - r.arrival_time)
+        results.append(result)
+    results.sort(key=lambda x: x["line"])
+    text = "".join(json.dumps(r) + "\n" for r in results)
+    if out:
+        Path(out).write_text(text)
+        print(f"{len(results)} results -> {out} ({sum(r['status'] == 'refused' for r in results)} refused)")
+    else:
+        sys.stdout.write(text)
+
+
+def main_generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory or run folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="text to continue; the completion is streamed")
+    source.add_argument("--prompt-file", help="JSONL, one request per line")
+    parser.add_argument("--out", help="where --prompt-file results go (JSONL); default stdout")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--bos", action="store_true", help="start the prompt with the BOS token")
+    parser.add_argument("--max-num-seqs", type=int, default=8, help="engine batch slots")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = build_model(args)
+    if args.prompt is not None:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                tuple(args.stop), args.seed, args.ignore_eos)
+        try:
+            stream_prompt(model, args.prompt, params, args.bos)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+    else:
+        config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
+                              args.block_size, args.num_blocks)
+        serve_file(model, args.prompt_file, args.out, config, args.bos)
+
+
+# ---------------------------------------------------------------------------------------
+# bench: continuous vs static batching
+# ---------------------------------------------------------------------------------------
+
+def main_bench(argv: list[str]) -> None:
+    from moe import bench
+
+    parser = argparse.ArgumentParser(prog="generate.py bench", description=bench.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help="checkpoint; default: random init of --config")
+    parser.add_argument("--config", default="configs/tiny.toml")
+    parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.n_layers=2")
+    parser.add_argument("--n-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--output-dist", default="exponential", choices=["exponential", "fixed"])
+    parser.add_argument("--mean-output", type=int, default=32)
+    parser.add_argument("--max-output", type=int, default=128)
+    parser.add_argument("--arrival", default="all", choices=["all", "poisson"])
+    parser.add_argument("--rate", type=float, default=None, help="requests/s; default: --load x static capacity")
+    parser.add_argument("--load", type=float, default=0.9, help="Poisson rate as a share of static capacity")
+    parser.add_argument("--slots", type=int, nargs="+", default=[8, 16], help="batch slots to compare at")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each mode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path; default benchmarks/results/generation_<arrival>.json")
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, source = build_model(args)
+    engine_config = dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
+                         block_size=args.block_size, num_blocks=args.num_blocks)
+
+    def workload(rate):
+        return bench.make_workload(args.n_requests, args.prompt_len, args.output_dist, args.mean_output,
+                                   args.max_output, rate, args.seed)
+
+    warm = bench.make_workload(4, args.prompt_len, "fixed", 8, 8, None, args.seed + 1)
+    bench.run_continuous(model, warm, EngineConfig(max_num_seqs=4, **engine_config))
+    bench.run_static(model, warm, 4)
+    results = dict(model=dataclasses.asdict(model.cfg), model_source=source,
+                   device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                   dtype=args.dtype, threads=torch.get_num_threads(), argv=["bench", *argv],
+                   runs=[], comparisons=[])
+    for slots in args.slots:
+        rate = args.rate
+        if args.arrival == "poisson" and rate is None:
+            capacity = bench.run_static(model, workload(None), slots)["requests_per_s"]
+            rate = args.load * capacity
+        compared = bench.compare(model, workload(rate if args.arrival == "poisson" else None), slots,
+                                 args.repeats, engine_config)
+        for run in compared["runs"]:
+            run["arrival_rate"] = rate
+        results["runs"] += compared["runs"]
+        results["comparisons"].append(dict(compared["comparison"], arrival_rate=rate))
+    print_table(results)
+    out = Path(args.out or f"benchmarks/results/generation_{args.arrival}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+def print_table(results: dict) -> None:
+    print(f"model: {results['model_source']}, device {results['device']}, {results['dtype']}, "
+          f"{results['threads']} threads")
+    header = f"{'mode':>10} {'slots':>5} {'tok/s':>8} {'req/s':>7} {'batch':>6} {'TTFT p50':>9} " \
+             f"{'TPOT p50':>9} {'e2e p50':>8} {'e2e p99':>8} {'KV use':>6} {'preempt':>7}"
+    print(header)
+    for r in results["runs"]:
+        print(f"{r['mode']:>10} {r['slots']:>5} {r['output_tokens_per_s']:>8.1f} {r['requests_per_s']:>7.2f} "
+              f"{r['mean_batch']:>6.2f} {r['ttft_s']['p50']:>9.3f} {r['tpot_s']['p50']:>9.4f} "
+              f"{r['e2e_s']['p50']:>8.3f} {r['e2e_s']['p99']:>8.3f} {r['kv_utilisation']:>6.2f} "
+              f"{r['preemptions']:>7}")
+    for c in results["comparisons"]:
+        print(f"slots {c['slots']}: continuous/static tokens/s {c['throughput_ratio']:.2f}x "
+              f"(step ceiling E[max]/E[mean] {c['step_ceiling']:.2f}x); "
+              f"static/continuous p50 e2e {c['e2e_p50_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        main_bench(sys.argv[2:])
+    else:
+        main_generate(sys.argv[1:])
