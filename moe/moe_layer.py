@@ -9,8 +9,9 @@ With K = 1 we keep the raw top probability instead (Switch Transformer): renorma
 single weight makes it the constant 1.0, and then the task loss sends no gradient to the
 router at all.
 
-Dispatch groups the N x K (token, expert) slots by expert with one stable sort, so each
-expert sees its tokens as one contiguous run and runs one batched matmul; the outputs,
+Dispatch (kernels/moe_dispatch.py: the reference and a Triton kernel, picked by
+`kernel_backend`) groups the N x K (token, expert) slots by expert with one stable sort,
+so each expert sees its tokens as one contiguous run and runs one batched matmul; the outputs,
 scaled by their routing weights, are added back in token order. Slots are ordered
 choice-major (every token's first choice before any second choice) before the sort, so
 when a capacity limit is set, first choices win the places and later slots are dropped;
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.backend import use_triton
+from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
 from moe.config import ModelConfig
 
 
@@ -101,41 +104,6 @@ def router_z_loss(stats: RoutingStats) -> Tensor:
     return stats.router_logits.logsumexp(dim=-1).square().mean()
 
 
-# ---------------------------------------------------------------------------------------
-# Dispatch and combine (the plain-PyTorch path: one batched matmul per expert)
-# ---------------------------------------------------------------------------------------
-
-def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
-                         w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
-    """Run each token through its experts and sum the weighted outputs.
-
-    x [N, D], expert_ids and weights [N, K], w_in [E, D, 2F], w_out [E, F, D]
-    -> y [N, D], number of slots dropped by `capacity`.
-    """
-    n_tokens, k = expert_ids.shape
-    n_experts = w_in.shape[0]
-    slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
-    slot_weight = weights.t().reshape(-1)  # [K*N]
-    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
-    counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
-    if capacity is not None:
-        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
-        rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
-        order = order[rank < capacity]  # keep the first `capacity` slots of each run
-        counts = counts.clamp(max=capacity)
-    dropped = slot_expert.new_tensor(slot_expert.numel()) - order.numel()
-    tokens = order % n_tokens  # [kept] token of each sorted slot
-    y = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count:
-            rows = tokens[start:start + count]
-            out = swiglu(x[rows], w_in[expert], w_out[expert])  # [count, D]
-            y.index_add_(0, rows, out * slot_weight[order[start:start + count], None])
-        start += count
-    return y, dropped
-
-
 class MoELayer(nn.Module):
     """Router + E stacked SwiGLU experts: x [B, T, D] -> (y [B, T, D], RoutingStats)."""
 
@@ -144,6 +112,7 @@ class MoELayer(nn.Module):
         self.k = cfg.experts_per_token
         self.capacity_factor = cfg.capacity_factor
         self.jitter = cfg.router_jitter
+        self.kernel_backend = cfg.kernel_backend
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.w_in = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, 2 * cfg.d_expert))
         self.w_out = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_expert, cfg.d_model))
@@ -158,8 +127,9 @@ class MoELayer(nn.Module):
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
         capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
-        y, dropped = dispatch_and_combine(x, expert_ids, weights.to(x.dtype), self.w_in,
-                                          self.w_out, capacity)
+        dispatch = (dispatch_and_combine_triton if use_triton(self.kernel_backend, x, self.w_in)
+                    else dispatch_and_combine)  # kernels/moe_dispatch.py
+        y, dropped = dispatch(x, expert_ids, weights.to(x.dtype), self.w_in, self.w_out, capacity)
         tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from moe.moe_layer import (DenseFFN, MoELayer, RoutingStats, dispatch_and_combine, expert_capacity,
-                           load_balancing_loss, route, router_z_loss, swiglu)
+from kernels.moe_dispatch import dispatch_and_combine
+from moe.moe_layer import (DenseFFN, MoELayer, RoutingStats, expert_capacity, load_balancing_loss,
+                           route, router_z_loss, swiglu)
 from tests.conftest import tiny_config
 
 

@@ -1,0 +1,263 @@
+"""Expert dispatch: run each token through its K experts and sum the weighted outputs.
+
+What you will learn here: how a Mixture-of-Experts layer becomes two grouped matrix
+multiplies without ever copying the tokens into per-expert buffers (vLLM's fused MoE).
+
+The N x K (token, expert) slots are numbered choice-major (slot s = choice * N + token), so
+every token's first choice comes before any second choice; a capacity limit then keeps
+the first `capacity` slots of each expert and first choices win the places.
+
+    align (on the device, no host loop over experts):
+        order   = stable argsort of the slots by expert         # slots grouped by expert
+        rank    = position of each slot inside its expert's run  # >= capacity -> dropped
+        padded  = each expert's kept run rounded up to BLOCK_M   # one expert per block
+        sorted_slots[padded_start[e] + rank] = slot              # the rest: padding (= S)
+        block_expert[b] = expert owning rows b*BLOCK_M ..        # -1 past the padded total
+
+    up kernel, one program per (block b, hidden tile f):
+        e = block_expert[b];  rows = x[sorted_slots[b] % N]     # gathered in place by index
+        gate, up = rows @ w_in[e][:, f], rows @ w_in[e][:, F + f]  # fp32 accumulators
+        h[b, f] = silu(gate) * up                               # SwiGLU fused in the epilogue
+
+    down kernel, one program per (block b, output tile d):
+        out[slot, d] = weight[slot] * (h[b] @ w_out[e][:, d])    # routing weight in the epilogue
+
+    combine: y[n] = sum over choices j of out[j * N + n]        # token order, deterministic
+
+`dispatch_and_combine` (the reference, one batched matmul per expert) and
+`dispatch_and_combine_triton` share one signature; `moe.moe_layer.MoELayer` picks one
+through `kernels.backend`.
+
+Shapes: N tokens, D d_model, F expert hidden width, E experts, K experts per token,
+S = N * K slots, P padded slot rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.triton_import import tl, triton
+
+
+# ---------------------------------------------------------------------------------------
+# Reference: one batched matmul per expert (the specification)
+# ---------------------------------------------------------------------------------------
+
+def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
+                         w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
+    """Run each token through its experts and sum the weighted outputs.
+
+    x [N, D], expert_ids and weights [N, K], w_in [E, D, 2F], w_out [E, F, D]
+    -> y [N, D], number of slots dropped by `capacity`.
+    """
+    n_tokens, k = expert_ids.shape
+    n_experts = w_in.shape[0]
+    slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
+    slot_weight = weights.t().reshape(-1)  # [K*N]
+    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
+    counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
+    if capacity is not None:
+        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
+        rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
+        order = order[rank < capacity]  # keep the first `capacity` slots of each run
+        counts = counts.clamp(max=capacity)
+    dropped = slot_expert.new_tensor(slot_expert.numel()) - order.numel()
+    tokens = order % n_tokens  # [kept] token of each sorted slot
+    y = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count:
+            rows = tokens[start:start + count]
+            gate, up = (x[rows] @ w_in[expert]).chunk(2, dim=-1)  # 2 x [count, F]
+            out = (F.silu(gate) * up) @ w_out[expert]  # [count, D]
+            y.index_add_(0, rows, out * slot_weight[order[start:start + count], None])
+        start += count
+    return y, dropped
+
+
+# ---------------------------------------------------------------------------------------
+# Align: slots sorted by expert, each expert's run padded to the block size
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Alignment:
+    sorted_slots: Tensor  # [P] int32 slot of each padded row; S marks padding
+    block_expert: Tensor  # [P / BLOCK_M] int32 expert of each block; -1 = past the end
+    padded_total: Tensor  # [] int64 rows in use (sum of padded runs), left on the device
+    dropped: Tensor  # [] int64 slots dropped by the capacity limit
+
+
+def align_slots(expert_ids: Tensor, n_experts: int, block_m: int,
+                capacity: int | None) -> Alignment:
+    """Sort the slots of expert_ids [N, K] by expert, one expert per block of `block_m` rows.
+
+    P is the bound S + E * (block_m - 1) rather than the exact padded total, so nothing
+    waits for the device; blocks past the total get expert -1 and return at once.
+    """
+    n_slots = expert_ids.numel()
+    device = expert_ids.device
+    slot_expert = expert_ids.t().reshape(-1)  # [S] choice-major
+    order = torch.argsort(slot_expert, stable=True)  # [S] slots grouped by expert
+    counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
+    sorted_expert = slot_expert[order]  # [S]
+    rank = torch.arange(n_slots, device=device) - (counts.cumsum(0) - counts)[sorted_expert]
+    kept = counts if capacity is None else counts.clamp(max=capacity)  # [E]
+    padded = (kept + block_m - 1) // block_m * block_m  # [E]
+    padded_end = padded.cumsum(0)  # [E]
+    n_rows = -(-(n_slots + n_experts * (block_m - 1)) // block_m) * block_m  # P
+    destination = padded_end[sorted_expert] - padded[sorted_expert] + rank  # [S]
+    if capacity is not None:
+        destination = torch.where(rank < capacity, destination, n_rows)  # dropped -> spare row
+    sorted_slots = torch.full((n_rows + 1,), n_slots, dtype=torch.int32, device=device)
+    sorted_slots[destination] = order.to(torch.int32)
+    block_start = torch.arange(0, n_rows, block_m, device=device)  # [P / BLOCK_M]
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1).to(torch.int32)
+    return Alignment(sorted_slots[:n_rows], block_expert, padded_end[-1], n_slots - kept.sum())
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel 1: gathered rows @ w_in[e], SwiGLU fused
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _up_swiglu_kernel(
+    # pointers
+    x_ptr, w_in_ptr, h_ptr, sorted_slots_ptr, block_expert_ptr,
+    # sizes
+    n_tokens, n_slots, d_model, d_hidden,
+    # strides
+    stride_xn, stride_xd, stride_we, stride_wd, stride_wf, stride_hp, stride_hf,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which rows and which hidden columns ----------------------------------------
+    pid_m = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    valid = slots < n_slots
+    tokens = (slots % n_tokens).to(tl.int64)
+    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    col_ok = cols < d_hidden
+    w_expert = w_in_ptr + expert * stride_we
+    # ---- gate and up over the model width, fp32 accumulators -------------------------
+    gate = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
+    for d0 in range(0, d_model, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < d_model
+        x_rows = tl.load(x_ptr + tokens[:, None] * stride_xn + ds[None, :] * stride_xd,
+                         mask=valid[:, None] & d_ok[None, :], other=0.0)
+        w_mask = d_ok[:, None] & col_ok[None, :]
+        w_gate = tl.load(w_expert + ds[:, None] * stride_wd + cols[None, :] * stride_wf,
+                         mask=w_mask, other=0.0)
+        w_up = tl.load(w_expert + ds[:, None] * stride_wd + (cols + d_hidden)[None, :] * stride_wf,
+                       mask=w_mask, other=0.0)
+        gate = tl.dot(x_rows, w_gate, gate, input_precision=PRECISION)
+        up = tl.dot(x_rows, w_up, up, input_precision=PRECISION)
+    # ---- epilogue: SwiGLU, store in sorted (padded) row order ------------------------
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :] * stride_hf,
+             h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel 2: h @ w_out[e], routing weight in the epilogue, written to the slot's row
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _down_weighted_kernel(
+    # pointers
+    h_ptr, w_out_ptr, out_ptr, sorted_slots_ptr, block_expert_ptr, weight_ptr,
+    # sizes
+    n_slots, d_hidden, d_model,
+    # strides
+    stride_hp, stride_hf, stride_we, stride_wf, stride_wd, stride_os, stride_od,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which rows and which output columns -----------------------------------------
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    valid = slots < n_slots
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d_model
+    w_expert = w_out_ptr + expert * stride_we
+    # ---- down projection over the hidden width ---------------------------------------
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for f0 in range(0, d_hidden, BLOCK_F):
+        fs = f0 + tl.arange(0, BLOCK_F)
+        f_ok = fs < d_hidden
+        h = tl.load(h_ptr + rows[:, None] * stride_hp + fs[None, :] * stride_hf,
+                    mask=valid[:, None] & f_ok[None, :], other=0.0)
+        w = tl.load(w_expert + fs[:, None] * stride_wf + cols[None, :] * stride_wd,
+                    mask=f_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    # ---- epilogue: scale by the routing weight, scatter to the slot's own row --------
+    weight = tl.load(weight_ptr + slots, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * weight[:, None]
+    tl.store(out_ptr + slots.to(tl.int64)[:, None] * stride_os + cols[None, :] * stride_od,
+             acc, mask=valid[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapper: check, align, allocate, launch, combine
+# ---------------------------------------------------------------------------------------
+
+def _tile(width: int, cap: int = 64) -> int:
+    """A power-of-two tile between 16 (tl.dot's minimum) and `cap` covering `width`."""
+    return max(16, min(cap, triton.next_power_of_2(width)))
+
+
+def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
+                                w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
+    """The Triton path of `dispatch_and_combine`: same arguments, same results."""
+    n_tokens, d_model = x.shape
+    n_experts, d_hidden = w_out.shape[0], w_out.shape[1]
+    if w_in.shape != (n_experts, d_model, 2 * d_hidden) or w_out.shape[2] != d_model:
+        raise ValueError(f"w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} must be "
+                         f"[E, D, 2F] and [E, F, D] with D = {d_model} (x is {tuple(x.shape)})")
+    if expert_ids.shape != weights.shape or expert_ids.shape[0] != n_tokens:
+        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights "
+                         f"{tuple(weights.shape)} must both be [N, K] with N = {n_tokens}")
+    n_slots = expert_ids.numel()
+    block_m = 16 if n_slots <= 1024 else 64
+    plan = align_slots(expert_ids, n_experts, block_m, capacity)
+    n_rows = plan.sorted_slots.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    slot_weight = weights.t().reshape(-1).contiguous()  # [S] choice-major, like the slots
+    h = torch.empty(n_rows, d_hidden, device=x.device, dtype=x.dtype)  # [P, F]
+    block_f, block_d = _tile(d_hidden), _tile(d_model)
+    grid = (n_rows // block_m, triton.cdiv(d_hidden, block_f))
+    _up_swiglu_kernel[grid](
+        x, w_in, h, plan.sorted_slots, plan.block_expert,
+        n_tokens, n_slots, d_model, d_hidden,
+        x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
+        h.stride(0), h.stride(1),
+        BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_D=block_d, PRECISION=precision)
+    out = torch.zeros(n_slots, d_model, device=x.device, dtype=torch.float32)  # [S, D]
+    grid = (n_rows // block_m, triton.cdiv(d_model, block_d))
+    _down_weighted_kernel[grid](
+        h, w_out, out, plan.sorted_slots, plan.block_expert, slot_weight,
+        n_slots, d_hidden, d_model,
+        h.stride(0), h.stride(1), w_out.stride(0), w_out.stride(1), w_out.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_F=block_f, PRECISION=precision)
+    k = expert_ids.shape[1]
+    y = out.view(k, n_tokens, d_model).sum(dim=0)  # [N, D], choices summed in order
+    return y.to(x.dtype), plan.dropped
