@@ -69,6 +69,35 @@ class KVCache:
 # More shapes: N new tokens in the step, NB blocks in the pool, bs block_size, MB blocks
 # per table row.
 
+def ragged_plan(seq_lens: Tensor, query_start: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each of the N queries sits in a padded [B, Q] grid, and what it may read of a
+    padded [B, width] key row: (seq_of [N], index [N], mask [B, Q, width]). The same for
+    every layer, so a step computes it once."""
+    query_lens = (query_start[1:] - query_start[:-1]).long()  # [B]
+    n_tokens = int(query_start[-1])
+    seq_of = torch.repeat_interleave(torch.arange(len(query_lens), device=seq_lens.device), query_lens)  # [N]
+    index = torch.arange(n_tokens, device=seq_lens.device) - query_start[seq_of].long()  # [N]
+    query_pos = seq_lens[seq_of].long() - query_lens[seq_of] + index  # [N]
+    padded_pos = torch.zeros(len(query_lens), int(query_lens.max()), dtype=torch.long,
+                             device=seq_lens.device)  # [B, Q]; padding queries sit at 0: finite, dropped
+    padded_pos[seq_of, index] = query_pos
+    slots = torch.arange(width, device=seq_lens.device)  # [S]
+    return seq_of, index, slots[None, None, :] <= padded_pos[:, :, None]  # mask [B, Q, S]
+
+
+def paged_attention_planned(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                            plan: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """`paged_attention_reference` with the layout already worked out by `ragged_plan`."""
+    seq_of, index, mask = plan
+    padded_q = q.new_zeros(mask.shape[0], mask.shape[1], *q.shape[1:])  # [B, Q, H, Dh]
+    padded_q[seq_of, index] = q
+    keys = k_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    values = v_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    out = masked_attention(padded_q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                           values.transpose(1, 2).to(q.dtype), mask)  # [B, H, Q, Dh]
+    return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
+
+
 def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                               seq_lens: Tensor, query_start: Tensor) -> Tensor:
     """q [N, H, Dh]; k_pool, v_pool [NB, bs, G, Dh]; block_tables int32 [B, MB]; seq_lens int32
@@ -76,23 +105,8 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_t
     sequence b are its last query_start[b+1] - query_start[b] tokens, causal among
     themselves. Returns [N, H, Dh]. Plain PyTorch: gather every sequence's blocks into a
     padded [B, MB * bs] key row and run one masked attention."""
-    n_seqs, n_tokens = seq_lens.shape[0], q.shape[0]
-    query_lens = (query_start[1:] - query_start[:-1]).long()  # [B]
-    seq_of = torch.repeat_interleave(torch.arange(n_seqs, device=q.device), query_lens)  # [N]
-    index = torch.arange(n_tokens, device=q.device) - query_start[seq_of].long()  # [N]
-    query_pos = seq_lens[seq_of].long() - query_lens[seq_of] + index  # [N]
-    max_query = int(query_lens.max())
-    padded_q = q.new_zeros(n_seqs, max_query, *q.shape[1:])  # [B, Q, H, Dh]
-    padded_q[seq_of, index] = q
-    padded_pos = torch.zeros(n_seqs, max_query, dtype=torch.long, device=q.device)  # [B, Q]
-    padded_pos[seq_of, index] = query_pos  # padding queries sit at 0: finite, then dropped
-    keys = k_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
-    values = v_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
-    slots = torch.arange(keys.shape[1], device=q.device)  # [S]
-    mask = slots[None, None, :] <= padded_pos[:, :, None]  # [B, Q, S]
-    out = masked_attention(padded_q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                           values.transpose(1, 2).to(q.dtype), mask)  # [B, H, Q, Dh]
-    return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
+    plan = ragged_plan(seq_lens, query_start, block_tables.shape[1] * k_pool.shape[1])
+    return paged_attention_planned(q, k_pool, v_pool, block_tables, plan)
 
 
 class PagedKVCache:
@@ -108,6 +122,7 @@ class PagedKVCache:
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
         self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
         self.layout: dict[str, Tensor] = {}
+        self.plan: tuple[Tensor, Tensor, Tensor] = ()
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -168,6 +183,8 @@ class PagedKVCache:
                            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                            query_start=starts.to(device),
                            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+        self.plan = ragged_plan(self.layout["seq_lens"], self.layout["query_start"],
+                                width * self.block_size)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""
@@ -178,7 +195,6 @@ class PagedKVCache:
         slots = self.layout["slot_mapping"]
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
-        out = paged_attention_reference(q[0].transpose(0, 1), k_pool, v_pool,
-                                        self.layout["block_tables"], self.layout["seq_lens"],
-                                        self.layout["query_start"])  # [N, H, Dh]
+        out = paged_attention_planned(q[0].transpose(0, 1), k_pool, v_pool,
+                                      self.layout["block_tables"], self.plan)  # [N, H, Dh]
         return out.transpose(0, 1)[None]  # [1, H, N, Dh]

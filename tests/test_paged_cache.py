@@ -58,3 +58,26 @@ def test_multi_query_blocks_hold_n_heads_times_more_tokens_in_the_same_memory():
     blocks_mha = PagedKVCache.from_memory(mha, budget, block_size=8).num_blocks
     assert blocks_mqa == 4 * blocks_mha
     assert blocks_mqa * PagedKVCache.bytes_per_block(mqa, 8, torch.float32) <= budget
+
+
+def test_paged_attention_reference_equals_causal_attention_per_sequence():
+    from moe.attention import masked_attention
+    from moe.cache import paged_attention_reference
+    torch.manual_seed(0)
+    n_blocks, bs, G, H, Dh = 9, 3, 2, 4, 8
+    k_pool, v_pool = torch.randn(n_blocks, bs, G, Dh), torch.randn(n_blocks, bs, G, Dh)
+    tables = torch.tensor([[4, 0, 7], [2, 8, 0], [5, 1, 3]], dtype=torch.int32)
+    seq_lens = torch.tensor([7, 4, 9], dtype=torch.int32)
+    query_lens = [3, 1, 5]
+    query_start = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    q = torch.randn(9, H, Dh)
+    out = paged_attention_reference(q, k_pool, v_pool, tables, seq_lens, query_start)
+    for b in range(3):
+        n, nq = int(seq_lens[b]), query_lens[b]
+        keys = k_pool[tables[b].long()].flatten(0, 1)[:n]  # [S, G, Dh]
+        values = v_pool[tables[b].long()].flatten(0, 1)[:n]
+        mask = torch.arange(n)[None, :] <= torch.arange(n - nq, n)[:, None]  # [T, S]
+        qb = q[query_start[b]:query_start[b + 1]]  # [T, H, Dh]
+        expected = masked_attention(qb.transpose(0, 1)[None], keys.permute(1, 0, 2)[None],
+                                    values.permute(1, 0, 2)[None], mask[None])[0].transpose(0, 1)
+        torch.testing.assert_close(out[query_start[b]:query_start[b + 1]], expected)
