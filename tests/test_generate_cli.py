@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe.checkpoint import save_model
+from moe.generation import generate
+from moe.sampling import SamplingParams
+from moe.tokenizer import decode, encode
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from moe.model import Transformer
+    torch.manual_seed(5)
+    model = Transformer(tiny_config()).eval()
+    path = save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny")
+    return model, path
+
+
+def run_cli(*args):
+    result = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_prompt_streams_the_greedy_completion(checkpoint):
+    model, path = checkpoint
+    out = run_cli("--ckpt", path, "--prompt", "hello", "--max-new-tokens", 12, "--ignore-eos")
+    expected = decode(generate(model, encode("hello"), SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    assert out == expected + "\n"
+
+
+def test_prompt_file_serves_every_line_and_refuses_bad_ones_by_reason(checkpoint, tmp_path):
+    model, path = checkpoint
+    lines = [
+        {"prompt": "abc", "max_new_tokens": 8, "ignore_eos": True},
+        {"prompt": "", "max_new_tokens": 4},
+        {"prompt": "xyz", "max_new_tokens": 5, "temperature": 0.9, "seed": 1, "ignore_eos": True},
+        {"prompt": "q", "top_p": 2.0},
+        {"prompt": "q", "colour": "red"},
+    ]
+    infile, outfile = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    infile.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    run_cli("--ckpt", path, "--prompt-file", infile, "--out", outfile)
+    results = [json.loads(x) for x in outfile.read_text().splitlines()]
+    assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6]
+    greedy = generate(model, encode("abc"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert results[0]["text"] == decode(greedy) and results[0]["finish_reason"] == "length"
+    assert results[2]["output_tokens"] == 5
+    assert [r["status"] for r in results] == ["finished", "refused", "finished", "refused", "refused", "refused"]
+    assert "empty" in results[1]["refusal"] and "top_p" in results[3]["refusal"]
+    assert "colour" in results[4]["refusal"] and "line 6" in results[5]["refusal"]
+
+
+def test_bench_writes_both_modes_in_the_agreed_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    run_cli("bench", "--set", "model.n_layers=1", "--set", "model.d_model=32", "--set", "model.n_experts=4",
+            "--n-requests", 6, "--prompt-len", 4, "--mean-output", 4, "--max-output", 8,
+            "--slots", 2, "--repeats", 1, "--out", out)
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["dtype"] == "float32"
+    assert results["model"]["n_layers"] == 1
+    assert sorted(r["mode"] for r in results["runs"]) == ["continuous", "static"]
+    for run in results["runs"]:
+        assert run["n_requests"] == 6 and run["mean_prompt_len"] == 4
+        assert run["output_tokens_per_s"] > 0 and run["requests_per_s"] > 0 and run["mean_batch"] >= 1
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            assert set(run[key]) == {"mean", "p50", "p90", "p99"}
+            assert run[key]["p50"] <= run[key]["p99"]
+    assert results["comparisons"][0]["step_ceiling"] >= 1
