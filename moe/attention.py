@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from kernels.attention import varlen_causal_attention_triton
+from kernels.backend import use_triton
 from moe.config import ModelConfig
 
 
@@ -56,6 +58,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> T
                                           enable_gqa=True)
 
 
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`causal_attention` through the Triton varlen kernel (kernels/attention.py): the B
+    rows become B packed sequences of equal length T."""
+    batch, length = q.shape[0], q.shape[2]
+    cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32,
+                              device=q.device)  # [B + 1]
+    out = varlen_causal_attention_triton(rearrange(q, "b h t d -> (b t) h d"),
+                                         rearrange(k, "b g t d -> (b t) g d"),
+                                         rearrange(v, "b g t d -> (b t) g d"), cu_seqlens)
+    return rearrange(out, "(b t) h d -> b h t d", b=batch)  # [B, H, T, Dh]
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """q [B, H, T, Dh], k and v [B, G, S, Dh], mask [B, T, S] (True = may attend)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
@@ -78,6 +92,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
+        self.kernel_backend = cfg.kernel_backend
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -89,8 +104,10 @@ class Attention(nn.Module):
         k = rearrange(self.wk(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         v = rearrange(self.wv(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:
-            out = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        else:
+        if cache is not None:
             out = cache.attend(self.layer, q, k, v, positions)
+        elif use_triton(self.kernel_backend, q, k, v) and not (self.training and self.dropout):
+            out = packed_causal_attention(q, k, v)
+        else:
+            out = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))  # [B, T, D]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.attention import paged_attention_triton
+from kernels.backend import use_triton
 from moe.attention import masked_attention
 from moe.config import ModelConfig
 
@@ -116,6 +118,7 @@ class PagedKVCache:
             raise ValueError(f"need at least one block of at least one token, got num_blocks="
                              f"{num_blocks}, block_size={block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.kernel_backend = cfg.kernel_backend  # "triton": kernels/attention.py paged kernel
         shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
@@ -195,6 +198,11 @@ class PagedKVCache:
         slots = self.layout["slot_mapping"]
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
-        out = paged_attention_planned(q[0].transpose(0, 1), k_pool, v_pool,
-                                      self.layout["block_tables"], self.plan)  # [N, H, Dh]
+        if use_triton(self.kernel_backend, q, k_pool):
+            out = paged_attention_triton(q[0].transpose(0, 1), k_pool, v_pool,
+                                         self.layout["block_tables"], self.layout["seq_lens"],
+                                         self.layout["query_start"])  # [N, H, Dh]
+        else:
+            out = paged_attention_planned(q[0].transpose(0, 1), k_pool, v_pool,
+                                          self.layout["block_tables"], self.plan)  # [N, H, Dh]
         return out.transpose(0, 1)[None]  # [1, H, N, Dh]
