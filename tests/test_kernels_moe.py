@@ -1,0 +1,111 @@
+"""The Triton expert dispatch against its reference (kernels/moe_dispatch.py), run on CPU
+through TRITON_INTERPRET=1 (set in tests/conftest.py), and the backend switch."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton does not import here; the kernels cannot run")
+
+from kernels.backend import resolve_backend, use_triton  # noqa: E402
+from kernels.moe_dispatch import (align_slots, dispatch_and_combine,  # noqa: E402
+                                  dispatch_and_combine_triton)
+from moe.config import ConfigError, ModelConfig  # noqa: E402
+from moe.moe_layer import MoELayer  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+D, F, E = 40, 24, 6  # widths that are not powers of two
+
+
+def make_inputs(n, k, n_experts=E, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n)])  # [N, K]
+    weights = torch.rand(n, k, generator=gen)
+    w_in = torch.randn(n_experts, D, 2 * F, generator=gen) * 0.2
+    w_out = torch.randn(n_experts, F, D, generator=gen) * 0.2
+    return x, ids, weights, w_in, w_out
+
+
+def assert_same_as_reference(x, ids, weights, w_in, w_out, capacity):
+    y, dropped = dispatch_and_combine_triton(x, ids, weights, w_in, w_out, capacity)
+    y_ref, dropped_ref = dispatch_and_combine(x, ids, weights, w_in, w_out, capacity)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert dropped.item() == dropped_ref.item()
+    return dropped.item()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 4), (33, 2), (33, 3), (222, 1), (222, 4)])
+def test_triton_dispatch_equals_reference(n, k):
+    assert assert_same_as_reference(*make_inputs(n, k), capacity=None) == 0
+
+
+def test_all_tokens_on_one_expert_leaves_the_others_empty():
+    x, _, weights, w_in, w_out = make_inputs(33, 2)
+    ids = torch.tensor([[2, 0]] * 33)  # experts 1, 3, 4, 5 get nothing
+    assert_same_as_reference(x, ids, weights, w_in, w_out, capacity=None)
+    assert_same_as_reference(x, ids[:, :1], weights[:, :1], w_in, w_out, capacity=None)
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 12])
+def test_capacity_drops_the_same_slots_as_the_reference(capacity):
+    x, ids, weights, w_in, w_out = make_inputs(33, 2)
+    ids[:20] = torch.tensor([0, 1])  # pile slots onto experts 0 and 1 so they overflow
+    assert assert_same_as_reference(x, ids, weights, w_in, w_out, capacity) > 0
+
+
+def test_align_pads_each_expert_to_whole_blocks_of_one_expert():
+    ids = torch.tensor([[3, 0], [3, 1], [3, 0], [2, 3], [3, 0]])  # expert 4 empty
+    plan = align_slots(ids, n_experts=5, block_m=4, capacity=3)
+    slots, experts = plan.sorted_slots.view(-1, 4), plan.block_expert
+    n_slots = ids.numel()
+    for block, expert in zip(slots.tolist(), experts.tolist()):
+        real = [s for s in block if s < n_slots]
+        if expert < 0:
+            assert not real
+        else:
+            assert all(ids.t().reshape(-1)[s].item() == expert for s in real)
+    # Runs: expert 0: 3 slots, 1: 1, 2: 1, 3: 5 capped at 3 -> 4 + 4 + 4 + 4 rows.
+    assert plan.padded_total.item() == 16 and plan.dropped.item() == 2
+    kept_of_3 = sorted(s for s in plan.sorted_slots.tolist() if s < n_slots
+                       and ids.t().reshape(-1)[s] == 3)
+    assert kept_of_3 == [0, 1, 2]  # first choices of tokens 0..2 win; 4's and 8's are dropped
+
+
+def test_moe_layer_runs_triton_without_grad_and_the_reference_with_grad(monkeypatch):
+    calls = []
+    import moe.moe_layer as moe_layer
+    original = moe_layer.dispatch_and_combine_triton
+    monkeypatch.setattr(moe_layer, "dispatch_and_combine_triton",
+                        lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    layer = MoELayer(tiny_config(kernel_backend="triton"))
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        y_triton, _ = layer(x)
+    assert calls == [1]
+    y_grad, _ = layer(x)  # needs gradients: the forward-only kernel must not run
+    assert calls == [1]
+    torch.testing.assert_close(y_triton, y_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_resolution_and_environment_override(monkeypatch):
+    monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"  # allowed under TRITON_INTERPRET=1
+    monkeypatch.setenv("MOE_KERNEL_BACKEND", "torch")
+    assert resolve_backend("triton", "cpu") == "torch"
+    assert not use_triton("triton", torch.zeros(1))
+    monkeypatch.setenv("MOE_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MOE_KERNEL_BACKEND"):
+        resolve_backend("auto", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MOE_KERNEL_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve_backend("auto", "cpu")
+
+
+def test_config_refuses_an_unknown_backend_by_name():
+    with pytest.raises(ConfigError, match="kernel_backend.*auto.*triton.*torch"):
+        ModelConfig(kernel_backend="cuda")
