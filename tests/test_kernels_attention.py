@@ -1,0 +1,130 @@
+"""The Triton attention kernels against their references (kernels/attention.py), run on
+CPU through TRITON_INTERPRET=1 (set in tests/conftest.py), and the whole model's logits
+with kernel_backend = "triton" against "torch"."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton does not import here; the kernels cannot run")
+
+from kernels.attention import (paged_attention, paged_attention_reference,  # noqa: E402
+                               paged_attention_triton, varlen_causal_attention,
+                               varlen_causal_attention_reference, varlen_causal_attention_triton)
+from moe import cache as cache_module  # noqa: E402
+from moe.cache import PagedKVCache  # noqa: E402
+
+H = 4
+
+
+def packed(lens, n_kv_heads, head_dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lens)
+    q = torch.randn(n, H, head_dim, generator=gen)
+    k = torch.randn(n, n_kv_heads, head_dim, generator=gen)
+    v = torch.randn(n, n_kv_heads, head_dim, generator=gen)
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    return q, k, v, cu_seqlens
+
+
+@pytest.mark.parametrize("lens", [[1], [33], [222], [33, 5, 1, 0, 17]],
+                         ids=["one", "33", "222", "ragged"])
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4], ids=["MQA", "GQA", "MHA"])
+def test_varlen_causal_kernel_equals_reference(lens, n_kv_heads):
+    head_dim = 24 if n_kv_heads == 2 else 16  # 24: not a power of two
+    q, k, v, cu_seqlens = packed(lens, n_kv_heads, head_dim)
+    out = varlen_causal_attention_triton(q, k, v, cu_seqlens)
+    torch.testing.assert_close(out, varlen_causal_attention_reference(q, k, v, cu_seqlens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_sequences_do_not_see_each_other():
+    q, k, v, cu_seqlens = packed([9, 7], 2, 16)
+    alone = varlen_causal_attention_triton(q[9:], k[9:], v[9:], torch.tensor([0, 7], dtype=torch.int32))
+    torch.testing.assert_close(varlen_causal_attention_triton(q, k, v, cu_seqlens)[9:], alone)
+
+
+def paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size, seed=0):
+    """A pool with every sequence's blocks scattered at random, plus spare blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-s // block_size) for s in seq_lens) + 1  # one unused column of padding
+    n_blocks = len(seq_lens) * width + 3
+    k_pool = torch.randn(n_blocks, block_size, n_kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(n_blocks, block_size, n_kv_heads, head_dim, generator=gen)
+    tables = torch.randperm(n_blocks, generator=gen)[:len(seq_lens) * width]
+    tables = tables.view(len(seq_lens), width).to(torch.int32)  # [B, MB]
+    query_start = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(query_lens), H, head_dim, generator=gen)
+    return q, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32), query_start
+
+
+@pytest.mark.parametrize("seq_lens,query_lens,block_size", [
+    ([1], [1], 4),  # a first token
+    ([37, 5, 80], [1, 5, 1], 16),  # decode beside a whole prompt
+    ([19, 3, 33], [4, 3, 2], 5),  # a few queries each (speculative check), odd block size
+], ids=["first-token", "decode", "verify"])
+@pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["MQA", "GQA"])
+@pytest.mark.parametrize("split_len", [None, 16], ids=["auto-split", "split16"])
+def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_heads, split_len):
+    head_dim = 24 if n_kv_heads == 2 else 16
+    args = paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size)
+    out = paged_attention_triton(*args, split_len=split_len)
+    expect = paged_attention_reference(*args)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    # and the serving engine's own reference in moe/cache.py
+    torch.testing.assert_close(out, cache_module.paged_attention_reference(*args),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_switch_functions_pick_the_kernel_only_when_asked():
+    q, k, v, cu_seqlens = packed([5, 3], 1, 16)
+    torch.testing.assert_close(varlen_causal_attention(q, k, v, cu_seqlens, backend="triton"),
+                               varlen_causal_attention(q, k, v, cu_seqlens, backend="torch"))
+    args = paged_setup([7], [2], 1, 16, 4)
+    torch.testing.assert_close(paged_attention(*args, backend="triton"),
+                               paged_attention(*args, backend="torch"))
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_heads):
+    import moe.attention
+    import moe.moe_layer
+    prefill_calls = count_calls(monkeypatch, moe.attention, "varlen_causal_attention_triton")
+    dispatch_calls = count_calls(monkeypatch, moe.moe_layer, "dispatch_and_combine_triton")
+    tokens = torch.randint(0, 259, (2, 13))
+    with torch.no_grad():
+        expect = make_model(n_kv_heads=n_kv_heads, kernel_backend="torch")(tokens).logits
+        assert not prefill_calls and not dispatch_calls
+        logits = make_model(n_kv_heads=n_kv_heads, kernel_backend="triton")(tokens).logits
+    assert prefill_calls and dispatch_calls
+    torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatch):
+    paged_calls = count_calls(monkeypatch, cache_module, "paged_attention_triton")
+    model = make_model(n_kv_heads=2, kernel_backend="triton")
+    tokens = torch.randint(0, 259, (2, 11))
+    cache = PagedKVCache(model.cfg, num_blocks=8, block_size=4)
+    for seq in (0, 1):
+        cache.reserve(seq, 11)
+    with torch.no_grad():
+        full = model(tokens).logits  # [2, 11, V]
+        cache.set_layout([0, 1], [9, 6], [9, 6])  # ragged prefill of 9 and 6 tokens
+        step = torch.cat([tokens[0, :9], tokens[1, :6]])[None]  # [1, 15]
+        positions = torch.cat([torch.arange(9), torch.arange(6)])[None]
+        prefill = model(step, positions, cache).logits[0]  # [15, V]
+        cache.set_layout([0, 1], [2, 5], [11, 11])  # then 2 and 5 more
+        step = torch.cat([tokens[0, 9:], tokens[1, 6:]])[None]
+        positions = torch.cat([torch.arange(9, 11), torch.arange(6, 11)])[None]
+        decode = model(step, positions, cache).logits[0]  # [7, V]
+    assert paged_calls
+    torch.testing.assert_close(prefill[:9], full[0, :9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefill[9:], full[1, :6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode[:2], full[0, 9:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode[2:], full[1, 6:], rtol=1e-4, atol=1e-4)
