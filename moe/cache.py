@@ -105,8 +105,9 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_t
     """q [N, H, Dh]; k_pool, v_pool [NB, bs, G, Dh]; block_tables int32 [B, MB]; seq_lens int32
     [B] (keys stored, the new ones included); query_start int32 [B + 1]. The queries of
     sequence b are its last query_start[b+1] - query_start[b] tokens, causal among
-    themselves. Returns [N, H, Dh]. Plain PyTorch: gather every sequence's blocks into a
-    padded [B, MB * bs] key row and run one masked attention."""
+    themselves. Returns [N, H, Dh]. Plain PyTorch without a loop over sequences: gather
+    every sequence's blocks into a padded [B, MB * bs] key row and run one masked attention
+    (kernels/attention.py holds the per-sequence specification and the Triton kernel)."""
     plan = ragged_plan(seq_lens, query_start, block_tables.shape[1] * k_pool.shape[1])
     return paged_attention_planned(q, k_pool, v_pool, block_tables, plan)
 
