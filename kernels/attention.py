@@ -119,7 +119,8 @@ def _varlen_causal_kernel(
     row_ok = rows < length
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < head_dim
-    q_offsets = (start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh + ds[None, :] * stride_qd
+    q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
+                 + ds[None, :] * stride_qd)
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # ---- online softmax over key blocks up to the diagonal ---------------------------
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -262,7 +263,8 @@ def _paged_merge_kernel(
 
 
 def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, query_start: Tensor, split_len: int | None = None) -> Tensor:
+                           seq_lens: Tensor, query_start: Tensor,
+                           split_len: int | None = None) -> Tensor:
     """The Triton path of `paged_attention_reference`: same arguments, same result.
     `split_len` (keys per program, a multiple of 16) defaults to enough slices to give the
     GPU a few hundred programs."""
@@ -273,7 +275,8 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
                          f"{tuple(v_pool.shape)} must be [Nq, H, Dh] and [NB, bs, G, Dh] with "
                          "G dividing H")
     if v_pool.stride() != k_pool.stride():
-        raise ValueError("k_pool and v_pool must share one memory layout (strides); make both contiguous")
+        raise ValueError("k_pool and v_pool must share one memory layout (strides); "
+                         "make both contiguous")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens),
                     ("query_start", query_start)):
         if t.dtype != torch.int32:
@@ -317,12 +320,13 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
 def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                             backend: str = "auto") -> Tensor:
     """Causal attention over packed ragged sequences; `backend` as in kernels.backend."""
-    fn = varlen_causal_attention_triton if use_triton(backend, q, k, v) else varlen_causal_attention_reference
-    return fn(q, k, v, cu_seqlens)
+    if use_triton(backend, q, k, v):
+        return varlen_causal_attention_triton(q, k, v, cu_seqlens)
+    return varlen_causal_attention_reference(q, k, v, cu_seqlens)
 
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                     seq_lens: Tensor, query_start: Tensor, backend: str = "auto") -> Tensor:
     """Attention of new queries over a paged KV cache; `backend` as in kernels.backend."""
-    fn = paged_attention_triton if use_triton(backend, q, k_pool, v_pool) else paged_attention_reference
+    fn = paged_attention_triton if use_triton(backend, q, k_pool) else paged_attention_reference
     return fn(q, k_pool, v_pool, block_tables, seq_lens, query_start)
