@@ -36,6 +36,8 @@ from moe.sampling import SamplingParams, visible_bytes
 from moe.tokenizer import encode
 
 SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
+SETTING_TYPES = dict(temperature=(int, float), top_k=(int,), top_p=(int, float), max_new_tokens=(int,),
+                     seed=(int,), ignore_eos=(bool,))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +45,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None, help="longest prompt piece per step")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
+    parser.add_argument("--kv-cache-mb", type=float, default=None, help="KV pool size as a memory budget")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def megabytes(mb: float | None) -> int | None:
+    return None if mb is None else int(mb * 2**20)
 
 
 def build_model(args) -> tuple[Transformer, str]:
@@ -87,6 +94,12 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
     if "stop" in settings:
         stop = settings["stop"]
         settings["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) for s in settings["stop"]):
+            raise ValueError('"stop" must be a string or a list of strings')
+    for key, kinds in SETTING_TYPES.items():
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds)):
+            raise ValueError(f'"{key}" must be {" or ".join(k.__name__ for k in kinds)}, got {value!r}')
     return item["prompt"], SamplingParams(**settings)
 
 
@@ -152,7 +165,7 @@ def main_generate(argv: list[str]) -> None:
             sys.exit(f"error: {error}")
     else:
         config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
-                              args.block_size, args.num_blocks)
+                              args.block_size, args.num_blocks, megabytes(args.kv_cache_mb))
         serve_file(model, args.prompt_file, args.out, config, args.bos)
 
 
@@ -186,7 +199,8 @@ def main_bench(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     model, source = build_model(args)
     engine_config = dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
-                         block_size=args.block_size, num_blocks=args.num_blocks)
+                         block_size=args.block_size, num_blocks=args.num_blocks,
+                         kv_cache_bytes=megabytes(args.kv_cache_mb))
 
     def workload(rate):
         return bench.make_workload(args.n_requests, args.prompt_len, args.output_dist, args.mean_output,

@@ -50,6 +50,7 @@ class EngineConfig:
     prefill_chunk: int | None = None  # longest prompt piece per step; None = the token budget
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV pool size; None = max_num_seqs full-length sequences
+    kv_cache_bytes: int | None = None  # size the pool from a memory budget instead of num_blocks
 
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -115,6 +116,12 @@ class Engine:
         self.device = param.device
         per_seq = -(-self.cfg.max_seq_len // self.config.block_size)
         num_blocks = self.config.num_blocks or self.config.max_num_seqs * per_seq
+        if self.config.kv_cache_bytes is not None:
+            block_bytes = PagedKVCache.bytes_per_block(self.cfg, self.config.block_size, param.dtype)
+            num_blocks = self.config.kv_cache_bytes // block_bytes
+            if num_blocks < 1:
+                raise ValueError(f"engine.kv_cache_bytes = {self.config.kv_cache_bytes} holds no block "
+                                 f"of {block_bytes} bytes; give more memory or smaller blocks")
         self.cache = PagedKVCache(self.cfg, num_blocks, self.config.block_size, self.device, param.dtype)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

@@ -150,3 +150,12 @@ def test_static_batching_equals_each_request_generated_alone(model, alone):
     # a batch runs until its longest member is done: steps = sum over batches of max length
     lengths = [s.max_new_tokens for s in params]
     assert len(live) == sum(max(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+
+
+def test_the_kv_pool_is_sized_from_a_memory_budget(model):
+    from moe.cache import PagedKVCache
+    block = PagedKVCache.bytes_per_block(model.cfg, 4, torch.float64)
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_bytes=7 * block + block // 2))
+    assert engine.cache.num_blocks == 7
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(model, EngineConfig(block_size=4, kv_cache_bytes=block - 1))

@@ -46,18 +46,20 @@ def test_prompt_file_serves_every_line_and_refuses_bad_ones_by_reason(checkpoint
         {"prompt": "xyz", "max_new_tokens": 5, "temperature": 0.9, "seed": 1, "ignore_eos": True},
         {"prompt": "q", "top_p": 2.0},
         {"prompt": "q", "colour": "red"},
+        {"prompt": "q", "temperature": "hot"},
     ]
     infile, outfile = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     infile.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     run_cli("--ckpt", path, "--prompt-file", infile, "--out", outfile)
     results = [json.loads(x) for x in outfile.read_text().splitlines()]
-    assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6]
+    assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6, 7]
     greedy = generate(model, encode("abc"), SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert results[0]["text"] == decode(greedy) and results[0]["finish_reason"] == "length"
     assert results[2]["output_tokens"] == 5
-    assert [r["status"] for r in results] == ["finished", "refused", "finished", "refused", "refused", "refused"]
+    assert [r["status"] for r in results] == ["finished", "refused", "finished"] + ["refused"] * 4
     assert "empty" in results[1]["refusal"] and "top_p" in results[3]["refusal"]
-    assert "colour" in results[4]["refusal"] and "line 6" in results[5]["refusal"]
+    assert "colour" in results[4]["refusal"] and "temperature" in results[5]["refusal"]
+    assert "line 7" in results[6]["refusal"]
 
 
 def test_bench_writes_both_modes_in_the_agreed_schema(tmp_path):
