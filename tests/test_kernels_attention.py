@@ -128,3 +128,16 @@ def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatc
     torch.testing.assert_close(prefill[9:], full[1, :6], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(decode[:2], full[0, 9:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(decode[2:], full[1, 6:], rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_kernels_match_the_float32_reference():
+    # float16, not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns
+    # (triton-lang/triton#11584), so bfloat16 can only be checked on a GPU.
+    q, k, v, cu_seqlens = packed([33, 5], 2, 16)
+    out = varlen_causal_attention_triton(q.half(), k.half(), v.half(), cu_seqlens)
+    torch.testing.assert_close(out.float(), varlen_causal_attention_reference(q, k, v, cu_seqlens),
+                               rtol=1e-2, atol=1e-2)
+    q, k_pool, v_pool, *layout = paged_setup([37, 5], [1, 5], 2, 16, 4)
+    out = paged_attention_triton(q.half(), k_pool.half(), v_pool.half(), *layout, split_len=16)
+    torch.testing.assert_close(out.float(), paged_attention_reference(q, k_pool, v_pool, *layout),
+                               rtol=1e-2, atol=1e-2)

@@ -109,3 +109,13 @@ def test_backend_resolution_and_environment_override(monkeypatch):
 def test_config_refuses_an_unknown_backend_by_name():
     with pytest.raises(ConfigError, match="kernel_backend.*auto.*triton.*torch"):
         ModelConfig(kernel_backend="cuda")
+
+
+def test_half_precision_dispatch_accumulates_in_float32():
+    # float16, not bfloat16: the interpreter's tl.dot multiplies bfloat16 bit patterns
+    # (triton-lang/triton#11584), so bfloat16 can only be checked on a GPU.
+    x, ids, weights, w_in, w_out = make_inputs(33, 2)
+    y, _ = dispatch_and_combine_triton(x.half(), ids, weights.half(), w_in.half(), w_out.half(), None)
+    y_ref, _ = dispatch_and_combine(x, ids, weights, w_in, w_out, None)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=1e-2)
