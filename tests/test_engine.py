@@ -30,6 +30,16 @@ def serve(engine, prompts, params, arrive_every=2):
     return requests
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation, which on a busy 2-core
+    machine can cost 30x; the equivalences do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     from tests.conftest import tiny_config
@@ -159,3 +169,23 @@ def test_the_kv_pool_is_sized_from_a_memory_budget(model):
     assert engine.cache.num_blocks == 7
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         Engine(model, EngineConfig(block_size=4, kv_cache_bytes=block - 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules_equal_generation_alone(model, alone, seed):
+    """Random slot counts, token budgets, chunk sizes, block sizes, pool sizes and arrival gaps."""
+    prompts, params, expected = alone
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    block_size = pick(1, 8)
+    largest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params))
+    config = EngineConfig(max_num_seqs=pick(1, 8), max_num_batched_tokens=pick(4, 40),
+                          prefill_chunk=pick(1, 12), block_size=block_size,
+                          num_blocks=-(-largest // block_size) + pick(0, 20))
+    engine = Engine(model, config)
+    requests = serve(engine, prompts, params, arrive_every=pick(1, 4))
+    assert [r.output for r in requests] == expected
+    assert engine.cache.used_blocks == 0

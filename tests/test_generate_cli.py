@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run_cli(*args):
-    result = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "generate.py", *map(str, args), "--threads", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
