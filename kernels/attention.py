@@ -285,13 +285,14 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     query_ids = torch.arange(n_queries, device=q.device)  # [Nq]
     query_seq = torch.searchsorted(query_start[1:], query_ids.to(torch.int32), right=True)  # [Nq]
     query_pos = (seq_lens[query_seq] - query_start[query_seq + 1] + query_ids).to(torch.int32)
-    block_n = 16
     max_keys = block_tables.shape[1] * block_size
     if split_len is None:
-        wanted = max(1, min(triton.cdiv(max_keys, block_n), 512 // max(1, n_queries * n_heads)))
-        split_len = triton.cdiv(triton.cdiv(max_keys, wanted), block_n) * block_n
-    if split_len % block_n:
-        raise ValueError(f"split_len must be a multiple of {block_n}, got {split_len}")
+        step = 64 if max_keys >= 512 else 16  # keys per loop step: wider tiles for long contexts
+        wanted = max(1, min(triton.cdiv(max_keys, step), 512 // max(1, n_queries * n_heads)))
+        split_len = triton.cdiv(triton.cdiv(max_keys, wanted), step) * step
+    if split_len % 16:
+        raise ValueError(f"split_len must be a multiple of 16, got {split_len}")
+    block_n = 64 if split_len % 64 == 0 else 16
     n_splits = triton.cdiv(max_keys, split_len)
     m = torch.empty(n_queries, n_heads, n_splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
