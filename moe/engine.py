@@ -155,7 +155,12 @@ class Engine:
     def run(self) -> list[Request]:
         """Step until every request added so far has finished; all finished requests."""
         while self.has_unfinished():
+            steps = self.steps
             self.step()
+            if self.steps == steps:
+                raise RuntimeError(f"no request could be scheduled ({len(self.waiting)} waiting, "
+                                   f"{len(self.running)} running, {len(self.cache.free_blocks)} free "
+                                   "blocks); this is a scheduler bug, please report it")
         return self.finished
 
     # -- one iteration -----------------------------------------------------------------
