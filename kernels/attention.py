@@ -288,7 +288,8 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     max_keys = block_tables.shape[1] * block_size
     if split_len is None:
         step = 64 if max_keys >= 512 else 16  # keys per loop step: wider tiles for long contexts
-        wanted = max(1, min(triton.cdiv(max_keys, step), 512 // max(1, n_queries * n_heads)))
+        wanted = min(triton.cdiv(max_keys, step), 64,  # the merge holds [splits, Dh] on chip
+                     max(1, 512 // max(1, n_queries * n_heads)))
         split_len = triton.cdiv(triton.cdiv(max_keys, wanted), step) * step
     if split_len % 16:
         raise ValueError(f"split_len must be a multiple of 16, got {split_len}")
