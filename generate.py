@@ -98,12 +98,14 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
             raise ValueError('"stop" must be a string or a list of strings')
     for key, kinds in SETTING_TYPES.items():
         value = settings.get(key)
-        if value is not None and (isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds)):
+        wrong_bool = isinstance(value, bool) != (kinds == (bool,))
+        if value is not None and (wrong_bool or not isinstance(value, kinds)):
             raise ValueError(f'"{key}" must be {" or ".join(k.__name__ for k in kinds)}, got {value!r}')
     return item["prompt"], SamplingParams(**settings)
 
 
-def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig, bos: bool) -> None:
+def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
+               bos: bool) -> None:
     engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
     results: list[dict] = []
@@ -136,7 +138,8 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
 
 
 def main_generate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint directory or run folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text to continue; the completion is streamed")
@@ -187,12 +190,14 @@ def main_bench(argv: list[str]) -> None:
     parser.add_argument("--mean-output", type=int, default=32)
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--arrival", default="all", choices=["all", "poisson"])
-    parser.add_argument("--rate", type=float, default=None, help="requests/s; default: --load x static capacity")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="requests/s; default: --load x static capacity")
     parser.add_argument("--load", type=float, default=0.9, help="Poisson rate as a share of static capacity")
     parser.add_argument("--slots", type=int, nargs="+", default=[8, 16], help="batch slots to compare at")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each mode")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="JSON path; default benchmarks/results/generation_<arrival>.json")
+    parser.add_argument("--out", default=None,
+                        help="JSON path; default benchmarks/results/generation_<arrival>.json")
     add_engine_args(parser)
     args = parser.parse_args(argv)
     if args.threads:

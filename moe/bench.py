@@ -72,7 +72,8 @@ def _wait_until(clock, moment: float) -> None:
         time.sleep(delay)
 
 
-def run_continuous(model: Transformer, workload: Workload, config: EngineConfig, clock=time.perf_counter) -> dict:
+def run_continuous(model: Transformer, workload: Workload, config: EngineConfig,
+                   clock=time.perf_counter) -> dict:
     engine = Engine(model, config, clock)
     start = clock()
     pending = _requests(workload, start)
@@ -174,6 +175,7 @@ def compare(model: Transformer, workload: Workload, slots: int, repeats: int, en
         runs=runs,
         comparison=dict(
             slots=slots, poisson=any(a > 0 for a in workload.arrivals),
-            throughput_ratio=best["continuous"]["output_tokens_per_s"] / best["static"]["output_tokens_per_s"],
+            throughput_ratio=(best["continuous"]["output_tokens_per_s"]
+                              / best["static"]["output_tokens_per_s"]),
             e2e_p50_ratio=best["static"]["e2e_p50"] / best["continuous"]["e2e_p50"],
             step_ceiling=step_ceiling(workload.output_lens, slots)))
