@@ -102,7 +102,11 @@ def load_config(path: str | Path) -> ModelConfig:
 def load_model(path: str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """Build the model from `path/config.json` and fill it from `path/model.safetensors`,
-    refusing any tensor whose name or shape does not match."""
+    refusing any tensor whose name or shape does not match. A Hugging Face Mixtral folder
+    (its config.json names a model_type) loads through moe.hf.load_hf."""
+    from moe.hf import is_hf_folder, load_hf  # imported here: moe.hf imports this module
+    if is_hf_folder(path):
+        return load_hf(path, device, dtype)
     cfg = load_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
