@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.backend import use_triton
+from kernels.backend import KERNEL_DTYPES, use_triton
 from kernels.triton_import import tl, triton
 
 
@@ -155,6 +155,9 @@ def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
     if k.shape != (n_tokens, n_kv_heads, head_dim) or v.shape != k.shape or n_heads % n_kv_heads:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
                          "[N, H, Dh], [N, G, Dh], [N, G, Dh] with G dividing H")
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of {KERNEL_DTYPES}, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}; use varlen_causal_attention_reference for others")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be int32 [B + 1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}; build it with .to(torch.int32)")
@@ -274,6 +277,9 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
         raise ValueError(f"q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
                          f"{tuple(v_pool.shape)} must be [Nq, H, Dh] and [NB, bs, G, Dh] with "
                          "G dividing H")
+    if q.dtype not in KERNEL_DTYPES or k_pool.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q and the pools must be in {KERNEL_DTYPES}, got {q.dtype}, "
+                         f"{k_pool.dtype}; use paged_attention_reference for others")
     if v_pool.stride() != k_pool.stride():
         raise ValueError("k_pool and v_pool must share one memory layout (strides); "
                          "make both contiguous")

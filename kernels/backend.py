@@ -53,9 +53,15 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return name
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels accumulate from
+
+
 def use_triton(name: str, *tensors: torch.Tensor) -> bool:
-    """Whether a forward over `tensors` should run the Triton kernel: the backend says so and
+    """Whether a forward over `tensors` should run the Triton kernel: the backend says so,
+    the tensors are in a kernel dtype (float64, for exactness tests, runs the reference) and
     no gradient is needed (the kernels are forward-only; training runs the reference)."""
     if resolve_backend(name, tensors[0].device) != "triton":
+        return False
+    if any(t.dtype not in KERNEL_DTYPES for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.backend import KERNEL_DTYPES
 from kernels.triton_import import tl, triton
 
 
@@ -235,6 +236,9 @@ def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, 
     if expert_ids.shape != weights.shape or expert_ids.shape[0] != n_tokens:
         raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and weights "
                          f"{tuple(weights.shape)} must both be [N, K] with N = {n_tokens}")
+    if x.dtype not in KERNEL_DTYPES or w_in.dtype != x.dtype or w_out.dtype != x.dtype:
+        raise ValueError(f"x, w_in, w_out must share one of {KERNEL_DTYPES}, got {x.dtype}, "
+                         f"{w_in.dtype}, {w_out.dtype}; use dispatch_and_combine for others")
     n_slots = expert_ids.numel()
     block_m = 16 if n_slots <= 1024 else 64
     plan = align_slots(expert_ids, n_experts, block_m, capacity)

@@ -119,3 +119,11 @@ def test_half_precision_dispatch_accumulates_in_float32():
     y_ref, _ = dispatch_and_combine(x, ids, weights, w_in, w_out, None)
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=1e-2)
+
+
+def test_float64_runs_the_reference_and_the_kernel_refuses_it():
+    x, ids, weights, w_in, w_out = (t.double() if t.is_floating_point() else t
+                                    for t in make_inputs(5, 2))
+    assert not use_triton("triton", x, w_in)
+    with pytest.raises(ValueError, match="dispatch_and_combine"):
+        dispatch_and_combine_triton(x, ids, weights, w_in, w_out, None)
