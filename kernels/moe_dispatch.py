@@ -240,6 +240,8 @@ def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, 
         raise ValueError(f"x, w_in, w_out must share one of {KERNEL_DTYPES}, got {x.dtype}, "
                          f"{w_in.dtype}, {w_out.dtype}; use dispatch_and_combine for others")
     n_slots = expert_ids.numel()
+    if n_slots == 0:
+        return torch.zeros_like(x), expert_ids.new_zeros(())
     block_m = 16 if n_slots <= 1024 else 64
     plan = align_slots(expert_ids, n_experts, block_m, capacity)
     n_rows = plan.sorted_slots.shape[0]
