@@ -284,54 +284,47 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu",
 # Export
 # ---------------------------------------------------------------------------------------
 
-def hf_tensors(model: Transformer) -> list[tuple[str, Callable[[], torch.Tensor]]]:
-    """(Mixtral name, function making that tensor) in checkpoint order; tensors are made
-    one shard at a time so an export never holds a second copy of the whole model."""
-    cfg = model.cfg
+def hf_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
+    """(Mixtral name, view of our weight) in checkpoint order. Views copy nothing: the
+    export makes each shard contiguous on its own, so it never holds a second model."""
+    cfg, hidden = model.cfg, model.cfg.d_expert
     params = dict(model.named_parameters(remove_duplicate=False))
-    out = [(theirs, lambda p=params[ours]: p.detach())
-           for ours, theirs in renamed_tensors(cfg).items()]
-    hidden = cfg.d_expert
+    out = [(theirs, params[ours].detach()) for ours, theirs in renamed_tensors(cfg).items()]
     for layer in range(cfg.n_layers):
         ffn = model.blocks[layer].ffn
         for expert in range(cfg.n_experts):
             w_in, w_out = ffn.w_in[expert].detach(), ffn.w_out[expert].detach()  # [D, 2F], [F, D]
-            out += [(expert_tensor(layer, expert, "w1"), lambda w=w_in: w[:, :hidden].T),
-                    (expert_tensor(layer, expert, "w2"), lambda w=w_out: w.T),
-                    (expert_tensor(layer, expert, "w3"), lambda w=w_in: w[:, hidden:].T)]
+            out += [(expert_tensor(layer, expert, "w1"), w_in[:, :hidden].T),  # [F, D]
+                    (expert_tensor(layer, expert, "w2"), w_out.T),  # [D, F]
+                    (expert_tensor(layer, expert, "w3"), w_in[:, hidden:].T)]  # [F, D]
     return out
 
 
 def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Mixtral folder (config.json + safetensors), atomically; with
     `max_shard_bytes`, split into model-0000i-of-0000n.safetensors plus the index."""
-    dtype = model.embed.weight.dtype
-    config = hf_config_from_model(model.cfg, dtype)
-    tensors = hf_tensors(model)
-    shards: list[list[tuple[str, Callable]]] = [[]]
-    size = 0
-    for name, make in tensors:
-        nbytes = make().nelement() * dtype.itemsize
+    config = hf_config_from_model(model.cfg, model.embed.weight.dtype)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = total = 0
+    for name, tensor in hf_tensors(model):
+        nbytes = tensor.nelement() * tensor.element_size()
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, make))
-        size += nbytes
+        shards[-1].append((name, tensor))
+        size, total = size + nbytes, total + nbytes
+    n = len(shards)
+    files = [WEIGHTS_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors"
+                                           for i in range(1, n + 1)]
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if len(shards) == 1:
-            names = [WEIGHTS_FILE]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for file, shard in zip(names, shards):
-            save_file({name: make().to("cpu").contiguous() for name, make in shard},
+        for file, shard in zip(files, shards):
+            save_file({name: tensor.to("cpu").contiguous() for name, tensor in shard},
                       str(tmp / file), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(make().nelement() * dtype.itemsize
-                                                    for _, make in tensors)},
-                     "weight_map": {name: file for file, shard in zip(names, shards)
-                                    for name, _ in shard}}
+        if n > 1:
+            weight_map = {name: file for file, shard in zip(files, shards) for name, _ in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return write_directory_atomically(path, write)
 
