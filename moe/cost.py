@@ -270,28 +270,36 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout = Layout(), batch: i
         dollars_per_1k_generated=1000 * step / (batch * in_flight) * dollars_per_s)
 
 
+def si(value: float, unit: str) -> str:
+    """4.2e11 -> '420.0 G' + unit: decimal prefixes, so small and large models both read."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
 def format_estimate(e: Estimate, hw: Hardware, layout: Layout) -> str:
     return "\n".join([
-        f"hardware        {layout.devices} x {hw.name}: {hw.flops / 1e12:.1f} TFLOP/s, "
-        f"{hw.bytes_per_s / 1e12:.3f} TB/s, {hw.memory_bytes / 1e9:.1f} GB, ${hw.price_per_hour:.2f}/h each "
+        f"hardware        {layout.devices} x {hw.name}: {si(hw.flops, 'FLOP/s')}, {si(hw.bytes_per_s, 'B/s')}, "
+        f"{si(hw.memory_bytes, 'B')}, ${hw.price_per_hour:.2f}/h each "
         f"(tensor {layout.tensor}, pipeline {layout.pipeline}, expert {layout.expert})",
-        f"parameters      {e.total_params / 1e9:.1f}B total, {e.active_params / 1e9:.1f}B active, "
-        f"{e.shared_params / 1e9:.1f}B shared (not in experts)",
-        f"FLOPs/token     prefill {e.prefill_flops_per_token / 1e9:.1f} GFLOPs, "
-        f"decode {e.decode_flops_per_token / 1e9:.1f} GFLOPs (attention included)",
-        f"KV cache        {e.kv_bytes_per_token / 1e3:.1f} KB/token ({e.kv_bytes_per_token / 2**10:.1f} KiB), "
+        f"parameters (G = 1e9)  {si(e.total_params, '')} total, {si(e.active_params, '')} active, "
+        f"{si(e.shared_params, '')} shared (not in experts)",
+        f"FLOPs/token     prefill {si(e.prefill_flops_per_token, 'FLOPs')}, "
+        f"decode {si(e.decode_flops_per_token, 'FLOPs')} (attention included)",
+        f"KV cache        {si(e.kv_bytes_per_token, 'B')}/token ({e.kv_bytes_per_token / 2**10:.1f} KiB), "
         f"{e.kv_bytes_per_sequence / 1e9:.3f} GB/sequence",
-        f"weights         {e.weight_bytes / 1e9:.1f} GB in all, {e.weight_bytes_per_device / 1e9:.1f} GB/device",
-        f"KV per device   {e.kv_bytes_per_device / 1e9:.2f} GB for the batches in flight at full length",
+        f"weights         {si(e.weight_bytes, 'B')} in all, {si(e.weight_bytes_per_device, 'B')}/device",
+        f"KV per device   {si(e.kv_bytes_per_device, 'B')} for the batches in flight at full length",
         f"largest batch   {math.floor(e.max_sequences)} sequences ({e.max_sequences:.1f}) "
-        f"in {e.kv_budget_bytes / 1e9:.1f} GB of KV budget",
+        f"in {si(e.kv_budget_bytes, 'B')} of KV budget",
         f"experts hit     {e.experts_hit_decode:.2f} per MoE layer per decode step",
-        f"decode          {e.decode_step_s * 1e3:.2f} ms/step ({e.decode_bound}-bound), "
+        f"decode          {e.decode_step_s * 1e3:.3f} ms/step ({e.decode_bound}-bound), "
         f"{e.decode_tokens_per_s:.1f} tokens/s",
-        f"prefill         {e.prefill_s * 1e3:.2f} ms ({e.prefill_bound}-bound), "
+        f"prefill         {e.prefill_s * 1e3:.3f} ms ({e.prefill_bound}-bound), "
         f"{e.prefill_tokens_per_s:.0f} tokens/s",
-        f"cost            ${e.dollars_per_1k_prompt:.5f} per 1K prompt tokens, "
-        f"${e.dollars_per_1k_generated:.5f} per 1K generated tokens",
+        f"cost            ${e.dollars_per_1k_prompt:.3g} per 1K prompt tokens, "
+        f"${e.dollars_per_1k_generated:.3g} per 1K generated tokens",
     ])
 
 
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         hw = hardware_for(args.hardware) if args.hardware else None
         report = json.loads(Path(args.measured).read_text())
         hw = hw or preset_for_device(report.get("device", "")) or measure_hardware("cpu")
-        print(f"roofline on {hw.name}: {hw.flops / 1e12:.3f} TFLOP/s, {hw.bytes_per_s / 1e9:.1f} GB/s")
+        print(f"roofline on {hw.name}: {si(hw.flops, 'FLOP/s')}, {si(hw.bytes_per_s, 'B/s')}")
         rows = roofline_shares(report, hw)
         for row in rows:
             print(f"{row['mode']:>10}  batch {row['mean_batch']:6.2f}  measured {row['measured']:10.1f} tok/s  "
