@@ -283,8 +283,8 @@ def format_estimate(e: Estimate, hw: Hardware, layout: Layout) -> str:
         f"hardware        {layout.devices} x {hw.name}: {si(hw.flops, 'FLOP/s')}, {si(hw.bytes_per_s, 'B/s')}, "
         f"{si(hw.memory_bytes, 'B')}, ${hw.price_per_hour:.2f}/h each "
         f"(tensor {layout.tensor}, pipeline {layout.pipeline}, expert {layout.expert})",
-        f"parameters (G = 1e9)  {si(e.total_params, '')} total, {si(e.active_params, '')} active, "
-        f"{si(e.shared_params, '')} shared (not in experts)",
+        f"parameters      {si(e.total_params, '')} total, {si(e.active_params, '')} active, "
+        f"{si(e.shared_params, '')} shared (not in experts; G = 1e9)",
         f"FLOPs/token     prefill {si(e.prefill_flops_per_token, 'FLOPs')}, "
         f"decode {si(e.decode_flops_per_token, 'FLOPs')} (attention included)",
         f"KV cache        {si(e.kv_bytes_per_token, 'B')}/token ({e.kv_bytes_per_token / 2**10:.1f} KiB), "
