@@ -97,6 +97,18 @@ def test_transformers_mixtral_loads_with_the_same_logits(mixtral, layout):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_transformers_mixtral_with_tied_embeddings_loads_tied(tmp_path):
+    reference = random_mixtral(tie_word_embeddings=True, num_key_value_heads=1)
+    reference.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).eval()
+    assert ours.cfg.tie_embeddings and ours.cfg.n_kv_heads == 1
+    assert ours.lm_head.weight is ours.embed.weight
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, reference(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_transformers_mixtral_gives_the_same_greedy_tokens(mixtral):
     reference, single, _ = mixtral
     ours = load_model(single).eval()
