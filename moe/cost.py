@@ -213,9 +213,9 @@ class Estimate:
     dollars_per_1k_generated: float
 
 
-def _roofline(cfg: ModelConfig, hw: Hardware, layout: Layout, tokens: float, sequences: float,
-              flops: float, kv_bytes: float, bytes_per_value: int) -> tuple[float, str]:
-    """Time for one step that runs `tokens` tokens of `sequences` sequences through all layers,
+def _roofline(cfg: ModelConfig, hw: Hardware, layout: Layout, tokens: float, flops: float,
+              kv_bytes: float, bytes_per_value: int) -> tuple[float, str]:
+    """Time for one step that runs `tokens` tokens through all layers,
     doing `flops` in all and reading `kv_bytes` of cache in all; per device, stages in series."""
     p = count_parameters(cfg)
     per_expert = 3 * cfg.d_model * cfg.d_expert
@@ -229,11 +229,12 @@ def _roofline(cfg: ModelConfig, hw: Hardware, layout: Layout, tokens: float, seq
     return max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
 
 
-def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout = Layout(), batch: int = 1,
+def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout | None = None, batch: float = 1,
              prompt_len: int = 512, output_len: int = 128, bytes_per_value: int = 2,
              kv_budget_bytes: float | None = None) -> Estimate:
     """The whole arithmetic for `batch` sequences of `prompt_len` + `output_len` tokens.
     Decode is costed at the mean context of generation, P + O / 2."""
+    layout = layout or Layout()
     p = count_parameters(cfg)
     seq_len = prompt_len + output_len
     kv_token = kv_bytes_per_token(cfg, bytes_per_value)
@@ -245,12 +246,11 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout = Layout(), batch: i
     max_sequences = kv_budget_bytes / layout.devices / kv_seq_device * layout.expert
     context = prompt_len + output_len / 2
     decode_flops = decode_flops_per_token(cfg, context)
-    step, step_bound = _roofline(cfg, hw, layout, batch, batch, batch * decode_flops,
+    step, step_bound = _roofline(cfg, hw, layout, batch, batch * decode_flops,
                                  batch * context * kv_token, bytes_per_value)
     prefill_flops = prefill_flops_per_token(cfg, prompt_len)
     prompt_tokens = batch * prompt_len
-    prefill, prefill_bound = _roofline(cfg, hw, layout, prompt_tokens, batch,
-                                       prompt_tokens * prefill_flops,
+    prefill, prefill_bound = _roofline(cfg, hw, layout, prompt_tokens, prompt_tokens * prefill_flops,
                                        prompt_tokens * kv_token, bytes_per_value)
     dollars_per_s = layout.devices * hw.price_per_hour / 3600
     in_flight = layout.pipeline  # batches, one per pipeline stage
