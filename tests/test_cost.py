@@ -10,7 +10,8 @@ import torch
 
 from moe.config import load_model_config
 from moe.cost import (PRESETS, Layout, decode_flops_per_token, estimate, expected_experts_hit,
-                      kv_bytes_per_token, main, roofline_output_tokens_per_s, roofline_shares)
+                      kv_bytes_per_token, main, measure_hardware, roofline_output_tokens_per_s,
+                      roofline_shares)
 
 GPT4 = load_model_config("configs/gpt4.toml")
 LLAMA = load_model_config("configs/llama2-70b.toml")
@@ -142,3 +143,9 @@ def test_cli_prints_the_llama2_article_figures(capsys):
     assert "327.7 KB/token (320.0 KiB)" in out
     assert "1.342 GB/sequence" in out
     assert "largest batch   18 sequences (18.6)" in out
+
+
+def test_measure_reads_this_machines_copy_bandwidth_and_matmul_flops():
+    hw = measure_hardware("cpu", seconds=0.05)
+    assert 1e8 < hw.bandwidth < 1e13 and 1e8 < hw.peak_flops < 1e14
+    assert hw.bytes_per_s == hw.bandwidth and hw.flops == hw.peak_flops  # measured: reached
