@@ -137,6 +137,12 @@ class Layout:
     pipeline: int = 1
     expert: int = 1
 
+    def __post_init__(self) -> None:
+        for key in ("tensor", "pipeline", "expert"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key} = {getattr(self, key)}: a parallel degree is at least 1 "
+                                 "(1 = not split that way)")
+
     @property
     def devices(self) -> int:
         return self.tensor * self.pipeline * self.expert
