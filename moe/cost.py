@@ -33,102 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from moe.config import ModelConfig, from_dict, load_model_config
+from moe.hardware import PRESETS, Hardware, hardware_for, measure_hardware, preset_for_device
 from moe.model import count_parameters
 
-GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                "int8": 1, "fp8": 1}
-
-
-@dataclass
-class Hardware:
-    """One device. Peak numbers are the datasheet's; the efficiencies turn them into what a
-    well-tuned kernel reaches (0.64 of an A100's 312 TFLOP/s and 2.04 TB/s is the 200 TFLOP/s
-    and 1.3 TB/s of the LLaMA-2 cost analysis)."""
-
-    name: str
-    peak_flops: float  # dense 16-bit matmul FLOP/s
-    bandwidth: float  # memory bytes/s
-    memory_bytes: float
-    price_per_hour: float  # $ per device-hour (an assumption: rent varies; --price overrides)
-    flops_efficiency: float = 0.64
-    bandwidth_efficiency: float = 0.64
-    reserve_bytes: float = 2e9  # CUDA context, workspaces, activations: not for weights or KV
-
-    @property
-    def flops(self) -> float:
-        return self.peak_flops * self.flops_efficiency
-
-    @property
-    def bytes_per_s(self) -> float:
-        return self.bandwidth * self.bandwidth_efficiency
-
-
-PRESETS = {
-    "A100-40GB": Hardware("A100-40GB", 312e12, 1.555e12, 40 * GiB, 1.00),  # $1/h: GPT-4 training estimate
-    "A100-80GB": Hardware("A100-80GB", 312e12, 2.039e12, 80 * GiB, 2.21),  # $4.42/h for two
-    "H100": Hardware("H100", 989e12, 3.35e12, 80 * GiB, 2.00),  # SXM; $2/h: GPT-4 H100 estimate
-    "H200": Hardware("H200", 989e12, 4.8e12, 140 * GiB, 3.50),
-}
-
-
-def measure_hardware(device: str | None = None, seconds: float = 0.3) -> Hardware:
-    """This machine's copy bandwidth (bytes read + written per second by a large tensor copy)
-    and matmul FLOP/s (float32 on CPU, bfloat16 on GPU); efficiencies are 1: these are reached."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def rate(work, amount: float) -> float:
-        work()
-        sync()
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds or count < 3:
-            work()
-            count += 1
-        sync()
-        return amount * count / (time.perf_counter() - start)
-
-    src = torch.empty(2**28 if cuda else 2**25, dtype=torch.uint8, device=device)  # 256 / 32 MiB
-    dst = torch.empty_like(src)
-    bandwidth = rate(lambda: dst.copy_(src), 2 * src.numel())
-    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    flops = rate(lambda: a @ b, 2 * n**3)
-    if cuda:
-        props = torch.cuda.get_device_properties(device)
-        name, memory = props.name, props.total_memory
-    else:
-        name, memory = "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware(f"measured {name}", flops, bandwidth, memory, 0.0, 1.0, 1.0, 0.0)
-
-
-def hardware_for(name: str) -> Hardware:
-    if name == "measure":
-        return measure_hardware()
-    if name not in PRESETS:
-        raise ValueError(f"unknown hardware {name!r}; pick one of {', '.join(PRESETS)} or 'measure'")
-    return PRESETS[name]
-
-
-def preset_for_device(device_name: str) -> Hardware | None:
-    """Match a device name as torch reports it ('NVIDIA A100-SXM4-80GB') to a preset."""
-    name = device_name.upper()
-    for key in ("H200", "H100"):
-        if key in name:
-            return PRESETS[key]
-    if "A100" in name:
-        return PRESETS["A100-40GB" if "40GB" in name else "A100-80GB"]
-    return None
 
 
 @dataclass
