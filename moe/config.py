@@ -111,16 +111,78 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def _require(ok: bool, key: str, message: str, section: str = "model") -> None:
     if not ok:
-        raise ConfigError(f"model.{key} {message}")
+        raise ConfigError(f"{section}.{key} {message}")
 
 
 # ---------------------------------------------------------------------------------------
 # Loading: TOML file -> sections -> typed, validated dataclasses
 # ---------------------------------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {"model": ModelConfig}
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, batch, evaluation, checkpoints (see moe/training.py)."""
+
+    max_steps: int = 2000  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per training sequence (at most model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    eval_every: int = 200  # steps between evaluations
+    eval_batches: int = 8  # validation batches per evaluation
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    seed: int = 0  # seeds the model init and the data order
+    device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
+    compile: bool = False  # torch.compile the model
+    distill_from: str | None = None  # target checkpoint or run folder: train on KL to its distribution
+    distill_weight: float = 1.0  # weight of the distillation KL against the plain cross-entropy
+    distill_temperature: float = 1.0  # softening temperature of both distributions
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                    "checkpoint_every", "keep_checkpoints", "log_every"):
+            _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}",
+                     "train")
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "distill_weight"):
+            _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}",
+                     "train")
+        _require(self.min_lr <= self.lr, "min_lr", f"= {self.min_lr} must not exceed train.lr = {self.lr}",
+                 "train")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}",
+                     "train")
+        _require(self.distill_temperature > 0, "distill_temperature",
+                 f"must be positive, got {self.distill_temperature}", "train")
+        _require(self.device in ("auto", "cpu", "cuda"), "device",
+                 f"must be \"auto\", \"cpu\" or \"cuda\", got {self.device!r}", "train")
+
+
+@dataclass
+class DataConfig:
+    """What to train on (see moe/data.py)."""
+
+    source: str = "stdlib"  # "stdlib" | "tasks" (synthetic mix) | a text file, folder or glob
+    val_fraction: float = 0.05  # share of files (or task examples) held out for validation
+    cache_dir: str = ".cache"  # where prepared token files live
+    task_examples: int = 20000  # examples generated for the synthetic task mix
+
+    def __post_init__(self) -> None:
+        _require(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}",
+                 "data")
+        _require(self.task_examples >= 10, "task_examples",
+                 f"must be at least 10, got {self.task_examples}", "data")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 
 def from_dict(cls: type, values: dict[str, Any], section: str):
@@ -210,3 +272,9 @@ def load_sections(path: str | Path | None, overrides: list[str] = ()) -> dict[st
 
 def load_model_config(path: str | Path | None, overrides: list[str] = ()) -> ModelConfig:
     return from_dict(ModelConfig, load_sections(path, overrides).get("model", {}), "model")
+
+
+def load_setup(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Every section of a setup as its dataclass: {"model": ModelConfig, "train": ..., ...}."""
+    sections = load_sections(path, overrides)
+    return {name: from_dict(cls, sections.get(name, {}), name) for name, cls in SECTIONS.items()}
