@@ -1,0 +1,316 @@
+"""Speculative decoding: a cheap proposer guesses γ tokens, the target checks them in one forward.
+
+Why: at small batch a decode step is memory-bound, so scoring γ + 1 tokens in one target
+forward costs about as much as scoring one. If a cheap draft guesses the target's next
+tokens well, each target forward yields several tokens instead of one.
+
+One round, per sequence of length n (Leviathan et al. 2023; Chen et al. 2023):
+
+    draft:   x_1..x_γ, each sampled from q_i = warp(draft logits) autoregressively
+    target:  one forward over [tokens not yet in its cache] + x_1..x_γ
+             -> p_1..p_{γ+1} = warp(target logits) at positions n .. n+γ
+    accept:  x_i with probability min(1, p_i(x_i) / q_i(x_i)), left to right
+    reject:  at the first rejection i, draw from normalise(max(0, p_i - q_i)), stop
+    bonus:   when all γ pass, draw one more token from p_{γ+1}
+
+This keeps the target's distribution exactly: P(token) = q·min(1, p/q) + (1 - Σ min(p, q))
+· max(0, p - q) / Σ max(0, p - q) = p. Greedy is the same rule with one-hot p and q: a
+proposal passes while the argmaxes agree, and the residual is the target's argmax, so the
+output equals plain greedy decoding of the target. A proposer without probabilities
+(prompt lookup) is a one-hot q on its guess.
+
+Rolling back costs nothing: moe.cache.KVCache is written by position and a query at
+position p reads slots 0..p only, so both caches just remember how many of their slots
+agree with the sequence and overwrite the rest on the next forward. The same fact lets a
+batch of sequences of different lengths run as one padded forward: row b feeds its own
+new tokens at its own positions, padded on the right, and the padding only writes slots
+past the row's valid length.
+
+Shapes: B sequences, W tokens fed per row in one forward, γ proposals, V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moe.cache import KVCache
+from moe.model import Transformer
+from moe.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
+
+
+@dataclass
+class SpeculativeStats:
+    target_calls: int = 0  # target forwards (each verifies a whole batch)
+    draft_forwards: int = 0  # draft forwards (prefill included)
+    rounds: int = 0  # (sequence, target call) pairs
+    generated: int = 0  # tokens kept, over all sequences
+    proposed: int = 0
+    accepted: int = 0
+    reached: list[int] = field(default_factory=list)  # [i]: proposals verified at position i
+    accepted_at: list[int] = field(default_factory=list)  # [i]: of those, accepted
+    gammas: list[int] = field(default_factory=list)  # γ used in each round (adaptive)
+    target_time_s: float = 0.0
+    draft_time_s: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens gained per sequence per target call, the correction or bonus token included."""
+        return self.generated / max(self.rounds, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.proposed, 1)
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """P(proposal i accepted | proposals before it accepted)."""
+        return [a / r for a, r in zip(self.accepted_at, self.reached) if r]
+
+    @property
+    def cost_ratio(self) -> float:
+        """c: time of one draft forward over time of one target forward, as measured."""
+        if not self.draft_forwards or not self.target_calls:
+            return 0.0
+        return (self.draft_time_s / self.draft_forwards) / (self.target_time_s / self.target_calls)
+
+    def as_dict(self) -> dict:
+        return dict(target_calls=self.target_calls, draft_forwards=self.draft_forwards,
+                    rounds=self.rounds, generated=self.generated, proposed=self.proposed,
+                    accepted=self.accepted, mean_accepted_length=self.mean_accepted_length,
+                    acceptance_rate=self.acceptance_rate,
+                    per_position_acceptance=self.per_position_acceptance,
+                    mean_gamma=sum(self.gammas) / max(len(self.gammas), 1),
+                    cost_ratio=self.cost_ratio, target_time_s=self.target_time_s,
+                    draft_time_s=self.draft_time_s)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def ragged_forward(model: Transformer, cache: KVCache, rows: list[list[int]],
+                   starts: list[int]) -> Tensor:
+    """Row b feeds tokens rows[b] at positions starts[b].. (padded on the right with
+    token 0 at the following positions) -> logits [B, W, V]. Only the first len(rows[b])
+    outputs of a row mean anything."""
+    device = cache.k.device
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # [B, W]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # [B, W]
+    return model(tokens, positions, cache).logits
+
+
+def keep_rows(cache: KVCache, rows: list[int]) -> None:
+    """Drop the cache rows of finished sequences; `rows` are the ones to keep, in order."""
+    index = torch.tensor(rows, device=cache.k.device)
+    cache.k, cache.v = cache.k[:, index], cache.v[:, index]
+
+
+# ---------------------------------------------------------------------------------------
+# Proposers: `propose(seqs, gammas, params, generator) -> (tokens per row, q per row)`
+# ---------------------------------------------------------------------------------------
+
+class DraftProposer:
+    """A smaller model with the same vocabulary samples γ tokens from its own warped
+    distribution, keeping its own KV cache between rounds."""
+
+    def __init__(self, model: Transformer, batch_size: int, max_len: int):
+        self.model = model
+        param = next(model.parameters())
+        self.cache = KVCache(model.cfg, batch_size, max_len, param.device, param.dtype)
+        self.valid = [0] * batch_size  # cache slots that agree with each sequence
+        self.stats: SpeculativeStats | None = None
+
+    def _forward(self, rows: list[list[int]], starts: list[int]) -> Tensor:
+        _sync(self.cache.k.device)
+        start = time.perf_counter()
+        logits = ragged_forward(self.model, self.cache, rows, starts)
+        _sync(self.cache.k.device)
+        if self.stats is not None:
+            self.stats.draft_forwards += 1
+            self.stats.draft_time_s += time.perf_counter() - start
+        return logits
+
+    def propose(self, seqs: list[list[int]], gammas: list[int], params: SamplingParams,
+                generator) -> tuple[list[list[int]], list[Tensor]]:
+        if max(gammas) == 0:
+            return [[] for _ in seqs], [None] * len(seqs)
+        rows = [s[v:] for s, v in zip(seqs, self.valid)]
+        logits = self._forward(rows, self.valid)  # [B, W, V]
+        last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+        logits = logits[torch.arange(len(rows), device=logits.device), last]  # [B, V]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[Tensor]] = [[] for _ in seqs]
+        for i in range(max(gammas)):
+            q = warp_probs(logits, params)  # [B, V]
+            drawn = sample(q, generator).tolist()  # [B]
+            for b, g in enumerate(gammas):
+                if i < g:
+                    tokens[b].append(drawn[b])
+                    probs[b].append(q[b])
+            if i + 1 < max(gammas):
+                positions = [len(s) + i for s in seqs]
+                logits = self._forward([[t] for t in drawn], positions)[:, 0]  # [B, V]
+        self.valid = [len(s) + max(g - 1, 0) for s, g in zip(seqs, gammas)]
+        return tokens, [torch.stack(p) if p else None for p in probs]
+
+    def accepted(self, row: int, valid: int) -> None:
+        """Row `row` now agrees with the sequence up to `valid` tokens."""
+        self.valid[row] = min(self.valid[row], valid)
+
+    def keep(self, rows: list[int]) -> None:
+        keep_rows(self.cache, rows)
+        self.valid = [self.valid[r] for r in rows]
+
+
+class PromptLookupProposer:
+    """Draft-free: find the latest earlier occurrence of the last n tokens (n from
+    `max_ngram` down to `min_ngram`) and propose what followed it. Costs no model; pays off
+    on text that repeats itself (code, quoting the prompt)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.stats: SpeculativeStats | None = None
+
+    def lookup(self, seq: list[int], gamma: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
+            tail = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):  # latest match first, not the tail itself
+                if seq[start:start + n] == tail:
+                    return seq[start + n:start + n + gamma]
+        return []
+
+    def propose(self, seqs, gammas, params, generator):
+        return [self.lookup(s, g) for s, g in zip(seqs, gammas)], [None] * len(seqs)
+
+    def accepted(self, row: int, valid: int) -> None:
+        pass
+
+    def keep(self, rows: list[int]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Verification: the accept / reject rule for one sequence
+# ---------------------------------------------------------------------------------------
+
+def verify(proposals: list[int], q: Tensor | None, p: Tensor, generator) -> tuple[list[int], int]:
+    """proposals (γ), q [γ, V] draft probabilities (None = one-hot on the proposals),
+    p [γ + 1, V] target probabilities -> (new tokens, number of proposals accepted).
+    The new tokens are the accepted proposals plus one correction or bonus token."""
+    out: list[int] = []
+    for i, token in enumerate(proposals):
+        q_i = q[i] if q is not None else torch.nn.functional.one_hot(
+            torch.tensor(token, device=p.device), p.shape[-1]).to(p.dtype)
+        ratio = float(p[i, token] / q_i[token])
+        if ratio >= 1 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
+            out.append(token)
+            continue
+        residual = (p[i] - q_i).clamp(min=0)  # [V]
+        if residual.sum() <= 0:  # p == q up to rounding: the residual is empty
+            residual = p[i]
+        out.append(int(sample((residual / residual.sum())[None], generator)[0]))
+        return out, i
+    out.append(int(sample(p[len(proposals)][None], generator)[0]))
+    return out, len(proposals)
+
+
+# ---------------------------------------------------------------------------------------
+# The decoding loop
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def speculative_generate(target: Transformer, prompts: list[list[int]], params: SamplingParams,
+                         proposer=None, draft: Transformer | None = None, gamma: int = 4,
+                         adaptive: bool = False, max_gamma: int = 16,
+                         stats: SpeculativeStats | None = None) -> tuple[list[list[int]], SpeculativeStats]:
+    """The new tokens of each prompt, decoded speculatively, and the run's statistics.
+    Give a `draft` model or a `proposer` (e.g. PromptLookupProposer()). With `adaptive`, γ
+    grows by one after a round where every proposal passed and shrinks by one after a
+    rejection (between 1 and `max_gamma`)."""
+    cfg = target.cfg
+    problem = params.invalid_reason()
+    if problem:
+        raise ValueError(problem)
+    if gamma < 1:
+        raise ValueError(f"gamma (tokens proposed per round) must be at least 1, got {gamma}")
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if any(len(p) >= cfg.max_seq_len for p in prompts):
+        raise ValueError(f"a prompt leaves no room in model.max_seq_len = {cfg.max_seq_len}; shorten it")
+    if (draft is None) == (proposer is None):
+        raise ValueError("give exactly one of draft= (a model) or proposer= (e.g. PromptLookupProposer())")
+    slack = max(max_gamma, gamma) + max(len(p) for p in prompts) + 1  # room for right padding
+    if draft is not None:
+        if draft.cfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} differs from the target's "
+                             f"{cfg.vocab_size}; the draft must share the tokenizer")
+        proposer = DraftProposer(draft, len(prompts), cfg.max_seq_len + slack)
+    stats = stats or SpeculativeStats()
+    proposer.stats = stats
+    param = next(target.parameters())
+    cache = KVCache(cfg, len(prompts), cfg.max_seq_len + slack, param.device, param.dtype)
+    generator = make_generator(params, param.device)
+
+    seqs = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # original index of each live row
+    valid = [0] * len(prompts)  # target cache slots that agree with each row
+    while active:
+        rows = [seqs[i] for i in active]
+        room = [min(cfg.max_seq_len - len(s) - 1, params.max_new_tokens - len(outputs[i]) - 1)
+                for s, i in zip(rows, active)]
+        gammas = [max(0, min(gamma, r)) for r in room]
+        stats.gammas.append(gamma)
+        proposals, q = proposer.propose(rows, gammas, params, generator)
+
+        fed = [s[v:] + x for s, v, x in zip(rows, valid, proposals)]
+        _sync(param.device)
+        start = time.perf_counter()
+        logits = ragged_forward(target, cache, fed, valid)  # [B, W, V]
+        _sync(param.device)
+        stats.target_time_s += time.perf_counter() - start
+        stats.target_calls += 1
+
+        finished, all_passed = [], True
+        for b, i in enumerate(active):
+            first = len(rows[b]) - valid[b] - 1  # output index that predicts the first proposal
+            p = warp_probs(logits[b, first:first + len(proposals[b]) + 1], params)  # [γ + 1, V]
+            new, n_ok = verify(proposals[b], q[b], p, generator)
+            stats.rounds += 1
+            stats.proposed += len(proposals[b])
+            stats.accepted += n_ok
+            for j in range(min(n_ok + 1, len(proposals[b]))):
+                while len(stats.reached) <= j:
+                    stats.reached.append(0)
+                    stats.accepted_at.append(0)
+                stats.reached[j] += 1
+                stats.accepted_at[j] += j < n_ok
+            all_passed &= n_ok == len(proposals[b])
+            valid[b] = len(rows[b]) + n_ok
+            proposer.accepted(b, len(rows[b]) + n_ok)
+            outputs[i] += new
+            reason, keep = check_stop(outputs[i], params, len(new))
+            del outputs[i][keep:]
+            seqs[i] = list(prompts[i]) + outputs[i]
+            if reason or len(seqs[i]) >= cfg.max_seq_len:
+                finished.append(b)
+        if adaptive:
+            gamma = min(gamma + 1, max_gamma) if all_passed else max(gamma - 1, 1)
+        if finished:
+            kept = [b for b in range(len(active)) if b not in finished]
+            if kept:
+                keep_rows(cache, kept)
+                proposer.keep(kept)
+            valid = [valid[b] for b in kept]
+            active = [active[b] for b in kept]
+    stats.generated += sum(len(o) for o in outputs)
+    return outputs, stats
