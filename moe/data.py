@@ -1,0 +1,236 @@
+"""Training data: text prepared once into memory-mapped token files, and a synthetic task mix.
+
+Why prepare once: reading and tokenising a few thousand files every run is slow and,
+worse, a source that changes under a run would silently change what "step 1000" saw.
+A source is turned into `train.bin` / `val.bin` (uint16 byte-level tokens) in a cache
+folder named after a hash of the file list (paths, sizes, modification times) and the
+split, written atomically; later runs memory-map the same bytes.
+
+Why split by file: neighbouring lines of one file are near copies of each other, so a
+validation set cut from the same files as training measures memorisation. Each file goes
+to validation when a hash of its relative path falls below `val_fraction`, so the split
+does not depend on the order files are listed in or on which other files exist.
+
+The default corpus is the Python standard library of the interpreter that runs (real
+code, about 12 MB without its test suite), present on every machine without a download.
+
+The synthetic mix (copy, reverse, sort, addition, key-value lookup) is where expert
+specialisation becomes visible: each example is `BOS task-prompt | answer EOS`, each
+token carries its task id, and accuracy is exact match of the whole answer. Greedy
+decoding reproduces an answer exactly iff the model's argmax is right at every answer
+position given the right prefix, so teacher-forced argmax scores it in one forward pass.
+
+Batches are drawn by index: batch i of a run is a pure function of (seed, i), so the
+data position a checkpoint stores is one integer and a resumed run sees the same batches.
+
+Shapes: B batch, T sequence length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moe.checkpoint import write_directory_atomically
+from moe.config import ConfigError, DataConfig
+from moe.tokenizer import BOS, EOS, PAD, encode
+
+FORMAT_VERSION = 1
+TASKS = ("copy", "reverse", "sort", "add", "lookup")
+
+
+@dataclass
+class Corpus:
+    """A prepared source: token arrays (memory-mapped) and, for the task mix, per-token task ids."""
+
+    train: np.ndarray  # [N_train] uint16
+    val: np.ndarray  # [N_val] uint16
+    folder: Path
+    val_examples: np.ndarray | None = None  # [M, 3] (start, prompt_len, length) into `val`; task mix only
+    val_example_tasks: np.ndarray | None = None  # [M] task index
+    train_task_ids: np.ndarray | None = None  # [N_train] uint8 task of each token; task mix only
+
+    @property
+    def is_tasks(self) -> bool:
+        return self.val_examples is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Sources: which files, split how
+# ---------------------------------------------------------------------------------------
+
+def source_files(source: str) -> tuple[Path, list[Path]]:
+    """(root, files) for "stdlib", a file, a folder (every file below it) or a glob."""
+    if source == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        skip = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
+        files = [f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts)]
+    elif Path(source).is_file():
+        root, files = Path(source).parent, [Path(source)]
+    elif Path(source).is_dir():
+        root, files = Path(source), [f for f in Path(source).rglob("*") if f.is_file()]
+    else:
+        root = Path("/")
+        files = [Path(f).resolve() for f in glob(source, recursive=True) if Path(f).is_file()]
+    if not files:
+        raise ConfigError(f"data.source = {source!r} names no file: give \"stdlib\", \"tasks\", "
+                          "a text file, a folder or a glob such as 'docs/**/*.md'")
+    return root, sorted(files)
+
+
+def is_validation_file(relative_path: str, val_fraction: float) -> bool:
+    digest = hashlib.sha1(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def _key(parts: list) -> str:
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig, seed: int = 0) -> Corpus:
+    """Prepare `cfg.source` under `cfg.cache_dir` (once) and memory-map it."""
+    if cfg.source == "tasks":
+        key = _key([FORMAT_VERSION, "tasks", cfg.task_examples, cfg.val_fraction, seed])
+        folder = Path(cfg.cache_dir) / f"tasks-{key}"
+        if not (folder / "meta.json").is_file():
+            write_directory_atomically(folder, lambda tmp: _write_tasks(tmp, cfg, seed))
+    else:
+        root, files = source_files(cfg.source)
+        listing = [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        key = _key([FORMAT_VERSION, str(root.resolve()), listing, cfg.val_fraction])
+        name = "stdlib" if cfg.source == "stdlib" else "text"
+        folder = Path(cfg.cache_dir) / f"{name}-{key}"
+        if not (folder / "meta.json").is_file():
+            write_directory_atomically(folder, lambda tmp: _write_text(tmp, root, files, cfg.val_fraction))
+    return load_corpus(folder)
+
+
+def _write_text(tmp: Path, root: Path, files: list[Path], val_fraction: float) -> None:
+    """Each file becomes its bytes followed by EOS; files go whole to train or to validation."""
+    parts = {"train": [], "val": []}
+    for f in files:
+        split = "val" if is_validation_file(str(f.relative_to(root)), val_fraction) else "train"
+        parts[split].append(np.frombuffer(f.read_bytes(), dtype=np.uint8).astype(np.uint16))
+        parts[split].append(np.array([EOS], dtype=np.uint16))
+    if len(files) == 1 or not parts["val"] or not parts["train"]:
+        # one file (or an unlucky split): hold out its tail instead
+        everything = np.concatenate(parts["train"] + parts["val"])
+        cut = int(len(everything) * (1 - val_fraction))
+        parts = {"train": [everything[:cut]], "val": [everything[cut:]]}
+    for split, arrays in parts.items():
+        np.concatenate(arrays).tofile(tmp / f"{split}.bin")
+    (tmp / "meta.json").write_text(json.dumps({"files": len(files), "root": str(root)}) + "\n")
+
+
+def load_corpus(folder: Path) -> Corpus:
+    def mapped(name: str, dtype) -> np.ndarray:
+        return np.memmap(folder / name, dtype=dtype, mode="r")
+    corpus = Corpus(mapped("train.bin", np.uint16), mapped("val.bin", np.uint16), folder)
+    if (folder / "val_examples.npy").is_file():
+        examples = np.load(folder / "val_examples.npy")
+        corpus.val_examples, corpus.val_example_tasks = examples[:, :3], examples[:, 3]
+        corpus.train_task_ids = mapped("train_tasks.bin", np.uint8)
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------
+# The synthetic task mix
+# ---------------------------------------------------------------------------------------
+
+def make_example(task: str, rng: random.Random) -> tuple[str, str]:
+    """(prompt, answer) for one example of `task`; the prompt ends with '|'."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    if task == "copy":
+        s = "".join(rng.choices(letters, k=rng.randint(3, 12)))
+        return f"copy {s}|", s
+    if task == "reverse":
+        s = "".join(rng.choices(letters, k=rng.randint(3, 12)))
+        return f"reverse {s}|", s[::-1]
+    if task == "sort":
+        s = "".join(rng.choices("0123456789", k=rng.randint(3, 12)))
+        return f"sort {s}|", "".join(sorted(s))
+    if task == "add":
+        a, b = rng.randint(0, 9999), rng.randint(0, 9999)
+        return f"add {a}+{b}|", str(a + b)
+    if task == "lookup":
+        keys = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(2, 6))
+        values = {k: str(rng.randint(0, 99)) for k in keys}
+        pairs = ",".join(f"{k}={v}" for k, v in values.items())
+        query = rng.choice(keys)
+        return f"lookup {query} in {pairs}|", values[query]
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def _write_tasks(tmp: Path, cfg: DataConfig, seed: int) -> None:
+    rng = random.Random(seed)
+    n_val = max(len(TASKS), int(cfg.task_examples * cfg.val_fraction))
+    train_tokens, train_tasks, val_tokens, val_examples = [], [], [], []
+    start = 0
+    for i in range(cfg.task_examples):
+        task_index = i % len(TASKS)
+        prompt, answer = make_example(TASKS[task_index], rng)
+        prompt_ids = encode(prompt, bos=True)
+        ids = prompt_ids + encode(answer, eos=True)
+        if i < cfg.task_examples - n_val:
+            train_tokens += ids
+            train_tasks += [task_index] * len(ids)
+        else:
+            val_examples.append([start, len(prompt_ids), len(ids), task_index])
+            val_tokens += ids
+            start += len(ids)
+    np.array(train_tokens, dtype=np.uint16).tofile(tmp / "train.bin")
+    np.array(train_tasks, dtype=np.uint8).tofile(tmp / "train_tasks.bin")
+    np.array(val_tokens, dtype=np.uint16).tofile(tmp / "val.bin")
+    np.save(tmp / "val_examples.npy", np.array(val_examples, dtype=np.int64))
+    (tmp / "meta.json").write_text(json.dumps({"tasks": TASKS, "examples": cfg.task_examples}) + "\n")
+
+
+def task_batch(corpus: Corpus, indices: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Validation examples `indices` as a padded batch: inputs [B, T], targets [B, T] with
+    -100 outside the answer (so only answer positions are scored), task [B]."""
+    rows = [corpus.val[s:s + n].astype(np.int64) for s, _, n in corpus.val_examples[indices]]
+    width = max(len(r) for r in rows) - 1
+    inputs = torch.full((len(rows), width), PAD, dtype=torch.long)
+    targets = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, (row, (_, prompt_len, _)) in enumerate(zip(rows, corpus.val_examples[indices])):
+        row = torch.from_numpy(row)
+        inputs[b, :len(row) - 1] = row[:-1]
+        targets[b, prompt_len - 1:len(row) - 1] = row[prompt_len:]
+    return inputs, targets, torch.from_numpy(corpus.val_example_tasks[indices].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------
+# Batches: batch i is a function of (seed, i)
+# ---------------------------------------------------------------------------------------
+
+def batch_offsets(n_tokens: int, seq_len: int, batch_size: int, seed: int, index: int) -> np.ndarray:
+    """Start offsets [B] of the windows of batch `index`."""
+    if n_tokens < seq_len + 2:
+        raise ConfigError(f"the data has {n_tokens} tokens, fewer than train.seq_len + 2 = "
+                          f"{seq_len + 2}; lower train.seq_len or use a larger data.source")
+    rng = np.random.default_rng([seed, index])
+    return rng.integers(0, n_tokens - seq_len - 1, size=batch_size)
+
+
+def get_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+              index: int) -> tuple[Tensor, Tensor]:
+    """inputs [B, T] and targets [B, T] (inputs shifted by one) of batch `index`."""
+    offsets = batch_offsets(len(tokens), seq_len, batch_size, seed, index)
+    windows = np.stack([tokens[o:o + seq_len + 1] for o in offsets]).astype(np.int64)  # [B, T+1]
+    windows = torch.from_numpy(windows)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def window_tasks(task_ids: np.ndarray, seq_len: int, batch_size: int, seed: int, index: int) -> Tensor:
+    """Task id [B, T] of each input token of batch `index` (task mix only)."""
+    offsets = batch_offsets(len(task_ids), seq_len, batch_size, seed, index)
+    return torch.from_numpy(np.stack([task_ids[o:o + seq_len] for o in offsets]).astype(np.int64))
