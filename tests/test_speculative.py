@@ -1,0 +1,163 @@
+import pytest
+import torch
+
+from moe.generation import generate
+from moe.sampling import SamplingParams, warp_probs
+from moe.speculative import PromptLookupProposer, speculative_generate
+
+VOCAB = 24
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture
+def models(make_model):
+    """A float64 target and a smaller, unrelated (so often wrong) float64 draft."""
+    target = make_model(seed=0, vocab_size=VOCAB).double()
+    draft = make_model(seed=1, vocab_size=VOCAB, n_layers=1, d_model=16, n_heads=2,
+                       moe_every=0, d_ff=16).double()
+    return target, draft
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(1, 12, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+class AlwaysWrong:
+    """Proposes, at every position, a token the target's greedy choice is not."""
+
+    def __init__(self, target):
+        self.target = target
+
+    @torch.no_grad()
+    def propose(self, seqs, gammas, params, generator):
+        out = []
+        for seq, gamma in zip(seqs, gammas):
+            best = int(self.target(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append([(best + 1) % VOCAB] * gamma)
+        return out, [None] * len(seqs)
+
+    def accepted(self, row, valid):
+        pass
+
+    def keep(self, rows):
+        pass
+
+
+@pytest.mark.parametrize("gamma", range(1, 9))
+def test_greedy_speculative_equals_plain_greedy_for_every_gamma(models, gamma):
+    target, draft = models
+    batch = prompts(3, seed=gamma)
+    reference = [generate(target, p, GREEDY) for p in batch]
+    one_by_one = [speculative_generate(target, [p], GREEDY, draft=draft, gamma=gamma)[0][0]
+                  for p in batch]
+    together, stats = speculative_generate(target, batch, GREEDY, draft=draft, gamma=gamma)
+    assert one_by_one == reference
+    assert together == reference
+    assert stats.generated == 3 * GREEDY.max_new_tokens
+
+
+def test_adaptive_gamma_equals_plain_greedy_and_changes_gamma(models):
+    target, draft = models
+    batch = prompts(2, seed=11)
+    reference = [generate(target, p, GREEDY) for p in batch]
+    for p, expected in zip(batch, reference):
+        out, stats = speculative_generate(target, [p], GREEDY, draft=draft, gamma=3, adaptive=True)
+        assert out[0] == expected
+        assert len(set(stats.gammas)) > 1
+
+
+def test_a_draft_equal_to_the_target_has_every_proposal_accepted(models):
+    target, _ = models
+    for gamma in (1, 3, 5):
+        out, stats = speculative_generate(target, [[3, 1, 4]], GREEDY, draft=target, gamma=gamma)
+        assert out[0] == generate(target, [3, 1, 4], GREEDY)
+        assert stats.accepted == stats.proposed > 0
+        assert stats.target_calls == -(-GREEDY.max_new_tokens // (gamma + 1))
+        assert stats.mean_accepted_length == pytest.approx(GREEDY.max_new_tokens / stats.target_calls)
+
+
+def test_an_always_wrong_draft_still_gives_plain_greedy_one_token_per_call(models):
+    target, _ = models
+    batch = prompts(3, seed=5)
+    out, stats = speculative_generate(target, batch, GREEDY, proposer=AlwaysWrong(target), gamma=4)
+    assert out == [generate(target, p, GREEDY) for p in batch]
+    assert stats.accepted == 0 and stats.proposed > 0
+    assert stats.target_calls == GREEDY.max_new_tokens
+    assert stats.per_position_acceptance == [0.0]
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_prompt_lookup_equals_plain_greedy(models, gamma):
+    target, _ = models
+    batch = [[1, 2, 3, 1, 2, 3, 1, 2], [7, 7, 7, 7], [5]] + prompts(3, seed=9)
+    out, stats = speculative_generate(target, batch, GREEDY, proposer=PromptLookupProposer(), gamma=gamma)
+    assert out == [generate(target, p, GREEDY) for p in batch]
+    assert stats.proposed > 0
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookupProposer(max_ngram=2)
+    assert lookup.lookup([1, 2, 9, 9, 1, 2, 5, 6, 7, 1, 2], 3) == [5, 6, 7]
+    assert lookup.lookup([4, 8, 3, 8], 4) == [3, 8]  # no bigram match: the unigram 8
+    assert lookup.lookup([1, 2, 3], 2) == []
+
+
+def test_stops_at_eos_and_context_end_like_plain_generation(models):
+    target, draft = models
+    params = SamplingParams(max_new_tokens=80)
+    for p in prompts(2, seed=2):
+        out, _ = speculative_generate(target, [p], params, draft=draft, gamma=4)
+        assert out[0] == generate(target, p, params)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom, cells expected below 5 pooled."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    return float(((observed - expected) ** 2 / expected).sum()), int(keep.sum()) - 1
+
+
+def chi_square_999(df: int) -> float:
+    """99.9% quantile of chi-square(df), Wilson-Hilferty approximation (within 1% here)."""
+    z = 3.0902  # 99.9% quantile of the standard normal
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@torch.no_grad()
+def test_sampled_tokens_follow_the_target_distribution_with_a_poor_draft(make_model):
+    vocab, runs = 8, 6000
+    target = make_model(seed=3, vocab_size=vocab, init_std=0.5).double()
+    draft = make_model(seed=4, vocab_size=vocab, n_layers=1, init_std=0.5).double()
+    params = SamplingParams(temperature=1.0, top_k=6, max_new_tokens=2, seed=1, ignore_eos=True)
+    prompt = [1, 5, 2]
+    p_first = warp_probs(target(torch.tensor([prompt])).logits[0, -1], params).double()  # [V]
+    q_first = warp_probs(draft(torch.tensor([prompt])).logits[0, -1], params).double()
+    out, stats = speculative_generate(target, [prompt] * runs, params, draft=draft, gamma=3)
+    assert 0.05 < stats.acceptance_rate < 0.9  # both outcomes occur: rejections and acceptances
+    first = torch.tensor([o[0] for o in out])
+    counts = torch.bincount(first, minlength=vocab).double()
+    statistic, df = chi_square(counts, p_first)
+    assert statistic < chi_square_999(df)
+    assert chi_square(counts, q_first)[0] > 10 * chi_square_999(df)  # the draft alone is far off
+    # The second token, given the most frequent first token, follows the target as well.
+    top = int(counts.argmax())
+    p_second = warp_probs(target(torch.tensor([prompt + [top]])).logits[0, -1], params).double()
+    seconds = torch.tensor([o[1] for o in out if o[0] == top])
+    statistic, df = chi_square(torch.bincount(seconds, minlength=vocab).double(), p_second)
+    assert statistic < chi_square_999(df)
+
+
+def test_bad_arguments_are_refused_by_name(models, make_model):
+    target, draft = models
+    with pytest.raises(ValueError, match="vocab_size"):
+        speculative_generate(target, [[1]], GREEDY, draft=make_model(vocab_size=VOCAB + 1))
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_generate(target, [[1]], GREEDY, draft=draft, gamma=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        speculative_generate(target, [[1]], GREEDY)
