@@ -79,12 +79,29 @@ def write_directory_atomically(path: str | Path, write) -> Path:
     return path
 
 
+def write_model(model: Transformer, folder: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write config and weights into `folder` (not atomic: call inside write_directory_atomically)."""
+    (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    save_file(model_state(model), str(folder / WEIGHTS_FILE), metadata=metadata)
+
+
 def save_model(model: Transformer, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Save config and weights to directory `path`, atomically."""
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
-        save_file(model_state(model), str(tmp / WEIGHTS_FILE), metadata=metadata)
-    return write_directory_atomically(path, write)
+    return write_directory_atomically(path, lambda tmp: write_model(model, tmp, metadata))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or for a training run folder (`runs/NAME`, with
+    `ckpt/latest` naming its newest checkpoint) that newest checkpoint."""
+    path = Path(path)
+    latest = path / "ckpt" / "latest"
+    if (path / CONFIG_FILE).is_file() or not latest.is_file():
+        return path
+    step_dir = path / "ckpt" / latest.read_text().strip()
+    if not step_dir.is_dir():
+        raise CheckpointError(f"{latest} names {step_dir.name}, which does not exist; "
+                              f"pick a checkpoint under {path / 'ckpt'} directly")
+    return step_dir
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -102,9 +119,11 @@ def load_config(path: str | Path) -> ModelConfig:
 def load_model(path: str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """Build the model from `path/config.json` and fill it from `path/model.safetensors`,
-    refusing any tensor whose name or shape does not match. A Hugging Face Mixtral folder
+    refusing any tensor whose name or shape does not match. `path` may also be a training
+    run folder (its latest checkpoint loads). A Hugging Face Mixtral folder
     (its config.json names a model_type) loads through moe.hf.load_hf."""
     from moe.hf import is_hf_folder, load_hf  # imported here: moe.hf imports this module
+    path = resolve_checkpoint(path)
     if is_hf_folder(path):
         return load_hf(path, device, dtype)
     cfg = load_config(path)
