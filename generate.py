@@ -3,6 +3,9 @@
     # stream one completion as it is generated
     python generate.py --ckpt runs/tiny --prompt "def main(" --max-new-tokens 100 --temperature 0.8
 
+    # speculative decoding: a draft proposes 4 tokens, the target checks them in one forward
+    python generate.py --ckpt runs/tiny --draft runs/draft --speculate 4 --prompt "import os"
+
     # many requests through the continuous-batching engine: JSONL in, JSONL out
     # (one object per line: {"prompt": "...", "max_new_tokens": 50, "temperature": 0.7, ...})
     python generate.py --ckpt runs/tiny --prompt-file prompts.jsonl --out results.jsonl
@@ -83,6 +86,18 @@ def stream_prompt(model: Transformer, prompt: str, params: SamplingParams, bos: 
     sys.stdout.write(decoder.decode(visible_bytes(generated, params)[shown:], final=True) + "\n")
 
 
+def speculate_prompt(model: Transformer, args, params: SamplingParams) -> None:
+    """Print the completion decoded speculatively, then the run's statistics on stderr."""
+    from moe.speculative import PromptLookupProposer, speculative_generate
+    draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
+    proposer = None if draft is not None else PromptLookupProposer()
+    out, stats = speculative_generate(model, [encode(args.prompt, bos=args.bos)], params,
+                                      proposer=proposer, draft=draft, gamma=args.speculate,
+                                      adaptive=args.adaptive)
+    sys.stdout.write(visible_bytes(out[0], params).decode("utf-8", errors="replace") + "\n")
+    print(json.dumps(stats.as_dict()), file=sys.stderr)
+
+
 def parse_line(line: str) -> tuple[str, SamplingParams]:
     item = json.loads(line)
     if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
@@ -154,6 +169,11 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--bos", action="store_true", help="start the prompt with the BOS token")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="engine batch slots")
+    parser.add_argument("--draft", help="speculative decoding: the draft's checkpoint or run folder")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding without a draft: propose from earlier text")
+    parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
+    parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parser.parse_args(argv)
     if args.threads:
@@ -163,7 +183,10 @@ def main_generate(argv: list[str]) -> None:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                 tuple(args.stop), args.seed, args.ignore_eos)
         try:
-            stream_prompt(model, args.prompt, params, args.bos)
+            if args.draft or args.prompt_lookup:
+                speculate_prompt(model, args, params)
+            else:
+                stream_prompt(model, args.prompt, params, args.bos)
         except ValueError as error:
             sys.exit(f"error: {error}")
     else:
