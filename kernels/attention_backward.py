@@ -1,0 +1,285 @@
+"""Backward of the causal varlen flash attention, so training runs through the kernels.
+
+What you will learn here: flash attention's backward (Dao et al., FlashAttention-2): the
+T x T probabilities are never stored; each is recomputed from the saved per-row
+log-sum-exp, P = exp(Q K^T * scale - lse), one tile at a time.
+
+    forward (as kernels/attention.py, plus lse = m + log(l) per query row and head)
+
+    delta = rowsum(dO * O)                                   # [N, H], once, in PyTorch
+
+    dK/dV kernel, one program per (key block, KV head, sequence):
+        for each query head h sharing this KV head:          # GQA/MQA reduced on chip
+            for each query block i from the diagonal to the sequence end:
+                P  = exp(Q_i K_j^T * scale - lse_i), masked causal and past the end
+                dV_j += P^T dO_i
+                dS = P * (dO_i V_j^T - delta_i)
+                dK_j += dS^T Q_i * scale
+
+    dQ kernel, one program per (query block, query head, sequence):
+        for each key block j up to the diagonal:
+            dQ_i += (P * (dO_i V_j^T - delta_i)) K_j * scale
+
+Splitting dQ from dK/dV costs one more recomputation of P but needs no atomic adds, so
+the result is deterministic. `varlen_causal_attention_trainable` wraps all three as one
+`torch.autograd.Function`.
+
+Shapes: N packed tokens, B sequences, H query heads, G KV heads, Dh head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kernels.attention import varlen_causal_attention_triton
+from kernels.triton_import import tl, triton
+
+
+# ---------------------------------------------------------------------------------------
+# Forward that keeps the log-sum-exp (the forward-only kernel does not store it)
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _varlen_forward_lse_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr,
+    # sizes
+    group_size, head_dim, scale,
+    # strides (q and o share theirs; k and v share theirs)
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which sequence, which query head, which query block -------------------------
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + seq)
+    length = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if block * BLOCK_M >= length:
+        return
+    kv_head = head // group_size
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < head_dim
+    q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
+                 + ds[None, :] * stride_qd)
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # ---- online softmax over key blocks up to the diagonal ---------------------------
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kv_base = kv_head * stride_kg + ds[None, :] * stride_kd
+    for n0 in range(0, tl.minimum((block + 1) * BLOCK_M, length), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_offsets = (start + cols).to(tl.int64)[:, None] * stride_kn + kv_base
+        kv_mask = (cols < length)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where((cols[None, :] <= rows[:, None]) & (cols < length)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        correction = tl.exp(m - m_new)
+        l = l * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    # ---- normalise, store the output and the log-sum-exp -----------------------------
+    l = tl.where(row_ok, l, 1.0)
+    tl.store(o_ptr + q_offsets, (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + (start + rows).to(tl.int64) * stride_ln + head * stride_lh, m + tl.log(l),
+             mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# dK and dV: one key block, all the query heads of its KV head
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _varlen_dkdv_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
+    # sizes
+    group_size, head_dim, scale,
+    # strides (q and do share theirs; k, v, dk, dv theirs; lse and delta theirs)
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which sequence, which KV head, which key block ------------------------------
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + seq)
+    length = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if block * BLOCK_N >= length:
+        return
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < length
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < head_dim
+    kv_offsets = ((start + cols).to(tl.int64)[:, None] * stride_kn + kv_head * stride_kg
+                  + ds[None, :] * stride_kd)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # ---- every query head of the group, every query block from the diagonal ----------
+    for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+        for m0 in range(block * BLOCK_N, length, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < length
+            q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
+                         + ds[None, :] * stride_qd)
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+            do = tl.load(do_ptr + q_offsets, mask=q_mask, other=0.0)
+            stat_offsets = (start + rows).to(tl.int64) * stride_ln + head * stride_lh
+            lse = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+            allowed = (cols[None, :] <= rows[:, None]) & row_ok[:, None] & col_ok[None, :]
+            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            d_s = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(d_s.to(q.dtype)), q, dk, input_precision=PRECISION)
+    tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# dQ: one query block of one head, key blocks up to the diagonal
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _varlen_dq_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_seqlens_ptr,
+    # sizes
+    group_size, head_dim, scale,
+    # strides (q, do, dq share theirs; k and v theirs; lse and delta theirs)
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which sequence, which query head, which query block -------------------------
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + seq)
+    length = tl.load(cu_seqlens_ptr + seq + 1) - start
+    if block * BLOCK_M >= length:
+        return
+    kv_head = head // group_size
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < head_dim
+    q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
+                 + ds[None, :] * stride_qd)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_offsets, mask=q_mask, other=0.0)
+    stat_offsets = (start + rows).to(tl.int64) * stride_ln + head * stride_lh
+    lse = tl.load(lse_ptr + stat_offsets, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + stat_offsets, mask=row_ok, other=0.0)
+    # ---- key blocks up to the diagonal ----------------------------------------------
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kv_base = kv_head * stride_kg + ds[None, :] * stride_kd
+    for n0 in range(0, tl.minimum((block + 1) * BLOCK_M, length), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_offsets = (start + cols).to(tl.int64)[:, None] * stride_kn + kv_base
+        kv_mask = (cols < length)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        allowed = (cols[None, :] <= rows[:, None]) & row_ok[:, None] & (cols < length)[None, :]
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        d_s = p * (dp - delta[:, None])
+        dq = tl.dot(d_s.to(k.dtype), k, dq, input_precision=PRECISION)
+    tl.store(dq_ptr + q_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Wrappers and the autograd Function
+# ---------------------------------------------------------------------------------------
+
+def _launch_setup(q: Tensor, cu_seqlens: Tensor) -> tuple[int, int, int, str]:
+    """(max sequence length, block size, head-dim tile, dot precision) for one call."""
+    n_seqs = cu_seqlens.shape[0] - 1
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_seqs else 0
+    block = 16 if max_len <= 64 else 32
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return max_len, block, max(16, triton.next_power_of_2(q.shape[2])), precision
+
+
+def varlen_attention_forward_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor
+                                 ) -> tuple[Tensor, Tensor]:
+    """Like `varlen_causal_attention_triton` (q [N, H, Dh], k, v [N, G, Dh]), and also the
+    log-sum-exp of each query row's scaled scores: -> out [N, H, Dh], lse [N, H] float32."""
+    varlen_causal_attention_triton(q[:0], k[:0], v[:0], cu_seqlens[:1])  # checks arguments
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    n_tokens, n_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.zeros(n_tokens, n_heads, device=q.device, dtype=torch.float32)
+    max_len, block, block_d, precision = _launch_setup(q, cu_seqlens)
+    if max_len:
+        _varlen_forward_lse_kernel[(triton.cdiv(max_len, block), n_heads, cu_seqlens.shape[0] - 1)](
+            q, k, v, out, lse, cu_seqlens, n_heads // k.shape[1], head_dim,
+            1.0 / math.sqrt(head_dim), *q.stride(), *k.stride(), *lse.stride(),
+            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision)
+    return out, lse
+
+
+def varlen_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                              lse: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `varlen_attention_forward_lse`'s out for d_out [N, H, Dh]
+    -> dq [N, H, Dh], dk [N, G, Dh], dv [N, G, Dh]."""
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    d_out = d_out.contiguous()
+    delta = (d_out.float() * out.float()).sum(dim=-1)  # [N, H]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    max_len, block, block_d, precision = _launch_setup(q, cu_seqlens)
+    if not max_len:
+        return dq, dk, dv
+    n_blocks, n_seqs = triton.cdiv(max_len, block), cu_seqlens.shape[0] - 1
+    sizes = (n_heads // n_kv_heads, head_dim, 1.0 / math.sqrt(head_dim))
+    strides = (*q.stride(), *k.stride(), *lse.stride())
+    meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision)
+    _varlen_dkdv_kernel[(n_blocks, n_kv_heads, n_seqs)](
+        q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, *sizes, *strides, **meta)
+    _varlen_dq_kernel[(n_blocks, n_heads, n_seqs)](
+        q, k, v, d_out, lse, delta, dq, cu_seqlens, *sizes, *strides, **meta)
+    return dq, dk, dv
+
+
+class _TritonVarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = varlen_attention_forward_lse(q, k, v, cu_seqlens)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        dq, dk, dv = varlen_attention_backward(d_out, *ctx.saved_tensors)
+        return dq, dk, dv, None
+
+
+def varlen_causal_attention_trainable(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """`varlen_causal_attention_triton` with a Triton backward: gradients reach q, k, v.
+    Same arguments and result as `varlen_causal_attention_reference`."""
+    return _TritonVarlenAttention.apply(q, k, v, cu_seqlens)
