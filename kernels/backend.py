@@ -1,9 +1,9 @@
 """Which implementation runs a kernel: the Triton kernel or its plain-PyTorch reference.
 
 Why a switch and not an import-time choice: the same model runs on a laptop CPU (no
-Triton, or Triton only through its interpreter), on a GPU for serving (Triton), and in
-training, where our forward-only kernels have no backward and autograd needs the
-reference. The setting comes from `ModelConfig.kernel_backend`; the environment variable
+Triton, or Triton only through its interpreter), and on a GPU for serving and training
+(Triton; a kernel without a backward falls back to the reference when autograd needs
+one). The setting comes from `ModelConfig.kernel_backend`; the environment variable
 `MOE_KERNEL_BACKEND` overrides it for one run without editing a config:
 
     MOE_KERNEL_BACKEND=torch python generate.py ...
@@ -56,12 +56,18 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels accumulate from
 
 
-def use_triton(name: str, *tensors: torch.Tensor) -> bool:
-    """Whether a forward over `tensors` should run the Triton kernel: the backend says so,
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record an operation on `tensors`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def use_triton(name: str, *tensors: torch.Tensor, has_backward: bool = False) -> bool:
+    """Whether an operation over `tensors` should run a Triton kernel: the backend says so,
     the tensors are in a kernel dtype (float64, for exactness tests, runs the reference) and
-    no gradient is needed (the kernels are forward-only; training runs the reference)."""
+    either no gradient is needed or the caller has a backward kernel (`has_backward`: the
+    dispatch and varlen attention in kernels/*_backward.py); otherwise the reference runs."""
     if resolve_backend(name, tensors[0].device) != "triton":
         return False
     if any(t.dtype not in KERNEL_DTYPES for t in tensors):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return has_backward or not needs_grad(*tensors)
