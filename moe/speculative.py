@@ -148,12 +148,16 @@ class DraftProposer:
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[Tensor]] = [[] for _ in seqs]
         for i in range(max(gammas)):
-            q = warp_probs(logits, params)  # [B, V]
-            drawn = sample(q, generator).tolist()  # [B]
+            if params.greedy:  # q is one-hot: the proposals say it all
+                drawn = logits.argmax(dim=-1).tolist()  # [B]
+            else:
+                q = warp_probs(logits, params)  # [B, V]
+                drawn = sample(q, generator).tolist()  # [B]
             for b, g in enumerate(gammas):
                 if i < g:
                     tokens[b].append(drawn[b])
-                    probs[b].append(q[b])
+                    if not params.greedy:
+                        probs[b].append(q[b])
             if i + 1 < max(gammas):
                 positions = [len(s) + i for s in seqs]
                 logits = self._forward([[t] for t in drawn], positions)[:, 0]  # [B, V]
@@ -223,6 +227,15 @@ def verify(proposals: list[int], q: Tensor | None, p: Tensor, generator) -> tupl
     return out, len(proposals)
 
 
+def verify_greedy(proposals: list[int], best: list[int]) -> tuple[list[int], int]:
+    """`verify` with one-hot p and q, without the tensors: best (γ + 1) are the target's
+    argmaxes; proposals pass while they equal them, then the target's choice follows."""
+    n_ok = 0
+    while n_ok < len(proposals) and proposals[n_ok] == best[n_ok]:
+        n_ok += 1
+    return proposals[:n_ok] + [best[n_ok]], n_ok
+
+
 # ---------------------------------------------------------------------------------------
 # The decoding loop
 # ---------------------------------------------------------------------------------------
@@ -283,8 +296,11 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         finished, all_passed = [], True
         for b, i in enumerate(active):
             first = len(rows[b]) - valid[b] - 1  # output index that predicts the first proposal
-            p = warp_probs(logits[b, first:first + len(proposals[b]) + 1], params)  # [γ + 1, V]
-            new, n_ok = verify(proposals[b], q[b], p, generator)
+            scores = logits[b, first:first + len(proposals[b]) + 1]  # [γ + 1, V]
+            if params.greedy:
+                new, n_ok = verify_greedy(proposals[b], scores.argmax(dim=-1).tolist())
+            else:
+                new, n_ok = verify(proposals[b], q[b], warp_probs(scores, params), generator)
             stats.rounds += 1
             stats.proposed += len(proposals[b])
             stats.accepted += n_ok

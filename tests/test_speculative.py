@@ -3,7 +3,7 @@ import torch
 
 from moe.generation import generate
 from moe.sampling import SamplingParams, warp_probs
-from moe.speculative import PromptLookupProposer, speculative_generate
+from moe.speculative import PromptLookupProposer, speculative_generate, verify, verify_greedy
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -161,3 +161,16 @@ def test_bad_arguments_are_refused_by_name(models, make_model):
         speculative_generate(target, [[1]], GREEDY, draft=draft, gamma=0)
     with pytest.raises(ValueError, match="exactly one"):
         speculative_generate(target, [[1]], GREEDY)
+
+
+def test_the_rejection_rule_with_one_hot_distributions_is_the_greedy_rule():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        gamma = int(torch.randint(1, 6, (1,), generator=g))
+        best = torch.randint(0, 3, (gamma + 1,), generator=g).tolist()
+        proposals = torch.randint(0, 3, (gamma,), generator=g).tolist()
+        p = torch.nn.functional.one_hot(torch.tensor(best), 3).float()  # [γ + 1, V]
+        q = torch.nn.functional.one_hot(torch.tensor(proposals), 3).float()  # [γ, V]
+        expected = verify_greedy(proposals, best)
+        assert verify(proposals, q, p, g) == expected
+        assert verify(proposals, None, p, g) == expected
