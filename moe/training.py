@@ -1,0 +1,236 @@
+"""Training loop pieces: schedule, optimiser step, evaluation, routing health, checkpoints.
+
+Why resumable to the bit: a run that is killed (SIGKILL, a preempted machine) and resumed
+should be the run that was never stopped, or every comparison between runs carries an
+invisible asterisk. Everything a step depends on is saved with the weights: optimiser
+moments, the step (which fixes the learning rate and, through moe.data, the batches) and
+the random generators. On CPU in float32 a resumed run's losses equal the uninterrupted
+run's exactly (tests/test_training.py kills a real subprocess to check it).
+
+Why routing statistics every few steps: router collapse (a few experts take everything,
+the rest die) starts quietly and is expensive to notice late. Per MoE layer we log the
+load of each expert, the busiest expert's load over the ideal N*K/E, Jain's fairness
+index (1 = even, 1/E = one expert takes all), experts that got no token, the router's
+mean entropy, dropped slots and the two router losses.
+
+Checkpoint layout: `RUN/ckpt/step_000100/` holds config.json + model.safetensors (what
+moe.checkpoint.load_model reads) and train_state.pt; `RUN/ckpt/latest` names the newest
+complete one. Each directory is written atomically, then `latest` is replaced
+atomically, then checkpoints beyond the newest K are deleted, so a kill at any instant
+leaves `latest` pointing at a complete checkpoint.
+
+Shapes: B batch, T time, V vocab, E experts, K experts per token, N tokens (B*T).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe.checkpoint import CheckpointError, load_model, write_directory_atomically, write_model
+from moe.config import TrainConfig
+from moe.data import TASKS, Corpus, get_batch, task_batch
+from moe.model import Transformer, model_loss
+from moe.tokenizer import PAD
+
+STATE_FILE = "train_state.pt"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine down to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, which are vectors)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=next(model.parameters()).is_cuda)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU (so CPU runs are exactly reproducible)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """KL(target || model) per token, mean over tokens, scaled by T^2 (Hinton et al.)."""
+    log_p = F.log_softmax(logits.float().flatten(0, 1) / temperature, dim=-1)  # [N, V]
+    log_q = F.log_softmax(target_logits.float().flatten(0, 1) / temperature, dim=-1)  # [N, V]
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
+
+
+def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, device: torch.device,
+               teacher: Transformer | None = None) -> dict:
+    """One optimiser step over `micro_batches` [(inputs [B, T], targets [B, T])], gradients
+    averaged over them (so 2 micro-batches of B equal one batch of 2B)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0, "kl": 0.0}
+    routing = []
+    for inputs, targets in micro_batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device):
+            output = model(inputs)
+            loss = model_loss(model.cfg, output, targets)
+            total = loss.total
+            if teacher is not None:
+                with torch.no_grad():
+                    target_logits = teacher(inputs).logits
+                kl = distillation_loss(output.logits, target_logits, cfg.distill_temperature)
+                total = total + cfg.distill_weight * kl
+                totals["kl"] += kl.item() / len(micro_batches)
+        (total / len(micro_batches)).backward()
+        for key, value in (("loss", total), ("ce", loss.cross_entropy), ("aux", loss.aux), ("z", loss.z)):
+            totals[key] += value.item() / len(micro_batches)
+        routing.append(output.routing)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    optimizer.step()
+    totals["grad_norm"] = grad_norm.item()
+    totals["lr"] = optimizer.param_groups[0]["lr"]
+    totals["routing"] = routing_metrics([stats for r in routing for stats in r], n_layers=len(routing[0]))
+    return totals
+
+
+# ---------------------------------------------------------------------------------------
+# Routing health
+# ---------------------------------------------------------------------------------------
+
+def routing_metrics(stats: list, n_layers: int) -> list[dict]:
+    """Per MoE layer, from the RoutingStats of one step (micro-batches summed)."""
+    layers = []
+    for layer in range(n_layers):
+        mine = stats[layer::n_layers]
+        load = torch.stack([s.tokens_per_expert.float() for s in mine]).sum(0)  # [E]
+        n_experts = load.numel()
+        ideal = load.sum() / n_experts
+        probs = torch.cat([s.router_logits.float() for s in mine]).softmax(-1)  # [N, E]
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        layers.append({
+            "load": (load / load.sum().clamp_min(1)).tolist(),
+            "max_over_ideal": (load.max() / ideal.clamp_min(1e-9)).item(),
+            "jain": (load.sum() ** 2 / (n_experts * load.square().sum()).clamp_min(1e-9)).item(),
+            "dead": int((load == 0).sum()),
+            "entropy": entropy.item(),
+            "dropped": int(sum(s.dropped for s in mine)),
+        })
+    return layers
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: Transformer, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> dict:
+    """Validation loss and bits per byte on fixed windows; for the task mix also exact-match
+    accuracy per task and the tasks x experts routing counts (summed over MoE layers)."""
+    model.eval()
+    losses = []
+    for index in range(cfg.eval_batches):
+        inputs, targets = get_batch(corpus.val, cfg.seq_len, cfg.batch_size, seed=10**9 + cfg.seed, index=index)
+        with autocast(device):
+            logits = model(inputs.to(device)).logits
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).item())
+    val_loss = float(np.mean(losses))
+    result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}  # one token = one byte
+    if corpus.is_tasks:
+        result.update(task_accuracy(model, corpus, device))
+    return result
+
+
+@torch.no_grad()
+def task_accuracy(model: Transformer, corpus: Corpus, device: torch.device, batch: int = 64) -> dict:
+    correct = np.zeros(len(TASKS))
+    count = np.zeros(len(TASKS))
+    n_experts = model.cfg.n_experts
+    routing = torch.zeros(len(TASKS), n_experts)
+    for start in range(0, len(corpus.val_examples), batch):
+        indices = np.arange(start, min(start + batch, len(corpus.val_examples)))
+        inputs, targets, tasks = task_batch(corpus, indices)
+        with autocast(device):
+            output = model(inputs.to(device))
+        answer = targets.to(device) != -100
+        hit = ((output.logits.argmax(-1) == targets.to(device)) | ~answer).all(-1).cpu()  # [B]
+        np.add.at(correct, tasks.numpy(), hit.numpy())
+        np.add.at(count, tasks.numpy(), 1)
+        token_task = tasks[:, None].expand_as(inputs).flatten()  # [N]
+        real = inputs.flatten() != PAD
+        for stats in output.routing:
+            ids = stats.expert_ids.cpu()  # [N, K]
+            for k in range(ids.shape[1]):
+                routing.index_put_((token_task[real], ids[real, k]), torch.ones(int(real.sum())),
+                                   accumulate=True)
+    accuracy = {f"acc_{task}": float(c / max(n, 1)) for task, c, n in zip(TASKS, correct, count)}
+    accuracy["acc_mean"] = float(correct.sum() / max(count.sum(), 1))
+    return {**accuracy, "task_routing": routing.tolist()}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int) -> Path:
+    """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`."""
+    ckpt = run / "ckpt"
+    name = f"step_{step:06d}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+
+    def write(tmp: Path) -> None:
+        write_model(model, tmp, metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+    path = write_directory_atomically(ckpt / name, write)
+    pointer = ckpt / f".latest.tmp-{os.getpid()}"
+    pointer.write_text(name + "\n")
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, ckpt / "latest")
+    for old in sorted(ckpt.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.device) -> int:
+    """Restore weights, optimiser and random state from RUN's latest checkpoint; the step."""
+    loaded = load_model(run, device=device)  # resolves ckpt/latest; refuses broken tensors
+    model.load_state_dict(loaded.state_dict())
+    step_dir = run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
+    try:
+        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{step_dir / STATE_FILE} cannot be read ({error}); "
+                              "delete that checkpoint and point ckpt/latest at an older one") from None
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"]
