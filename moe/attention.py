@@ -24,7 +24,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from kernels.attention import varlen_causal_attention_triton
-from kernels.backend import use_triton
+from kernels.attention_backward import varlen_causal_attention_trainable
+from kernels.backend import needs_grad, use_triton
 from moe.config import ModelConfig
 
 
@@ -60,13 +61,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> T
 
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """`causal_attention` through the Triton varlen kernel (kernels/attention.py): the B
-    rows become B packed sequences of equal length T."""
+    rows become B packed sequences of equal length T; with its Triton backward
+    (kernels/attention_backward.py) when autograd needs gradients."""
     batch, length = q.shape[0], q.shape[2]
     cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32,
                               device=q.device)  # [B + 1]
-    out = varlen_causal_attention_triton(rearrange(q, "b h t d -> (b t) h d"),
-                                         rearrange(k, "b g t d -> (b t) g d"),
-                                         rearrange(v, "b g t d -> (b t) g d"), cu_seqlens)
+    attend = (varlen_causal_attention_trainable if needs_grad(q, k, v)
+              else varlen_causal_attention_triton)
+    out = attend(rearrange(q, "b h t d -> (b t) h d"), rearrange(k, "b g t d -> (b t) g d"),
+                 rearrange(v, "b g t d -> (b t) g d"), cu_seqlens)
     return rearrange(out, "(b t) h d -> b h t d", b=batch)  # [B, H, T, Dh]
 
 
@@ -106,7 +109,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             out = cache.attend(self.layer, q, k, v, positions)
-        elif use_triton(self.kernel_backend, q, k, v) and not (self.training and self.dropout):
+        elif (use_triton(self.kernel_backend, q, k, v, has_backward=True)
+              and not (self.training and self.dropout)):
             out = packed_causal_attention(q, k, v)
         else:
             out = causal_attention(q, k, v, self.dropout if self.training else 0.0)

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.backend import use_triton
+from kernels.backend import needs_grad, use_triton
 from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
+from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
 
 
@@ -127,9 +128,13 @@ class MoELayer(nn.Module):
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
         capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
-        dispatch = (dispatch_and_combine_triton if use_triton(self.kernel_backend, x, self.w_in)
-                    else dispatch_and_combine)  # kernels/moe_dispatch.py
-        y, dropped = dispatch(x, expert_ids, weights.to(x.dtype), self.w_in, self.w_out, capacity)
+        weights = weights.to(x.dtype)
+        dispatch = dispatch_and_combine  # kernels/moe_dispatch.py
+        if use_triton(self.kernel_backend, x, self.w_in, has_backward=True):
+            dispatch = (dispatch_and_combine_trainable  # kernels/moe_dispatch_backward.py
+                        if needs_grad(x, weights, self.w_in, self.w_out)
+                        else dispatch_and_combine_triton)
+        y, dropped = dispatch(x, expert_ids, weights, self.w_in, self.w_out, capacity)
         tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

@@ -71,13 +71,15 @@ def test_align_pads_each_expert_to_whole_blocks_of_one_expert():
     assert kept_of_3 == [0, 1, 2]  # first choices of tokens 0..2 win; 4's and 8's are dropped
 
 
-def test_moe_layer_runs_triton_without_grad_and_the_reference_with_grad(monkeypatch):
+def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_with_grad(
+        monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
     calls = []
     import moe.moe_layer as moe_layer
-    original = moe_layer.dispatch_and_combine_triton
-    monkeypatch.setattr(moe_layer, "dispatch_and_combine_triton",
-                        lambda *args: calls.append(1) or original(*args))
+    for name in ("dispatch_and_combine_triton", "dispatch_and_combine_trainable"):
+        original = getattr(moe_layer, name)
+        monkeypatch.setattr(moe_layer, name, lambda *args, name=name, original=original:
+                            calls.append(name) or original(*args))
     torch.manual_seed(0)
     layer = MoELayer(tiny_config(kernel_backend="triton"))
     for param in layer.parameters():
@@ -85,9 +87,9 @@ def test_moe_layer_runs_triton_without_grad_and_the_reference_with_grad(monkeypa
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         y_triton, _ = layer(x)
-    assert calls == [1]
-    y_grad, _ = layer(x)  # needs gradients: the forward-only kernel must not run
-    assert calls == [1]
+    assert calls == ["dispatch_and_combine_triton"]
+    y_grad, _ = layer(x)  # needs gradients: the kernel with a backward runs
+    assert calls == ["dispatch_and_combine_triton", "dispatch_and_combine_trainable"]
     torch.testing.assert_close(y_triton, y_grad.detach(), rtol=1e-5, atol=1e-5)
 
 
