@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig, from_dict
@@ -133,6 +133,18 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} not found; the checkpoint is incomplete")
+    try:
+        tensors = _read_tensors(file, expected, device, dtype)
+    except SafetensorError as error:
+        raise CheckpointError(f"{file} is corrupt or truncated ({error}); load an older "
+                              "checkpoint of the run instead (its ckpt/step_* folders)") from None
+    model.load_state_dict(tensors, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model
+
+
+def _read_tensors(file: Path, expected: dict[str, tuple], device, dtype) -> dict[str, torch.Tensor]:
     tensors = {}
     with safe_open(str(file), framework="pt", device=str(device)) as f:
         names = set(f.keys())
@@ -147,7 +159,4 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
                 raise CheckpointError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, "
                                       f"the config needs {shape}")
             tensors[name] = tensor if dtype is None else tensor.to(dtype)
-    model.load_state_dict(tensors, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    return model
+    return tensors
