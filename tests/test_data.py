@@ -1,0 +1,114 @@
+"""moe.data: preparation is deterministic and cached, the split is by file, batches are a
+function of (seed, index), and the synthetic tasks are right and scored on answers only."""
+
+import re
+
+import numpy as np
+import pytest
+
+from moe.config import ConfigError, DataConfig
+from moe.data import (TASKS, get_batch, is_validation_file, make_example, prepare, source_files,
+                      task_batch)
+from moe.tokenizer import BOS, EOS, decode
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"file{i:02d}.txt").write_text(f"file number {i}\n" + "hello world " * (i + 5))
+    return folder
+
+
+def test_preparation_is_deterministic_and_reused(text_folder, tmp_path):
+    first = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path / "a"), val_fraction=0.2))
+    again = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path / "a"), val_fraction=0.2))
+    other = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path / "b"), val_fraction=0.2))
+    assert first.folder == again.folder
+    assert np.array_equal(first.train, other.train) and np.array_equal(first.val, other.val)
+    assert len(list((tmp_path / "a").iterdir())) == 1  # prepared once, no leftover temporaries
+
+
+def test_split_is_by_whole_file(text_folder, tmp_path):
+    corpus = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path), val_fraction=0.2))
+    train_text, val_text = decode(corpus.train.tolist()), decode(corpus.val.tolist())
+    val_files = [f for f in sorted(text_folder.iterdir()) if is_validation_file(f.name, 0.2)]
+    assert 0 < len(val_files) < 40
+    for f in sorted(text_folder.iterdir()):
+        in_val = f.read_text() in val_text
+        assert in_val == (f in val_files)
+        assert (f.read_text() in train_text) != in_val
+    assert int((corpus.train == EOS).sum()) + int((corpus.val == EOS).sum()) == 40
+
+
+def test_a_single_file_holds_out_its_tail(tmp_path):
+    file = tmp_path / "one.txt"
+    file.write_text("abcdefghij" * 100)
+    corpus = prepare(DataConfig(source=str(file), cache_dir=str(tmp_path / "c"), val_fraction=0.1))
+    assert len(corpus.val) == 101 and len(corpus.train) == 900
+
+
+def test_glob_and_missing_source(text_folder):
+    _, files = source_files(str(text_folder / "file0*.txt"))
+    assert len(files) == 10
+    with pytest.raises(ConfigError, match="data.source"):
+        source_files(str(text_folder / "nothing*.md"))
+
+
+def test_stdlib_corpus_is_real_python_source():
+    root, files = source_files("stdlib")
+    assert len(files) > 200 and (root / "os.py") in files
+    assert not any("site-packages" in f.parts for f in files)
+
+
+def test_batches_are_a_function_of_seed_and_index():
+    tokens = np.arange(1000, dtype=np.uint16)
+    inputs, targets = get_batch(tokens, 16, 4, seed=3, index=7)
+    again, _ = get_batch(tokens, 16, 4, seed=3, index=7)
+    other, _ = get_batch(tokens, 16, 4, seed=3, index=8)
+    assert inputs.shape == (4, 16) and (inputs == again).all() and not (inputs == other).all()
+    assert (targets == inputs + 1).all()
+
+
+def test_too_little_data_names_the_fix():
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        get_batch(np.arange(10, dtype=np.uint16), 16, 2, seed=0, index=0)
+
+
+def test_task_answers_are_correct():
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        for task in TASKS:
+            prompt, answer = make_example(task, rng)
+            body = prompt[len(task) + 1:-1]
+            if task == "copy":
+                assert answer == body
+            elif task == "reverse":
+                assert answer == body[::-1]
+            elif task == "sort":
+                assert answer == "".join(sorted(body))
+            elif task == "add":
+                a, b = map(int, body.split("+"))
+                assert int(answer) == a + b
+            else:
+                key, pairs = re.fullmatch(r"(\w) in (.*)", body).groups()
+                assert dict(p.split("=") for p in pairs.split(","))[key] == answer
+
+
+def test_task_batch_scores_only_the_answer(tmp_path):
+    corpus = prepare(DataConfig(source="tasks", cache_dir=str(tmp_path), task_examples=100, val_fraction=0.1))
+    assert corpus.is_tasks and len(corpus.val_examples) == 10
+    assert len(corpus.train_task_ids) == len(corpus.train)
+    inputs, targets, tasks = task_batch(corpus, np.arange(5))
+    assert tasks.tolist() == [TASKS.index(t) for t in TASKS]  # examples cycle through the tasks
+    for row_in, row_target, (_, prompt_len, length) in zip(inputs, targets, corpus.val_examples[:5]):
+        assert row_in[0] == BOS
+        prompt = decode(row_in[:prompt_len].tolist())
+        answer = decode(row_target[row_target != -100].tolist())
+        task, body = prompt.split(" ", 1)
+        assert prompt.endswith("|") and row_target[row_target != -100][-1] == EOS
+        assert (row_target != -100).sum() == length - prompt_len
+        if task == "reverse":
+            assert answer == body[:-1][::-1]
