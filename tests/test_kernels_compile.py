@@ -19,7 +19,11 @@ DTYPES = {"float32": ("fp32", "ieee"), "bfloat16": ("bf16", "tf32")}
 
 def kernel_signatures(dt: str, precision: str):
     """(kernel, pointer types, constexpr values); every other argument is an i32 or fp32."""
-    from kernels import attention, moe_dispatch
+    from kernels import attention, attention_backward, moe_dispatch, moe_dispatch_backward
+    attention_grad_pointers = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", do_ptr=f"*{dt}",
+                                   lse_ptr="*fp32", delta_ptr="*fp32", cu_seqlens_ptr="*i32",
+                                   scale="fp32")
+    attention_blocks = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, PRECISION=precision)
     return [
         (moe_dispatch._up_swiglu_kernel,
          dict(x_ptr=f"*{dt}", w_in_ptr=f"*{dt}", h_ptr=f"*{dt}", sorted_slots_ptr="*i32",
@@ -41,6 +45,24 @@ def kernel_signatures(dt: str, precision: str):
         (attention._paged_merge_kernel,
          dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", o_ptr=f"*{dt}"),
          dict(BLOCK_S=64, BLOCK_D=128)),
+        (moe_dispatch_backward._swiglu_backward_kernel,
+         dict(x_ptr=f"*{dt}", dy_ptr=f"*{dt}", w_in_ptr=f"*{dt}", w_out_ptr=f"*{dt}",
+              weight_ptr=f"*{dt}", sorted_slots_ptr="*i32", block_expert_ptr="*i32",
+              h_ptr=f"*{dt}", dpre_ptr=f"*{dt}", dweight_ptr="*fp32"),
+         dict(BLOCK_M=64, BLOCK_F=64, BLOCK_D=64, PRECISION=precision)),
+        (moe_dispatch_backward._grouped_weight_grad_kernel,
+         dict(a_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}", sorted_slots_ptr="*i32",
+              expert_start_ptr="*i32", weight_ptr=f"*{dt}"),
+         dict(A_BY_TOKEN=False, B_BY_TOKEN=True, SCALE_B=True, BLOCK_R=64, BLOCK_I=64,
+              BLOCK_J=64, PRECISION=precision)),
+        (attention_backward._varlen_forward_lse_kernel,
+         dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", lse_ptr="*fp32",
+              cu_seqlens_ptr="*i32", scale="fp32"),
+         attention_blocks),
+        (attention_backward._varlen_dkdv_kernel,
+         dict(attention_grad_pointers, dk_ptr=f"*{dt}", dv_ptr=f"*{dt}"), attention_blocks),
+        (attention_backward._varlen_dq_kernel,
+         dict(attention_grad_pointers, dq_ptr=f"*{dt}"), attention_blocks),
     ]
 
 
@@ -66,7 +88,7 @@ def test_every_kernel_compiles_for_sm90(dtype):
     result = subprocess.run([sys.executable, __file__, dtype], cwd=root, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled for sm_90") == 5, result.stdout
+    assert result.stdout.count("compiled for sm_90") == 10, result.stdout
 
 
 if __name__ == "__main__":
