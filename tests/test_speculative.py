@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from moe.engine import EngineConfig
 from moe.generation import generate
 from moe.sampling import SamplingParams, warp_probs
 from moe.speculative import PromptLookupProposer, speculative_generate, verify, verify_greedy
+from moe.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -174,3 +176,29 @@ def test_the_rejection_rule_with_one_hot_distributions_is_the_greedy_rule():
         expected = verify_greedy(proposals, best)
         assert verify(proposals, q, p, g) == expected
         assert verify(proposals, None, p, g) == expected
+
+
+@pytest.mark.parametrize("gamma, num_blocks", [(1, None), (3, None), (6, None), (4, 12)])
+def test_speculative_engine_equals_plain_greedy_for_several_sequences(models, gamma, num_blocks):
+    target, draft = models
+    batch = prompts(5, seed=20 + gamma)
+    lengths = [16, 5, 23, 9, 30]
+    engine = SpeculativeEngine(target, draft, gamma,
+                               EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
+    requests = [engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+                for p, n in zip(batch, lengths)]
+    engine.run()
+    for request, p, n in zip(requests, batch, lengths):
+        assert request.output == generate(target, p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    assert engine.stats.proposed > 0
+    if num_blocks:
+        assert engine.preemptions > 0
+
+
+def test_speculative_engine_with_the_target_as_draft_accepts_everything(models):
+    target, _ = models
+    engine = SpeculativeEngine(target, target, 4, EngineConfig(max_num_seqs=4))
+    requests = [engine.add_request(p, GREEDY) for p in prompts(3, seed=3)]
+    engine.run()
+    assert engine.stats.accepted == engine.stats.proposed > 0
+    assert [r.output for r in requests] == [generate(target, r.prompt, GREEDY) for r in requests]
