@@ -1,0 +1,143 @@
+"""moe.training and train.py: the schedule, accumulation, learning, routing health,
+checkpoints that survive a kill, and resume equal to a run never stopped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe.checkpoint import CheckpointError, load_model
+from moe.config import TrainConfig
+from moe.model import Transformer, model_loss
+from moe.training import (distillation_loss, lr_at, make_optimizer, routing_metrics, save_checkpoint,
+                          train_step)
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_accumulating_two_batches_equals_one_batch_of_twice_the_size():
+    torch.manual_seed(0)
+    cfg = TrainConfig(warmup_steps=0, grad_clip=0.0, lr=0.0, min_lr=0.0)  # lr 0: keep the gradients to compare
+    tokens = torch.randint(0, 256, (4, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    models = []
+    for micro in ([(inputs, targets)], [(inputs[:2], targets[:2]), (inputs[2:], targets[2:])]):
+        torch.manual_seed(1)
+        model = Transformer(tiny_config(aux_loss_coef=0.0))  # the balance loss is per batch, not per token
+        train_step(model, make_optimizer(model, cfg), micro, cfg, 0, torch.device("cpu"))
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_loss_falls_on_a_small_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    cfg = TrainConfig(warmup_steps=0, lr=3e-3, max_steps=40)
+    optimizer = make_optimizer(model, cfg)
+    tokens = torch.randint(0, 256, (2, 33))
+    losses = [train_step(model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], cfg, step,
+                         torch.device("cpu"))["ce"] for step in range(40)]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_routing_metrics_see_collapse_and_balance():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_experts=4))
+    output = model(torch.randint(0, 256, (2, 16)))
+    healthy = routing_metrics(output.routing, n_layers=2)
+    assert len(healthy) == 2 and sum(healthy[0]["load"]) == pytest.approx(1.0)
+    assert 0.25 <= healthy[0]["jain"] <= 1.0 and healthy[0]["max_over_ideal"] >= 1.0
+    stats = output.routing[0]
+    stats.tokens_per_expert = torch.tensor([64, 0, 0, 0])  # every slot on expert 0
+    collapsed = routing_metrics([stats], n_layers=1)[0]
+    assert collapsed["dead"] == 3 and collapsed["jain"] == pytest.approx(0.25)
+    assert collapsed["max_over_ideal"] == pytest.approx(4.0)
+
+
+def test_distillation_loss_is_zero_only_at_the_target():
+    logits = torch.randn(2, 3, 11)
+    assert distillation_loss(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(2, 3, 11), 2.0).item() > 0.01
+
+
+def test_corrupt_latest_checkpoint_is_refused_and_the_previous_loads(tmp_path):
+    model = Transformer(tiny_config())
+    optimizer = make_optimizer(model, TrainConfig())
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, optimizer, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_000002", "step_000003"]
+    weights = tmp_path / "ckpt" / "step_000003" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path)
+    previous = load_model(tmp_path / "ckpt" / "step_000002")
+    torch.testing.assert_close(previous.embed.weight, model.embed.weight)
+
+
+KILLER = """
+import os, signal, sys
+import moe.training, train
+mode, at = sys.argv[1], int(sys.argv[2])
+real_step, real_write = train.train_step, moe.training.write_model
+def step(model, optimizer, micro, cfg, index, *rest):
+    if mode == "step" and index == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(model, optimizer, micro, cfg, index, *rest)
+def write(model, folder, metadata):
+    real_write(model, folder, metadata)
+    if mode == "save" and int(metadata["step"]) == at:
+        os.kill(os.getpid(), signal.SIGKILL)  # weights written, directory not yet renamed
+train.train_step, moe.training.write_model = step, write
+train.main(sys.argv[3:])
+"""
+
+
+def _train(args: list[str], killer: tuple[str, int] | None = None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILLER, *map(str, killer)] if killer else [sys.executable, "train.py"]
+    return subprocess.run(command + args, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode
+
+
+def _losses(run: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def test_run_killed_mid_run_or_mid_save_resumes_to_the_same_losses(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
+    def args(run):
+        return ["--config", "configs/tiny.toml", "--out", str(tmp_path / run), "--quiet", "--sample", "a",
+                *[f"--set={s}" for s in (f"data.source={json.dumps(str(data))}",
+                                         f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                                         "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+                                         "model.d_expert=32", "model.n_experts=4", "model.router_jitter=0.1",
+                                         "train.max_steps=8", "train.batch_size=2", "train.seq_len=16",
+                                         "train.grad_accum=2", "train.warmup_steps=2", "train.log_every=1",
+                                         "train.eval_every=4", "train.eval_batches=1",
+                                         "train.checkpoint_every=2", "train.keep_checkpoints=2")]]
+    assert _train(args("whole")) == 0
+    expected = _losses(tmp_path / "whole")
+    assert [s for s, _, _ in expected] == list(range(1, 9))
+    for mode, at in (("step", 5), ("save", 6)):
+        run = tmp_path / mode
+        assert _train(args(mode), killer=(mode, at)) == -9
+        latest = (run / "ckpt" / "latest").read_text().strip()
+        assert latest == "step_000004"  # the interrupted save never became latest
+        load_model(run)
+        assert _train(args(mode) + ["--resume"]) == 0
+        assert _losses(run) == expected  # identical, not merely close
