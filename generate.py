@@ -5,6 +5,7 @@
 
     # speculative decoding: a draft proposes 4 tokens, the target checks them in one forward
     python generate.py --ckpt runs/tiny --draft runs/draft --speculate 4 --prompt "import os"
+    python generate.py --ckpt runs/tiny --draft runs/draft --prompt-file prompts.jsonl   # in the engine
 
     # many requests through the continuous-batching engine: JSONL in, JSONL out
     # (one object per line: {"prompt": "...", "max_new_tokens": 50, "temperature": 0.7, ...})
@@ -120,8 +121,12 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
 
 
 def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
-               bos: bool) -> None:
-    engine = Engine(model, engine_config)
+               bos: bool, draft: Transformer | None = None, gamma: int = 4) -> None:
+    if draft is not None:
+        from moe.speculative_engine import SpeculativeEngine
+        engine = SpeculativeEngine(model, draft, gamma, engine_config)
+    else:
+        engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
     results: list[dict] = []
     requests = {}
@@ -192,7 +197,8 @@ def main_generate(argv: list[str]) -> None:
     else:
         config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
                               args.block_size, args.num_blocks, megabytes(args.kv_cache_mb))
-        serve_file(model, args.prompt_file, args.out, config, args.bos)
+        draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
+        serve_file(model, args.prompt_file, args.out, config, args.bos, draft, args.speculate)
 
 
 # ---------------------------------------------------------------------------------------
