@@ -141,3 +141,22 @@ def test_run_killed_mid_run_or_mid_save_resumes_to_the_same_losses(tmp_path):
         load_model(run)
         assert _train(args(mode) + ["--resume"]) == 0
         assert _losses(run) == expected  # identical, not merely close
+
+
+def test_distillation_pulls_the_draft_towards_the_target():
+    torch.manual_seed(0)
+    target = Transformer(tiny_config()).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(100)  # a confident target, far from the draft's near-uniform start
+    tokens = torch.randint(0, 256, (2, 17))
+    final_kl = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(1)
+        draft = Transformer(tiny_config(moe_every=0))
+        cfg = TrainConfig(warmup_steps=0, lr=1e-2, distill_weight=weight)
+        optimizer = make_optimizer(draft, cfg)
+        for step in range(8):
+            kl = train_step(draft, optimizer, [(tokens[:, :-1], tokens[:, 1:])], cfg, step,
+                            torch.device("cpu"), teacher=target)["kl"]
+        final_kl[weight] = kl
+    assert final_kl[1.0] < 0.7 * final_kl[0.0]
