@@ -223,6 +223,9 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
 
 def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.device) -> int:
     """Restore weights, optimiser and random state from RUN's latest checkpoint; the step."""
+    if not (run / "ckpt" / "latest").is_file():
+        raise CheckpointError(f"{run} has no checkpoint to resume ({run / 'ckpt' / 'latest'} is "
+                              "missing); start without --resume or give the run folder with --out")
     loaded = load_model(run, device=device)  # resolves ckpt/latest; refuses broken tensors
     model.load_state_dict(loaded.state_dict())
     step_dir = run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()

@@ -160,3 +160,10 @@ def test_distillation_pulls_the_draft_towards_the_target():
                             torch.device("cpu"), teacher=target)["kl"]
         final_kl[weight] = kl
     assert final_kl[1.0] < 0.7 * final_kl[0.0]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    from moe.training import load_checkpoint
+    model = Transformer(tiny_config())
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        load_checkpoint(tmp_path, model, make_optimizer(model, TrainConfig()), torch.device("cpu"))
