@@ -70,3 +70,12 @@ def test_half_precision_gradients_are_close_to_float32():
     for grad, grad_ref in zip(grads, grads_ref):
         assert grad.dtype == torch.float16
         torch.testing.assert_close(grad.float(), grad_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_an_empty_batch_gives_empty_and_zero_gradients():
+    _, _, _, w_in, w_out, _ = make_inputs(1, 2)
+    x, ids, weights = torch.zeros(0, D), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2)
+    _, _, (d_x, d_weights, d_w_in, d_w_out) = gradients(
+        dispatch_and_combine_trainable, x, ids, weights, w_in, w_out, torch.zeros(0, D), None)
+    assert d_x.shape == (0, D) and d_weights.shape == (0, 2)
+    assert d_w_in.abs().max() == 0 and d_w_out.abs().max() == 0
