@@ -173,10 +173,12 @@ def bench_dispatch_train(n_tokens, d_model, d_hidden, n_experts, k, device, dtyp
     impls = {"reference": dispatch_and_combine}
     if use_triton:
         impls["triton"] = dispatch_and_combine_trainable
-    return [row("dispatch_fwd_bwd", name, shape,
-                timed(forward_backward(lambda fn=fn: fn(x, ids, weights, w_in, w_out, None), leaves),
-                      device, repeats), flops, bytes_moved, peak)
-            for name, fn in impls.items()]
+    rows = []
+    for name, fn in impls.items():
+        step = forward_backward(lambda fn=fn: fn(x, ids, weights, w_in, w_out, None), leaves)
+        rows.append(row("dispatch_fwd_bwd", name, shape, timed(step, device, repeats), flops,
+                        bytes_moved, peak))
+    return rows
 
 
 def bench_prefill_train(n_seqs, length, n_heads, n_kv_heads, head_dim, device, dtype, use_triton,

@@ -279,7 +279,8 @@ class _TritonVarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def varlen_causal_attention_trainable(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+def varlen_causal_attention_trainable(q: Tensor, k: Tensor, v: Tensor,
+                                      cu_seqlens: Tensor) -> Tensor:
     """`varlen_causal_attention_triton` with a Triton backward: gradients reach q, k, v.
     Same arguments and result as `varlen_causal_attention_reference`."""
     return _TritonVarlenAttention.apply(q, k, v, cu_seqlens)
