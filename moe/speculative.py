@@ -56,6 +56,18 @@ class SpeculativeStats:
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
 
+    def record_round(self, n_proposed: int, n_accepted: int) -> None:
+        """One sequence's verification: proposals 0..n_accepted-1 passed, the next (if any) failed."""
+        self.rounds += 1
+        self.proposed += n_proposed
+        self.accepted += n_accepted
+        for i in range(min(n_accepted + 1, n_proposed)):
+            if i == len(self.reached):
+                self.reached.append(0)
+                self.accepted_at.append(0)
+            self.reached[i] += 1
+            self.accepted_at[i] += i < n_accepted
+
     @property
     def mean_accepted_length(self) -> float:
         """Tokens gained per sequence per target call, the correction or bonus token included."""
@@ -301,15 +313,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
                 new, n_ok = verify_greedy(proposals[b], scores.argmax(dim=-1).tolist())
             else:
                 new, n_ok = verify(proposals[b], q[b], warp_probs(scores, params), generator)
-            stats.rounds += 1
-            stats.proposed += len(proposals[b])
-            stats.accepted += n_ok
-            for j in range(min(n_ok + 1, len(proposals[b]))):
-                while len(stats.reached) <= j:
-                    stats.reached.append(0)
-                    stats.accepted_at.append(0)
-                stats.reached[j] += 1
-                stats.accepted_at[j] += j < n_ok
+            stats.record_round(len(proposals[b]), n_ok)
             all_passed &= n_ok == len(proposals[b])
             valid[b] = len(rows[b]) + n_ok
             proposer.accepted(b, len(rows[b]) + n_ok)

@@ -169,9 +169,7 @@ class SpeculativeEngine(Engine):
             request.num_cached += n + n_ok
             if rid in self.draft_cached:
                 self.draft_cached[rid] = min(self.draft_cached[rid], known + n_ok)
-            self.stats.rounds += 1
-            self.stats.proposed += len(proposed)
-            self.stats.accepted += n_ok
+            self.stats.record_round(len(proposed), n_ok)
             request.output += new
             reason, keep = check_stop(request.output, request.params, len(new))
             del request.output[keep:]
