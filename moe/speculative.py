@@ -78,6 +78,12 @@ class SpeculativeStats:
         return self.accepted / max(self.proposed, 1)
 
     @property
+    def verified_acceptance(self) -> float:
+        """α of the theory: accepted over proposals the target actually judged (those after
+        a rejection in the same round are never looked at)."""
+        return self.accepted / max(sum(self.reached), 1)
+
+    @property
     def per_position_acceptance(self) -> list[float]:
         """P(proposal i accepted | proposals before it accepted)."""
         return [a / r for a, r in zip(self.accepted_at, self.reached) if r]
@@ -93,7 +99,7 @@ class SpeculativeStats:
         return dict(target_calls=self.target_calls, draft_forwards=self.draft_forwards,
                     rounds=self.rounds, generated=self.generated, proposed=self.proposed,
                     accepted=self.accepted, mean_accepted_length=self.mean_accepted_length,
-                    acceptance_rate=self.acceptance_rate,
+                    acceptance_rate=self.acceptance_rate, verified_acceptance=self.verified_acceptance,
                     per_position_acceptance=self.per_position_acceptance,
                     mean_gamma=sum(self.gammas) / max(len(self.gammas), 1),
                     cost_ratio=self.cost_ratio, target_time_s=self.target_time_s,
