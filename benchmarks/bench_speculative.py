@@ -7,7 +7,7 @@ greedily with plain KV-cached generation, then speculatively with the draft at f
 adaptive γ, and with prompt lookup (no draft); the modes alternate prompt by prompt so
 machine noise hits them alike, and every speculative output is checked to equal the plain
 one token for token. Reported per mode: target forwards per generated token (plain: 1),
-the draft acceptance rate α, mean accepted length, tokens/s and the wall-clock speedup.
+the draft acceptance rate (accepted / proposed), α (accepted / judged), mean accepted length, tokens/s and the wall-clock speedup.
 
 The speedup is also predicted from measured parts: E/(γc + v), with E = (1 - α^(γ+1))/(1 - α)
 the expected tokens per round, c the time of one draft step over one target step, and v the
@@ -49,6 +49,12 @@ def stdlib_prompts(n: int, length: int, seed: int) -> list[list[int]]:
         start = text.index(b"\n", start) + 1
         prompts.append(encode(text[start:start + length]))
     return prompts
+
+
+def checkpoint_name(path: str) -> str:
+    """Which checkpoint a run folder resolves to (its ckpt/latest), else the path itself."""
+    latest = Path(path) / "ckpt" / "latest"
+    return latest.read_text().strip() if latest.is_file() else path
 
 
 @torch.no_grad()
@@ -119,7 +125,7 @@ def main() -> None:
                  seconds=seconds["plain"])]
     for name, s in stats.items():
         gamma = round(s.as_dict()["mean_gamma"]) if modes[name].get("adaptive") else modes[name]["gamma"]
-        alpha = s.acceptance_rate
+        alpha = s.verified_acceptance  # per judged proposal, as the formula assumes
         expected = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
         v = sum(step_time(target, p, gamma + 1, 9) for p in prompts[:4]) / target_step
         draft_cost = c * gamma if "draft" in name else 0.0
@@ -133,7 +139,8 @@ def main() -> None:
             c=c, v=v, **{k: val for k, val in s.as_dict().items() if k not in ("cost_ratio",)},
             cost_ratio_in_run=s.cost_ratio))
     result = dict(benchmark="speculative", device="cpu", threads=2, batch=1, repeats=args.repeats, target=args.target,
-                  draft=args.draft, target_config=vars(target.cfg), draft_config=vars(draft.cfg),
+                  draft=args.draft, target_checkpoint=checkpoint_name(args.target),
+                  draft_checkpoint=checkpoint_name(args.draft), target_config=vars(target.cfg), draft_config=vars(draft.cfg),
                   n_prompts=args.n_prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   prompts="stdlib *.py slices", runs=runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
