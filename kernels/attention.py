@@ -18,6 +18,8 @@ keep a running max and sum per query row, the "online softmax") in two settings.
 
    Query head h reads KV head h // (H // G): multi-query and grouped-query attention
    cost no copy of K and V. Lengths need not be block multiples (masks on every load).
+   With STORE_LSE the kernel also stores lse = m + log(l) per query row and head, what
+   the backward (kernels/attention_backward.py) recomputes the probabilities from.
 
 2. `paged_attention`: a few new queries per sequence (decode, or a speculative check)
    against keys stored in a pool of fixed-size blocks, found through a block table. With
@@ -96,15 +98,15 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_t
 
 @triton.jit
 def _varlen_causal_kernel(
-    # pointers
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_seqlens_ptr,
+    # pointers (lse_ptr is only written with STORE_LSE; pass any pointer, e.g. o, without)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr,
     # sizes
     group_size, head_dim, scale,
-    # strides (q and o share theirs; k and v share theirs)
-    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd,
+    # strides (q and o share theirs; k and v share theirs; lse [N, H] its own)
+    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     # ---- which sequence, which query head, which query block -------------------------
     block = tl.program_id(0)
@@ -143,9 +145,13 @@ def _varlen_causal_kernel(
         l = l * correction + tl.sum(p, axis=1)
         acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    # ---- normalise and store ---------------------------------------------------------
-    out = acc / tl.where(row_ok, l, 1.0)[:, None]
+    # ---- normalise and store; the log-sum-exp too when the backward needs it ---------
+    l = tl.where(row_ok, l, 1.0)
+    out = acc / l[:, None]
     tl.store(o_ptr + q_offsets, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        tl.store(lse_ptr + (start + rows).to(tl.int64) * stride_ln + head * stride_lh,
+                 m + tl.log(l), mask=row_ok)
 
 
 def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -169,11 +175,11 @@ def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
     grid = (triton.cdiv(max_len, block_m), n_heads, n_seqs)
     if max_len:
         _varlen_causal_kernel[grid](
-            q, k, v, out, cu_seqlens,
+            q, k, v, out, out, cu_seqlens,  # out stands in for lse_ptr: nothing stored there
             n_heads // n_kv_heads, head_dim, 1.0 / math.sqrt(head_dim),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 0, 0,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=False)
     return out
 
 

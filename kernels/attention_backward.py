@@ -4,7 +4,7 @@ What you will learn here: flash attention's backward (Dao et al., FlashAttention
 T x T probabilities are never stored; each is recomputed from the saved per-row
 log-sum-exp, P = exp(Q K^T * scale - lse), one tile at a time.
 
-    forward (as kernels/attention.py, plus lse = m + log(l) per query row and head)
+    forward (kernels/attention.py's kernel with STORE_LSE: lse = m + log(l) per row, head)
 
     delta = rowsum(dO * O)                                   # [N, H], once, in PyTorch
 
@@ -34,67 +34,8 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.attention import varlen_causal_attention_triton
+from kernels.attention import _varlen_causal_kernel, varlen_causal_attention_triton
 from kernels.triton_import import tl, triton
-
-
-# ---------------------------------------------------------------------------------------
-# Forward that keeps the log-sum-exp (the forward-only kernel does not store it)
-# ---------------------------------------------------------------------------------------
-
-@triton.jit
-def _varlen_forward_lse_kernel(
-    # pointers
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr,
-    # sizes
-    group_size, head_dim, scale,
-    # strides (q and o share theirs; k and v share theirs)
-    stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
-    # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    # ---- which sequence, which query head, which query block -------------------------
-    block = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    start = tl.load(cu_seqlens_ptr + seq)
-    length = tl.load(cu_seqlens_ptr + seq + 1) - start
-    if block * BLOCK_M >= length:
-        return
-    kv_head = head // group_size
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    ds = tl.arange(0, BLOCK_D)
-    d_ok = ds < head_dim
-    q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
-                 + ds[None, :] * stride_qd)
-    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # ---- online softmax over key blocks up to the diagonal ---------------------------
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    kv_base = kv_head * stride_kg + ds[None, :] * stride_kd
-    for n0 in range(0, tl.minimum((block + 1) * BLOCK_M, length), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_offsets = (start + cols).to(tl.int64)[:, None] * stride_kn + kv_base
-        kv_mask = (cols < length)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where((cols[None, :] <= rows[:, None]) & (cols < length)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        l = l * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-    # ---- normalise, store the output and the log-sum-exp -----------------------------
-    l = tl.where(row_ok, l, 1.0)
-    tl.store(o_ptr + q_offsets, (acc / l[:, None]).to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + (start + rows).to(tl.int64) * stride_ln + head * stride_lh, m + tl.log(l),
-             mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,10 +176,10 @@ def varlen_attention_forward_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Te
     lse = torch.zeros(n_tokens, n_heads, device=q.device, dtype=torch.float32)
     max_len, block, block_d, precision = _launch_setup(q, cu_seqlens)
     if max_len:
-        _varlen_forward_lse_kernel[(triton.cdiv(max_len, block), n_heads, cu_seqlens.shape[0] - 1)](
+        _varlen_causal_kernel[(triton.cdiv(max_len, block), n_heads, cu_seqlens.shape[0] - 1)](
             q, k, v, out, lse, cu_seqlens, n_heads // k.shape[1], head_dim,
             1.0 / math.sqrt(head_dim), *q.stride(), *k.stride(), *lse.stride(),
-            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision)
+            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision, STORE_LSE=True)
     return out, lse
 
 
