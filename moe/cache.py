@@ -89,7 +89,7 @@ def ragged_plan(seq_lens: Tensor, query_start: Tensor, width: int) -> tuple[Tens
 
 def paged_attention_planned(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
                             plan: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """`paged_attention_reference` with the layout already worked out by `ragged_plan`."""
+    """`paged_attention_batched` with the layout already worked out by `ragged_plan`."""
     seq_of, index, mask = plan
     padded_q = q.new_zeros(mask.shape[0], mask.shape[1], *q.shape[1:])  # [B, Q, H, Dh]
     padded_q[seq_of, index] = q
@@ -100,8 +100,8 @@ def paged_attention_planned(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tab
     return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
 
 
-def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                              seq_lens: Tensor, query_start: Tensor) -> Tensor:
+def paged_attention_batched(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                            seq_lens: Tensor, query_start: Tensor) -> Tensor:
     """q [N, H, Dh]; k_pool, v_pool [NB, bs, G, Dh]; block_tables int32 [B, MB]; seq_lens int32
     [B] (keys stored, the new ones included); query_start int32 [B + 1]. The queries of
     sequence b are its last query_start[b+1] - query_start[b] tokens, causal among

@@ -72,7 +72,7 @@ def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_he
     expect = paged_attention_reference(*args)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     # and the serving engine's own reference in moe/cache.py
-    torch.testing.assert_close(out, cache_module.paged_attention_reference(*args),
+    torch.testing.assert_close(out, cache_module.paged_attention_batched(*args),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -60,9 +60,9 @@ def test_multi_query_blocks_hold_n_heads_times_more_tokens_in_the_same_memory():
     assert blocks_mqa * PagedKVCache.bytes_per_block(mqa, 8, torch.float32) <= budget
 
 
-def test_paged_attention_reference_equals_causal_attention_per_sequence():
+def test_batched_paged_attention_equals_causal_attention_per_sequence():
     from moe.attention import masked_attention
-    from moe.cache import paged_attention_reference
+    from moe.cache import paged_attention_batched
     torch.manual_seed(0)
     n_blocks, bs, G, H, Dh = 9, 3, 2, 4, 8
     k_pool, v_pool = torch.randn(n_blocks, bs, G, Dh), torch.randn(n_blocks, bs, G, Dh)
@@ -71,7 +71,7 @@ def test_paged_attention_reference_equals_causal_attention_per_sequence():
     query_lens = [3, 1, 5]
     query_start = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     q = torch.randn(9, H, Dh)
-    out = paged_attention_reference(q, k_pool, v_pool, tables, seq_lens, query_start)
+    out = paged_attention_batched(q, k_pool, v_pool, tables, seq_lens, query_start)
     for b in range(3):
         n, nq = int(seq_lens[b]), query_lens[b]
         keys = k_pool[tables[b].long()].flatten(0, 1)[:n]  # [S, G, Dh]
