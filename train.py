@@ -6,9 +6,16 @@
     .venv/bin/python train.py --config configs/draft.toml --set train.distill_from=runs/tiny
     .venv/bin/python train.py --out runs/tiny --resume          # continue where it stopped
 
+On several processes (docs/distributed.md; rank 0 logs and writes, checkpoints load in one process):
+
+    .venv/bin/torchrun --nproc-per-node 2 train.py --out runs/dp                 # DDP
+    .venv/bin/torchrun --nproc-per-node 2 train.py --set train.parallel=fsdp     # FSDP2
+    .venv/bin/torchrun --nproc-per-node 2 train.py --expert-parallel 2           # experts split
+
 Writes RUN/metrics.jsonl (one line per log step and per evaluation), RUN/ckpt/step_*/ and
 RUN/ckpt/latest (load with moe.checkpoint.load_model(RUN)), and PNGs when matplotlib is
-installed (the `plots` extra). The loop's pieces live in moe/training.py.
+installed (the `plots` extra). The loop's pieces live in moe/training.py, the
+distributed plumbing in moe/distributed.py.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from moe import distributed
 from moe.checkpoint import load_model
 from moe.config import load_setup
 from moe.data import get_batch, prepare
@@ -29,7 +37,7 @@ from moe.model import Transformer, count_parameters
 from moe.hardware import preset_for_device
 from moe.sampling import SamplingParams
 from moe.tokenizer import decode, encode
-from moe.training import evaluate, load_checkpoint, make_optimizer, save_checkpoint, train_step
+from moe.training import evaluate, make_optimizer, read_checkpoint, set_rng_state, train_step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,77 +48,97 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt/latest")
     parser.add_argument("--sample", default="def ", help="prompt of the sample printed at the end")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--expert-parallel", type=int, default=1, metavar="D",
+                        help="split each MoE layer's experts over D ranks (under torchrun)")
     args = parser.parse_args(argv)
 
     setup = load_setup(args.config, args.set)
     model_cfg, cfg, data_cfg = setup["model"], setup["train"], setup["data"]
     run = Path(args.out or f"runs/{Path(args.config).stem}")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
     if cfg.seq_len > model_cfg.max_seq_len:
         sys.exit(f"train.seq_len = {cfg.seq_len} exceeds model.max_seq_len = {model_cfg.max_seq_len}")
+    ranks = distributed.init(cfg, args.expert_parallel)  # one process unless launched by torchrun
+    device, main = ranks.device, ranks.is_main
 
-    corpus = prepare(data_cfg, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
+    corpus = prepare(data_cfg, seed=cfg.seed) if main else None
+    distributed.barrier(ranks)  # rank 0 prepares the token files once; the others then map them
+    corpus = corpus or prepare(data_cfg, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
     teacher = load_model(cfg.distill_from, device=device).eval() if cfg.distill_from else None
     metrics_file = run / "metrics.jsonl"
     start = 0
     if args.resume:
-        start = load_checkpoint(run, model, optimizer, device)
-        rows = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["step"] <= start] \
-            if metrics_file.exists() else []
-        metrics_file.write_text("".join(r + "\n" for r in rows))  # drop what the killed run logged after
-    else:
+        state = read_checkpoint(run, model, device)  # full weights, before the model is split
+        start = state["step"]
+        if main:
+            rows = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["step"] <= start] \
+                if metrics_file.exists() else []
+            metrics_file.write_text("".join(r + "\n" for r in rows))  # drop what the killed run logged after
+    elif main:
         run.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text("")
         (run / "setup.json").write_text(json.dumps({k: vars(v) for k, v in setup.items()}, indent=2) + "\n")
-    compiled = torch.compile(model) if cfg.compile else model
+    trained = distributed.parallelize(model, ranks)  # model itself, or a DDP wrapper around it
+    optimizer = make_optimizer(model, cfg)
+    if args.resume:
+        distributed.load_optimizer_state(trained, optimizer, state["optimizer"], ranks)
+        set_rng_state(state["rng"])
+    compiled = torch.compile(trained) if cfg.compile else trained
+    clip_gradients = distributed.gradient_clipper(model, ranks)
 
     params = count_parameters(model_cfg)
     hardware = preset_for_device(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    print(f"{run}: {params.total / 1e6:.2f}M parameters ({params.active / 1e6:.2f}M active), "
-          f"{len(corpus.train) / 1e6:.1f}M train tokens from {data_cfg.source}, device {device}, "
-          f"steps {start}..{cfg.max_steps}", flush=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ranks.world_size
+    if main:
+        layout = f", {ranks.world_size} ranks ({ranks.parallel})" if ranks.distributed else ""
+        print(f"{run}: {params.total / 1e6:.2f}M parameters ({params.active / 1e6:.2f}M active), "
+              f"{len(corpus.train) / 1e6:.1f}M train tokens from {data_cfg.source}, device {device}{layout}, "
+              f"steps {start}..{cfg.max_steps}", flush=True)
 
     def log(row: dict) -> None:
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     began = time.perf_counter()
     result = {}
     for step in range(start, cfg.max_steps):
-        micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, step * cfg.grad_accum + i)
+        micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
+                           distributed.batch_index(step, i, cfg.grad_accum, ranks))
                  for i in range(cfg.grad_accum)]
-        stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher)
+        stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients)
+        stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl"), ranks)
         done = step + 1
         elapsed = time.perf_counter() - began
         tokens_per_s = (done - start) * tokens_per_step / elapsed
         row = {"step": done, **{k: v for k, v in stats.items() if k != "routing"},
                "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
         if hardware is not None:
-            row["mfu"] = 6 * params.active * tokens_per_s / hardware.peak_flops
+            row["mfu"] = 6 * params.active * tokens_per_s / (hardware.peak_flops * ranks.world_size)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log({**row, "routing": stats["routing"]})
-        if not args.quiet:
+        if main and not args.quiet:
             eta = (cfg.max_steps - done) * elapsed / (done - start)
             print(f"\rstep {done}/{cfg.max_steps} loss {stats['ce']:.3f} {tokens_per_s:,.0f} tok/s "
                   f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            result = {"step": done, **evaluate(model, corpus, cfg, device)}
+            result = {"step": done, **evaluate(model, corpus, cfg, device)}  # every rank, same windows
             log({"step": done, "eval": result})
             accuracy = f" task accuracy {result['acc_mean']:.3f}" if "acc_mean" in result else ""
-            print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
-                  f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
+            if main:
+                print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
+                      f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            save_checkpoint(run, model, optimizer, done, cfg.keep_checkpoints)
+            distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks)
 
-    from moe.plots import write_plots
-    write_plots(run)
-    sample = generate(model.eval(), encode(args.sample, bos=True), SamplingParams(max_new_tokens=120))
-    print(f"sample: {args.sample!r} -> {decode(sample)!r}")
+    whole = distributed.full_model(trained, ranks)  # rank 0: the plain model; gathered if split
+    if main:
+        from moe.plots import write_plots
+        write_plots(run)
+        sample = generate(whole.eval(), encode(args.sample, bos=True), SamplingParams(max_new_tokens=120))
+        print(f"sample: {args.sample!r} -> {decode(sample)!r}", flush=True)
+    distributed.shutdown(ranks)
     return result
 
 

@@ -143,6 +143,7 @@ class TrainConfig:
     seed: int = 0  # seeds the model init and the data order
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2 fully_shard); moe/distributed.py
     distill_from: str | None = None  # target checkpoint or run folder: train on KL to its distribution
     distill_weight: float = 1.0  # weight of the distillation KL against the plain cross-entropy
     distill_temperature: float = 1.0  # softening temperature of both distributions
@@ -164,6 +165,9 @@ class TrainConfig:
                  f"must be positive, got {self.distill_temperature}", "train")
         _require(self.device in ("auto", "cpu", "cuda"), "device",
                  f"must be \"auto\", \"cpu\" or \"cuda\", got {self.device!r}", "train")
+        _require(self.parallel in ("ddp", "fsdp"), "parallel",
+                 f"must be \"ddp\" or \"fsdp\", got {self.parallel!r} (expert parallel is "
+                 "train.py --expert-parallel D)", "train")
 
 
 @dataclass

@@ -28,7 +28,9 @@ import math
 import os
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,33 +76,49 @@ def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float)
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature**2
 
 
+def unwrap(model) -> Transformer:
+    """The Transformer inside a torch.compile and/or DistributedDataParallel wrapper."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
 def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, device: torch.device,
-               teacher: Transformer | None = None) -> dict:
+               teacher: Transformer | None = None,
+               clip_gradients: Callable[[float], Tensor] | None = None) -> dict:
     """One optimiser step over `micro_batches` [(inputs [B, T], targets [B, T])], gradients
-    averaged over them (so 2 micro-batches of B equal one batch of 2B)."""
+    averaged over them (so 2 micro-batches of B equal one batch of 2B). Under DDP the
+    gradients are all-reduced once, in the last micro-batch's backward. `clip_gradients`
+    (max_norm -> global norm) replaces clip_grad_norm_ where gradients need more than that
+    (expert parallel: moe.distributed.gradient_clipper)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0, "kl": 0.0}
     routing = []
-    for inputs, targets in micro_batches:
+    model_cfg = unwrap(model).cfg
+    for index, (inputs, targets) in enumerate(micro_batches):
         inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(device):
-            output = model(inputs)
-            loss = model_loss(model.cfg, output, targets)
-            total = loss.total
-            if teacher is not None:
-                with torch.no_grad():
-                    target_logits = teacher(inputs).logits
-                kl = distillation_loss(output.logits, target_logits, cfg.distill_temperature)
-                total = total + cfg.distill_weight * kl
-                totals["kl"] += kl.item() / len(micro_batches)
-        (total / len(micro_batches)).backward()
+        last = index == len(micro_batches) - 1
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device):
+                output = model(inputs)
+                loss = model_loss(model_cfg, output, targets)
+                total = loss.total
+                if teacher is not None:
+                    with torch.no_grad():
+                        target_logits = teacher(inputs).logits
+                    kl = distillation_loss(output.logits, target_logits, cfg.distill_temperature)
+                    total = total + cfg.distill_weight * kl
+                    totals["kl"] += kl.item() / len(micro_batches)
+            (total / len(micro_batches)).backward()
         for key, value in (("loss", total), ("ce", loss.cross_entropy), ("aux", loss.aux), ("z", loss.z)):
             totals[key] += value.item() / len(micro_batches)
         routing.append(output.routing)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    max_norm = cfg.grad_clip or float("inf")
+    grad_norm = (clip_gradients(max_norm) if clip_gradients is not None
+                 else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer.step()
     totals["grad_norm"] = grad_norm.item()
     totals["lr"] = optimizer.param_groups[0]["lr"]
@@ -201,11 +219,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int) -> Path:
-    """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`."""
+def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`.
+    `optimizer_state` replaces optimizer.state_dict() (moe.distributed passes the full one)."""
     ckpt = run / "ckpt"
     name = f"step_{step:06d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "rng": rng_state()}
 
     def write(tmp: Path) -> None:
         write_model(model, tmp, metadata={"step": str(step)})
@@ -221,8 +242,9 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
     return path
 
 
-def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.device) -> int:
-    """Restore weights, optimiser and random state from RUN's latest checkpoint; the step."""
+def read_checkpoint(run: Path, model: Transformer, device: torch.device) -> dict:
+    """Fill `model` with the weights of RUN's latest checkpoint; its train state (step,
+    optimizer state dict, rng) for the caller to apply."""
     if not (run / "ckpt" / "latest").is_file():
         raise CheckpointError(f"{run} has no checkpoint to resume ({run / 'ckpt' / 'latest'} is "
                               "missing); start without --resume or give the run folder with --out")
@@ -230,10 +252,15 @@ def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.devi
     model.load_state_dict(loaded.state_dict())
     step_dir = run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
     try:
-        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        return torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"{step_dir / STATE_FILE} cannot be read ({error}); "
                               "delete that checkpoint and point ckpt/latest at an older one") from None
+
+
+def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.device) -> int:
+    """Restore weights, optimiser and random state from RUN's latest checkpoint; the step."""
+    state = read_checkpoint(run, model, device)
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return state["step"]
