@@ -90,3 +90,18 @@ def test_stop_string_completing_anywhere_in_the_new_tokens():
     assert check_stop(encode("ab\n\ncd"), params, n_new=5) == ("stop", 4)
     assert visible_text(encode("xxEND"), params) == "xx"
     assert visible_text(encode("xx") + [EOS], params) == "xx"
+
+
+def test_stop_on_the_tokenizers_own_eos_id():
+    params = SamplingParams(eos_id=7)
+    assert check_stop([5, 7, 9], params, n_new=3) == ("eos", 2)
+    assert check_stop([EOS], params) == (None, 1)  # our byte EOS is an ordinary id here
+    assert check_stop([EOS], SamplingParams(eos_id=None)) == (None, 1)
+
+
+def test_stop_string_completing_inside_a_token_of_another_tokenizer():
+    words = ["ab", "c\n\nd", "e"]  # a tokenizer whose tokens are these strings
+    params = SamplingParams(stop=("\n\n",), decode=lambda ids: "".join(words[i] for i in ids))
+    assert check_stop([0], params) == (None, 1)
+    assert check_stop([0, 1, 2], params, n_new=3) == ("stop", 2)
+    assert visible_text([0, 1], params) == "abc"
