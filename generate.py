@@ -11,6 +11,10 @@
     # (one object per line: {"prompt": "...", "max_new_tokens": 50, "temperature": 0.7, ...})
     python generate.py --ckpt runs/tiny --prompt-file prompts.jsonl --out results.jsonl
 
+    # a Hugging Face Mixtral folder: its tokenizer.json is used when the `tokenizers`
+    # package is installed (pip install -e '.[hf]'), else our byte-level tokenizer
+    python generate.py --ckpt path/to/mixtral --prompt "The capital of France is"
+
     # continuous vs static batching, side by side; writes benchmarks/results/*.json
     python generate.py bench --ckpt runs/tiny --slots 8 16
     python generate.py bench --arrival poisson            # rate: 90% of static capacity
@@ -23,7 +27,6 @@ moe/engine.py, moe/static_batching.py and moe/bench.py.
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import json
 import sys
@@ -36,10 +39,11 @@ from moe.config import load_model_config
 from moe.engine import Engine, EngineConfig
 from moe.generation import stream
 from moe.model import Transformer
-from moe.sampling import SamplingParams, visible_bytes
-from moe.tokenizer import encode
+from moe.sampling import SamplingParams, visible_text
+from moe.text import TextTokenizer, load_tokenizer, text_pieces
 
-SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
+FROM_TOKENIZER = {"eos_id", "decode"}  # SamplingParams fields the tokenizer sets
+SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - FROM_TOKENIZER
 SETTING_TYPES = dict(temperature=(int, float), top_k=(int,), top_p=(int, float), max_new_tokens=(int,),
                      seed=(int,), ignore_eos=(bool,))
 
@@ -72,30 +76,39 @@ def build_model(args) -> tuple[Transformer, str]:
 # generate: one streamed prompt, or a JSONL file through the engine
 # ---------------------------------------------------------------------------------------
 
-def stream_prompt(model: Transformer, prompt: str, params: SamplingParams, bos: bool) -> None:
-    """Print text as tokens arrive, holding back bytes that may start a stop string."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    hold = max((len(s.encode("utf-8")) for s in params.stop), default=1) - 1
-    generated, shown = [], 0
-    for token in stream(model, encode(prompt, bos=bos), params):
-        generated.append(token)
-        data = visible_bytes(generated, params)
-        if len(data) - hold > shown:
-            sys.stdout.write(decoder.decode(data[shown:len(data) - hold]))
-            sys.stdout.flush()
-            shown = len(data) - hold
-    sys.stdout.write(decoder.decode(visible_bytes(generated, params)[shown:], final=True) + "\n")
+def load_text_tokenizer(path: str, model: Transformer, bos: bool) -> TextTokenizer:
+    """The checkpoint's tokenizer (see moe/text.py), checked against the model; named on stderr."""
+    tokenizer = load_tokenizer(path)
+    problem = tokenizer.vocab_problem(model.cfg.vocab_size)
+    if problem:
+        sys.exit(f"error: {problem}")
+    if bos and tokenizer.bos_id is None:
+        sys.exit(f"error: --bos, but the tokenizer ({tokenizer.source}) has no BOS id (config.json "
+                 "names no bos_token_id); drop --bos or add bos_token_id to config.json")
+    print(f"tokenizer: {tokenizer.source}", file=sys.stderr)
+    return tokenizer
 
 
-def speculate_prompt(model: Transformer, args, params: SamplingParams) -> None:
+def encode_prompt(tokenizer: TextTokenizer, prompt: str, bos: bool) -> list[int]:
+    return ([tokenizer.bos_id] if bos else []) + tokenizer.encode(prompt)
+
+
+def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams) -> None:
+    """Print text as tokens arrive, holding back what may yet change or start a stop string."""
+    for piece in text_pieces(stream(model, prompt, params), params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams) -> None:
     """Print the completion decoded speculatively, then the run's statistics on stderr."""
     from moe.speculative import PromptLookupProposer, speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
     proposer = None if draft is not None else PromptLookupProposer()
-    out, stats = speculative_generate(model, [encode(args.prompt, bos=args.bos)], params,
-                                      proposer=proposer, draft=draft, gamma=args.speculate,
-                                      adaptive=args.adaptive)
-    sys.stdout.write(visible_bytes(out[0], params).decode("utf-8", errors="replace") + "\n")
+    out, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
+                                      gamma=args.speculate, adaptive=args.adaptive)
+    sys.stdout.write(visible_text(out[0], params) + "\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
 
 
@@ -121,7 +134,8 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
 
 
 def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
-               bos: bool, draft: Transformer | None = None, gamma: int = 4) -> None:
+               tokenizer: TextTokenizer, bos: bool, draft: Transformer | None = None,
+               gamma: int = 4) -> None:
     if draft is not None:
         from moe.speculative_engine import SpeculativeEngine
         engine = SpeculativeEngine(model, draft, gamma, engine_config)
@@ -138,7 +152,8 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
         except (ValueError, TypeError) as error:
             results.append(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
             continue
-        requests[number] = engine.add_request(encode(prompt, bos=bos), params)
+        requests[number] = engine.add_request(encode_prompt(tokenizer, prompt, bos),
+                                              tokenizer.sampling_params(params))
     engine.run()
     for number, r in requests.items():
         result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
@@ -184,21 +199,25 @@ def main_generate(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = build_model(args)
+    tokenizer = load_text_tokenizer(args.ckpt, model, args.bos)
     if args.prompt is not None:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                                tuple(args.stop), args.seed, args.ignore_eos)
+        params = tokenizer.sampling_params(SamplingParams(
+            args.temperature, args.top_k, args.top_p, args.max_new_tokens, tuple(args.stop),
+            args.seed, args.ignore_eos))
+        prompt = encode_prompt(tokenizer, args.prompt, args.bos)
         try:
             if args.draft or args.prompt_lookup:
-                speculate_prompt(model, args, params)
+                speculate_prompt(model, args, prompt, params)
             else:
-                stream_prompt(model, args.prompt, params, args.bos)
+                stream_prompt(model, prompt, params)
         except ValueError as error:
             sys.exit(f"error: {error}")
     else:
         config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
                               args.block_size, args.num_blocks, megabytes(args.kv_cache_mb))
         draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
-        serve_file(model, args.prompt_file, args.out, config, args.bos, draft, args.speculate)
+        serve_file(model, args.prompt_file, args.out, config, tokenizer, args.bos, draft,
+                   args.speculate)
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ tensors; on export, dense layers (moe_every != 1 has no Mixtral form).
 
 Loading is lazy: every file is memory-mapped (safetensors), each tensor is read once and
 copied into its final place, so a model larger than half the RAM still loads.
+A folder's tokenizer.json is read by moe/text.py.
 
 Shapes: V vocab, D d_model, E experts, K experts per token, F expert hidden width.
 """
@@ -39,9 +40,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +53,6 @@ from moe.config import BYTE_VOCAB_SIZE, ModelConfig
 from moe.model import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old exports stored; recomputed here
 STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                  "BF16": torch.bfloat16}  # safetensors dtype names
@@ -327,43 +325,3 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = 
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return write_directory_atomically(path, write)
-
-
-# ---------------------------------------------------------------------------------------
-# Tokenizer: ours (bytes), or the checkpoint's own tokenizer.json
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class TextTokenizer:
-    """What generation needs of a tokenizer: text <-> ids and the special ids."""
-
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
-    bos_id: int | None
-    eos_id: int | None
-    source: str  # "bytes" or the tokenizer.json it was read from
-
-
-def load_tokenizer(path: str | Path | None) -> TextTokenizer:
-    """The checkpoint's tokenizer.json through the `tokenizers` package when both exist
-    (pip install 'gpt4-moe[hf]'), else our byte-level tokenizer (moe/tokenizer.py)."""
-    file = Path(path) / TOKENIZER_FILE if path is not None else None
-    if file is not None and file.is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            warnings.warn(f"{file} is ignored because the `tokenizers` package is missing "
-                          "(pip install 'gpt4-moe[hf]'); using the byte-level tokenizer",
-                          stacklevel=2)
-        else:
-            tok = Tokenizer.from_file(str(file))
-            config_file = Path(path) / CONFIG_FILE
-            hf = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            eos = hf.get("eos_token_id")
-            return TextTokenizer(
-                encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
-                decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-                bos_id=hf.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos,
-                source=str(file))
-    return TextTokenizer(encode=byte_tokenizer.encode, decode=byte_tokenizer.decode,
-                         bos_id=byte_tokenizer.BOS, eos_id=byte_tokenizer.EOS, source="bytes")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from moe.checkpoint import CheckpointError, load_model
 from moe.generation import generate
-from moe.hf import load_hf, load_tokenizer, save_hf
+from moe.hf import load_hf, save_hf
 from moe.sampling import SamplingParams
 
 VOCAB = 96
@@ -189,28 +189,3 @@ def test_export_warns_that_capacity_is_dropped(tmp_path, make_model):
     with pytest.warns(UserWarning, match="capacity_factor"):
         save_hf(make_model(capacity_factor=1.25), tmp_path / "hf")
     assert load_model(tmp_path / "hf").cfg.capacity_factor is None
-
-
-# ---------------------------------------------------------------------------------------
-# Tokenizer: ours unless the checkpoint brings a tokenizer.json
-# ---------------------------------------------------------------------------------------
-
-def test_tokenizer_is_bytes_without_tokenizer_json(tmp_path):
-    tok = load_tokenizer(tmp_path)
-    assert tok.source == "bytes"
-    assert tok.decode(tok.encode("héllo")) == "héllo"
-
-
-def test_tokenizer_json_is_used_when_tokenizers_is_installed(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers", reason="the optional `tokenizers` package "
-                                     "is not installed (pip install -e '.[hf]')")
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1]}))
-    loaded = load_tokenizer(tmp_path)
-    assert loaded.source.endswith("tokenizer.json")
-    assert loaded.encode("hello world hello") == [3, 4, 3]
-    assert loaded.decode([3, 4]) == "hello world"
-    assert (loaded.bos_id, loaded.eos_id) == (0, 1)

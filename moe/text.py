@@ -1,0 +1,104 @@
+"""Text for generation: which tokenizer turns it into ids and back, and how to stream it.
+
+Why a module of its own: the model only sees ids, but a user types and reads text, and a
+checkpoint may bring its own tokenizer. Ours is byte-level (moe/tokenizer.py); a Hugging
+Face folder may hold a `tokenizer.json`, read through the optional `tokenizers` package
+(pip install 'gpt4-moe[hf]'). `TextTokenizer` is what generation needs of either: encode,
+decode, the special ids, the vocabulary size, and `sampling_params` to stop on its EOS and
+check stop strings on its text.
+
+Streaming a general tokenizer: a token is not a fixed piece of text (a byte-level BPE token
+may be half of a UTF-8 character, a SentencePiece token may carry the space before a word),
+so `text_pieces` decodes everything generated after each token and prints what became
+stable: the visible text (stop string cut off) less a trailing U+FFFD (an unfinished
+character) and less len(longest stop) - 1 characters that may yet start a stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe import tokenizer as byte_tokenizer
+from moe.checkpoint import CONFIG_FILE
+from moe.sampling import SamplingParams, visible_text
+
+TOKENIZER_FILE = "tokenizer.json"
+BYTES = "bytes"  # the source of our byte-level tokenizer
+
+
+@dataclass
+class TextTokenizer:
+    """What generation needs of a tokenizer: text <-> ids, the special ids, the size."""
+
+    encode: Callable[[str], list[int]]  # no special tokens added
+    decode: Callable[[list[int]], str]  # special tokens left out
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int  # ids are in [0, vocab_size)
+    source: str  # BYTES or the tokenizer.json it was read from
+
+    def sampling_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` stopping on this tokenizer's EOS and checking stop strings on its text
+        (ours keeps the exact byte check of moe/sampling.py)."""
+        decode = None if self.source == BYTES else self.decode
+        return dataclasses.replace(params, eos_id=self.eos_id, decode=decode)
+
+    def vocab_problem(self, model_vocab_size: int) -> str | None:
+        """Why this tokenizer cannot drive a model with `model_vocab_size` ids, or None."""
+        if self.vocab_size <= model_vocab_size:
+            return None
+        return (f"the tokenizer ({self.source}) has {self.vocab_size} ids but the model's "
+                f"vocab_size is {model_vocab_size}, so its ids would index past the embedding; "
+                "use the tokenizer the model was trained with (a Mixtral folder's tokenizer.json "
+                "is read when the `tokenizers` package is installed: pip install 'gpt4-moe[hf]')")
+
+
+def byte_level() -> TextTokenizer:
+    return TextTokenizer(encode=byte_tokenizer.encode, decode=byte_tokenizer.decode,
+                         bos_id=byte_tokenizer.BOS, eos_id=byte_tokenizer.EOS,
+                         vocab_size=byte_tokenizer.VOCAB_SIZE, source=BYTES)
+
+
+def load_tokenizer(path: str | Path | None) -> TextTokenizer:
+    """The checkpoint's tokenizer.json through the `tokenizers` package when both exist
+    (BOS and EOS ids from its config.json), else our byte-level tokenizer."""
+    file = Path(path) / TOKENIZER_FILE if path is not None else None
+    if file is None or not file.is_file():
+        return byte_level()
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        warnings.warn(f"{file} is ignored because the `tokenizers` package is missing "
+                      "(pip install 'gpt4-moe[hf]'); using the byte-level tokenizer", stacklevel=2)
+        return byte_level()
+    tok = Tokenizer.from_file(str(file))
+    config_file = Path(path) / CONFIG_FILE
+    hf = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    eos = hf.get("eos_token_id")
+    return TextTokenizer(
+        encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+        bos_id=hf.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), source=str(file))
+
+
+def text_pieces(tokens: Iterable[int], params: SamplingParams) -> Iterator[str]:
+    """The visible text of `tokens` (as generated, one at a time), in pieces as it becomes
+    stable; the pieces join to visible_text of all of them. Assumes that more tokens never
+    change text already stable, as holds for byte-level and SentencePiece-style decoders."""
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    generated: list[int] = []
+    shown = 0
+    for token in tokens:
+        generated.append(token)
+        text = visible_text(generated, params)
+        stable = len(text.rstrip("\ufffd")) - hold
+        if stable > shown:
+            yield text[shown:stable]
+            shown = stable
+    yield visible_text(generated, params)[shown:]

@@ -1,0 +1,217 @@
+"""Text for generation: a Mixtral folder's own tokenizer.json drives generate.py (prompt ids,
+output text, stop strings, its EOS) and gives the same text as decoding moe.generation's
+greedy tokens with it; our byte-level tokenizer otherwise, or when `tokenizers` is missing;
+streaming never shows half a character or the start of a stop string."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+import generate as cli
+from moe.checkpoint import load_model
+from moe.generation import generate, stream
+from moe.hf import save_hf
+from moe.model import Transformer
+from moe.sampling import SamplingParams, visible_text
+from moe.text import load_tokenizer, text_pieces
+from moe.tokenizer import decode, encode
+from tests.conftest import tiny_config
+
+NO_TOKENIZERS = "the optional `tokenizers` package is not installed (pip install -e '.[hf]')"
+TEXTS = ["the cat sat on the mat", "a dog ran after the cat", "hello world, hello moe",
+         "the experts route every token"]
+PROMPT = "the cat"
+
+
+def train_tokenizer():
+    """A SentencePiece-style BPE (Metaspace, like Mixtral's) trained on TEXTS: <s> 0, </s> 1."""
+    tokenizers = pytest.importorskip("tokenizers", reason=NO_TOKENIZERS)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=64, show_progress=False,
+                                             special_tokens=["<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(TEXTS, trainer)
+    return tok
+
+
+def edit_config(folder, **changes):
+    file = folder / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+    return folder
+
+
+def export(model, folder, **config):
+    """`model` as a Mixtral folder, config.json edited by `config`."""
+    save_hf(model, folder)
+    return edit_config(folder, **config)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """(folder with config.json, weights and tokenizer.json, the tokenizer): a tiny model of
+    ours with the tokenizer's vocabulary, weights widened so greedy text varies."""
+    tok = train_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tok.get_vocab_size())).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.2)
+    folder = export(model, tmp_path_factory.mktemp("mixtral") / "hf", bos_token_id=0, eos_token_id=1)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, tok
+
+
+def run(capsys, *args):
+    """generate.py in this process: (stdout, stderr)."""
+    cli.main_generate([str(a) for a in args])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def greedy(folder, prompt, n, **params):
+    return generate(load_model(folder), prompt, SamplingParams(max_new_tokens=n, **params))
+
+
+def decoded(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def serve(capsys, folder, tmp_path, **request):
+    infile = tmp_path / "in.jsonl"
+    infile.write_text(json.dumps({"prompt": PROMPT, **request}) + "\n")
+    out, _ = run(capsys, "--ckpt", folder, "--prompt-file", infile)
+    return json.loads(out)
+
+
+# ---------------------------------------------------------------------------------------
+# A Mixtral folder with tokenizer.json
+# ---------------------------------------------------------------------------------------
+
+def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral, capsys,
+                                                                         monkeypatch):
+    folder, tok = mixtral
+    prompts = []
+
+    def recording_stream(model, prompt, params):
+        prompts.append(prompt)
+        return stream(model, prompt, params)
+
+    monkeypatch.setattr(cli, "stream", recording_stream)
+    out, err = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--bos", "--max-new-tokens", 20,
+                   "--ignore-eos")
+    ids = [0] + tok.encode(PROMPT, add_special_tokens=False).ids
+    assert prompts == [ids]
+    assert out == decoded(tok, greedy(folder, ids, 20, ignore_eos=True)) + "\n"
+    assert f"tokenizer: {folder / 'tokenizer.json'}" in err
+
+
+@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "engine"])
+def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mode):
+    folder, tok = mixtral
+    full = decoded(tok, greedy(folder, tok.encode(PROMPT, add_special_tokens=False).ids, 24,
+                               ignore_eos=True))
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # may start inside a token
+    expected = full[:full.find(stop)]
+    assert 0 < len(expected) < len(full) - 3
+    if mode == "engine":
+        result = serve(capsys, folder, tmp_path, max_new_tokens=24, ignore_eos=True, stop=stop)
+        assert (result["text"], result["finish_reason"]) == (expected, "stop")
+    else:
+        extra = ["--prompt-lookup"] if mode == "prompt-lookup" else []
+        out, _ = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--max-new-tokens", 24,
+                     "--ignore-eos", "--stop", stop, *extra)
+        assert out == expected + "\n"
+
+
+def test_eos_id_from_config_json_stops_generation(mixtral, capsys, tmp_path):
+    folder, tok = mixtral
+    prompt = tok.encode(PROMPT, add_special_tokens=False).ids
+    tokens = greedy(folder, prompt, 24, ignore_eos=True)
+    k = next(i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i])  # a new token
+    edit_config(shutil.copytree(folder, tmp_path / "hf"), eos_token_id=tokens[k])
+    result = serve(capsys, tmp_path / "hf", tmp_path, max_new_tokens=24)
+    assert (result["finish_reason"], result["output_tokens"]) == ("eos", k + 1)
+    assert result["text"] == decoded(tok, tokens[:k + 1])
+    out, _ = run(capsys, "--ckpt", tmp_path / "hf", "--prompt", PROMPT, "--max-new-tokens", 24)
+    assert out == decoded(tok, tokens[:k + 1]) + "\n"
+
+
+def test_bos_is_refused_when_the_tokenizer_has_none(mixtral, tmp_path):
+    folder, tok = mixtral
+    edit_config(shutil.copytree(folder, tmp_path / "hf"), bos_token_id=None)
+    with pytest.raises(SystemExit, match="--bos.*no BOS id"):
+        cli.main_generate(["--ckpt", str(tmp_path / "hf"), "--prompt", PROMPT, "--bos"])
+
+
+# ---------------------------------------------------------------------------------------
+# Ours: bytes
+# ---------------------------------------------------------------------------------------
+
+def test_tokenizer_json_without_tokenizers_falls_back_to_bytes_with_a_warning(
+        make_model, capsys, tmp_path, monkeypatch):
+    model = make_model()
+    folder = export(model, tmp_path / "hf")
+    (folder / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` fails
+    with pytest.warns(UserWarning, match="tokenizer.json is ignored.*`tokenizers`"):
+        out, err = run(capsys, "--ckpt", folder, "--prompt", "hi", "--max-new-tokens", 8,
+                       "--ignore-eos")
+    tokens = generate(model, encode("hi"), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert out == decode(tokens) + "\n"
+    assert "tokenizer: bytes" in err
+
+
+def test_byte_tokenizer_is_refused_for_a_smaller_vocabulary_naming_both(make_model, tmp_path):
+    folder = export(make_model(vocab_size=64), tmp_path / "hf")
+    with pytest.raises(SystemExit, match="has 259 ids but the model's vocab_size is 64"):
+        cli.main_generate(["--ckpt", str(folder), "--prompt", "hi"])
+
+
+def test_tokenizer_is_bytes_without_tokenizer_json(tmp_path):
+    tok = load_tokenizer(tmp_path)
+    assert (tok.source, tok.vocab_size) == ("bytes", 259)
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+
+
+def test_tokenizer_json_is_used_when_tokenizers_is_installed(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason=NO_TOKENIZERS)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1]}))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.source.endswith("tokenizer.json") and loaded.vocab_size == 5
+    assert loaded.encode("hello world hello") == [3, 4, 3]
+    assert loaded.decode([3, 4]) == "hello world"
+    assert (loaded.bos_id, loaded.eos_id) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------
+
+def pieces_and_shown(tokens, params):
+    pieces = list(text_pieces(tokens, params))
+    return pieces, ["".join(pieces[:i + 1]) for i in range(len(pieces))]
+
+
+def test_streamed_bytes_never_show_half_a_character():
+    params = SamplingParams()
+    tokens = encode("a€b😀")
+    pieces, shown = pieces_and_shown(tokens, params)
+    assert "".join(pieces) == visible_text(tokens, params) == "a€b😀"
+    assert not any("\ufffd" in s for s in shown)
+
+
+def test_streamed_text_never_shows_the_start_of_a_stop_string():
+    words = ["hel", "lo w", "orld\n", "\nbye"]  # a tokenizer whose tokens are these strings
+    params = SamplingParams(stop=("\n\n",), decode=lambda ids: "".join(words[i] for i in ids))
+    pieces, shown = pieces_and_shown(range(len(words)), params)
+    assert "".join(pieces) == visible_text(list(range(len(words))), params) == "hello world"
+    assert not any(s.endswith("\n") for s in shown)
