@@ -1,25 +1,25 @@
-"""Expert parallelism: the experts of each MoE layer split over D ranks, tokens sent to them.
+"""Expert parallelism: the experts of each MoE layer split over P ranks, tokens sent to them.
 
 Why: the experts hold almost all of an MoE model's parameters (GPT-4 is reported at about
 1.8T), far more than one device holds, while each token needs only K of them. So each rank
-keeps E / D experts of every MoE layer and the shared weights (attention, router, norms,
-embedding) whole; a token travels to the ranks owning its experts and its outputs travel
-back. This module changes a model that every rank has built in full with the same seed
-(the model file knows nothing of it):
+keeps L = E / P experts of every MoE layer and the shared weights (attention, router,
+norms, embedding) whole; a token travels to the ranks owning its experts and its outputs
+travel back. This module changes a model that every rank has built in full with the same
+seed (the model file knows nothing of it):
 
     plan = apply_expert_parallel(model, ep_size)      # MoELayer -> ExpertParallelMoE
     optimizer = make_optimizer(model, train_cfg)      # after: it must see the shards
     loss = model_loss(cfg, model(inputs), targets).total;  loss.backward()
     reduce_gradients(model, plan);  clip_grad_norm(model, plan, max_norm);  optimizer.step()
 
-One MoE layer on one rank (ranks r of the EP group, D of them, each owning E / D experts):
+One MoE layer on one rank of an EP group (P ranks, rank p owning experts p*L .. p*L+L-1):
 
     route this rank's N tokens                       # the replicated router, as MoELayer
-    slots choice-major, stable-sorted by expert      # experts of rank 0 first, then rank 1 ...
+    slots choice-major, stable-sorted by expert      # rank 0's experts first, then rank 1's ...
     capacity applied here, per rank                  # = one process running this rank's batch
-    counts [E] -> all_to_all -> rows for my experts from every rank   [D, E / D]
-    rows   [kept, D] -> all_to_all (variable splits) -> received [R, D]
-    received -> my E / D experts (kernels/moe_dispatch, K = 1, weight 1) -> out [R, D]
+    counts [P, L] -> all_to_all -> rows each rank sends to each of my experts   [P, L]
+    rows [kept, D] -> all_to_all (variable splits) -> received [R, D]
+    received -> my L experts (kernels/moe_dispatch, K = 1, weight 1) -> out [R, D]
     out -> all_to_all (the splits reversed) -> returned [kept, D], in the sorted slot order
     y[token] += routing weight * returned row        # token order, as MoELayer
 
@@ -31,18 +31,19 @@ The step wants the gradient of the mean loss (1 / W) sum_r l_r over all W ranks,
 gradients are averaged over the world, and expert gradients summed over the ranks that
 hold the same experts (one per EP group: together they cover every rank) and divided by W.
 
-Byte accounting (`plan.bytes_moved`): every exchange adds what this rank SENT, rows x width
-x element size, in total (the share a rank sends to itself included, as all_to_all copies
-it) and to other ranks only. Dropless, a rank's dispatch sends N x K rows, and so does its
-combine, and each is repeated in the backward: the formula tokens x K x width x bytes per
-direction and pass.
+Byte accounting (`plan.bytes_moved`): every exchange adds what this rank SENT, rows x D
+x element size, in total (the share a rank sends to itself included: all_to_all copies
+it) and to other ranks only. A rank's dispatch sends its kept slots, N x K rows when
+dropless: the formula tokens x K x width x bytes, per layer and direction. Its combine
+sends back the R rows its experts served (over the ranks, the same sum as the dispatches),
+and the backward repeats both, reversed.
 
 Collectives must line up: every rank of a group runs the same layers in the same order
 (forward, and backward for all or none). Experts that receive no rows still run (on zero
 rows), so their gradients are zeros and every rank's backward makes the same exchanges.
 
-Shapes: N tokens on this rank, D d_model (width), E experts, K experts per token, R rows
-received by this rank, W world size; `D` in ep_size is the number of ranks per EP group.
+Shapes: N tokens on this rank, D d_model, E experts, K experts per token, P ranks per EP
+group (ep_size), L = E / P experts per rank, R rows received by this rank, W world size.
 """
 
 from __future__ import annotations
@@ -91,12 +92,12 @@ class ExchangeBytes:
 
 @dataclass
 class ExpertParallelPlan:
-    ep_size: int  # D: ranks that split one layer's experts
-    ep_group: dist.ProcessGroup  # this rank's EP group: ranks [g*D, (g+1)*D)
-    expert_dp_group: dist.ProcessGroup  # ranks holding the same experts (rank % D equal)
+    ep_size: int  # P: ranks that split one layer's experts
+    ep_group: dist.ProcessGroup  # this rank's EP group: ranks [g*P, (g+1)*P)
+    expert_dp_group: dist.ProcessGroup  # ranks holding the same experts (rank % P equal)
     local_experts: range  # global ids of the experts owned here
     n_experts: int  # E, experts per MoE layer in the full model
-    expert_parameter_names: frozenset[str]  # e.g. "blocks.3.ffn.w_in", shape [E / D, ...]
+    expert_parameter_names: frozenset[str]  # e.g. "blocks.3.ffn.w_in", shape [L, ...]
     bytes_moved: ExchangeBytes = field(default_factory=ExchangeBytes)
 
 
@@ -106,7 +107,7 @@ class ExpertParallelPlan:
 
 def _exchange(rows: Tensor, send_splits: list[int], recv_splits: list[int],
               group: dist.ProcessGroup, counter: ExchangeBytes, kind: str) -> Tensor:
-    """rows [sum(send_splits), W] -> [sum(recv_splits), W]: chunk i goes to group rank i."""
+    """rows [sum(send_splits), ...] -> [sum(recv_splits), ...]: chunk i goes to group rank i."""
     rows = rows.contiguous()
     received = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
     dist.all_to_all_single(received, rows, output_split_sizes=recv_splits,
@@ -144,15 +145,15 @@ class ExpertParallelMoE(MoELayer):
     """
 
     def __init__(self, layer: MoELayer, plan: ExpertParallelPlan):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not MoELayer's: it would allocate all E experts again
         self.k = layer.k
         self.capacity_factor = layer.capacity_factor
         self.jitter = layer.jitter
         self.kernel_backend = layer.kernel_backend
         self.router = layer.router
         mine = slice(plan.local_experts.start, plan.local_experts.stop)
-        self.w_in = nn.Parameter(layer.w_in.detach()[mine].clone())  # [E / D, D, 2F]
-        self.w_out = nn.Parameter(layer.w_out.detach()[mine].clone())  # [E / D, F, D]
+        self.w_in = nn.Parameter(layer.w_in.detach()[mine].clone())  # [L, D, 2F]
+        self.w_out = nn.Parameter(layer.w_out.detach()[mine].clone())  # [L, F, D]
         for param in (self.w_in, self.w_out):
             setattr(param, EXPERT_FLAG, True)
         self.plan = plan
@@ -181,9 +182,9 @@ class ExpertParallelMoE(MoELayer):
         dropped = slot_expert.new_tensor(slot_expert.numel()) - order.numel()
         tokens = order % n_tokens  # [kept]
         # ---- exchange counts, then rows --------------------------------------------------
-        send_counts = counts.view(plan.ep_size, n_local)  # [D ranks, E / D]
+        send_counts = counts.view(plan.ep_size, n_local)  # [P, L] by owning rank
         recv_counts = _exchange(send_counts, [1] * plan.ep_size, [1] * plan.ep_size,
-                                plan.ep_group, plan.bytes_moved, "counts")  # [D ranks, E / D]
+                                plan.ep_group, plan.bytes_moved, "counts")  # [P, L] by source
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         received = _AllToAll.apply(x[tokens], send_splits, recv_splits, plan.ep_group,
@@ -236,7 +237,9 @@ def apply_expert_parallel(model: Transformer, ep_size: int) -> ExpertParallelPla
                            "apply_expert_parallel")
     world, rank = dist.get_world_size(), dist.get_rank()
     n_experts = model.cfg.n_experts
-    if ep_size < 1 or world % ep_size:
+    if ep_size < 1:
+        raise ValueError(f"expert-parallel size must be at least 1, got {ep_size}")
+    if world % ep_size:
         raise ValueError(f"expert-parallel size {ep_size} must divide the world size {world}; "
                          f"launch a multiple of {ep_size} processes or pick a divisor of {world}")
     if n_experts % ep_size:
@@ -307,11 +310,12 @@ def grad_norm(model: nn.Module, plan: ExpertParallelPlan) -> Tensor:
     """The global L2 norm of the gradient, each expert shard counted once (call after
     reduce_gradients, when shared gradients agree on every rank): what one process
     holding the whole model would compute."""
-    grads = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
-    first = grads[0][1].grad
-    shared = torch.zeros((), device=first.device, dtype=torch.float32)
-    experts = torch.zeros((), device=first.device, dtype=torch.float32)
-    for name, param in grads:
+    device = next(model.parameters()).device
+    shared = torch.zeros((), device=device, dtype=torch.float32)
+    experts = torch.zeros((), device=device, dtype=torch.float32)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
         square = param.grad.float().square().sum()
         if is_expert_parameter(name, param):
             experts += square
@@ -337,7 +341,7 @@ def clip_grad_norm(model: nn.Module, plan: ExpertParallelPlan, max_norm: float) 
 # ---------------------------------------------------------------------------------------
 
 def gather_expert_tensor(shard: Tensor, plan: ExpertParallelPlan) -> Tensor:
-    """[E / D, ...] on each rank of the EP group -> [E, ...], the same on all of them."""
+    """[L, ...] on each rank of the EP group -> [E, ...], the same on all of them."""
     shard = shard.detach().contiguous()
     pieces = [torch.empty_like(shard) for _ in range(plan.ep_size)]
     dist.all_gather(pieces, shard, group=plan.ep_group)
@@ -345,7 +349,7 @@ def gather_expert_tensor(shard: Tensor, plan: ExpertParallelPlan) -> Tensor:
 
 
 def shard_expert_tensor(full: Tensor, plan: ExpertParallelPlan) -> Tensor:
-    """[E, ...] -> this rank's experts [E / D, ...] (a copy)."""
+    """[E, ...] -> this rank's experts [L, ...] (a copy)."""
     if full.shape[0] != plan.n_experts:
         raise ValueError(f"an expert tensor has {plan.n_experts} rows (one per expert), "
                          f"got shape {tuple(full.shape)}")
