@@ -152,8 +152,8 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
         except (ValueError, TypeError) as error:
             results.append(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
             continue
-        requests[number] = engine.add_request(encode_prompt(tokenizer, prompt, bos),
-                                              tokenizer.sampling_params(params))
+        ids = encode_prompt(tokenizer, prompt, bos)
+        requests[number] = engine.add_request(ids, tokenizer.sampling_params(params, ids))
     engine.run()
     for number, r in requests.items():
         result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
@@ -201,10 +201,10 @@ def main_generate(argv: list[str]) -> None:
     model, _ = build_model(args)
     tokenizer = load_text_tokenizer(args.ckpt, model, args.bos)
     if args.prompt is not None:
+        prompt = encode_prompt(tokenizer, args.prompt, args.bos)
         params = tokenizer.sampling_params(SamplingParams(
             args.temperature, args.top_k, args.top_p, args.max_new_tokens, tuple(args.stop),
-            args.seed, args.ignore_eos))
-        prompt = encode_prompt(tokenizer, args.prompt, args.bos)
+            args.seed, args.ignore_eos), prompt)
         try:
             if args.draft or args.prompt_lookup:
                 speculate_prompt(model, args, prompt, params)

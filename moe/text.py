@@ -17,9 +17,10 @@ character) and less len(longest stop) - 1 characters that may yet start a stop s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from moe.sampling import SamplingParams, visible_text
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTES = "bytes"  # the source of our byte-level tokenizer
+CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones (see sampling_params)
 
 
 @dataclass
@@ -42,11 +44,22 @@ class TextTokenizer:
     vocab_size: int  # ids are in [0, vocab_size)
     source: str  # BYTES or the tokenizer.json it was read from
 
-    def sampling_params(self, params: SamplingParams) -> SamplingParams:
+    def sampling_params(self, params: SamplingParams, prompt: Sequence[int] = ()) -> SamplingParams:
         """`params` stopping on this tokenizer's EOS and checking stop strings on its text
-        (ours keeps the exact byte check of moe/sampling.py)."""
-        decode = None if self.source == BYTES else self.decode
-        return dataclasses.replace(params, eos_id=self.eos_id, decode=decode)
+        (ours keeps the exact byte check of moe/sampling.py). The generated ids are decoded
+        after the prompt's last few tokens: a SentencePiece decoder drops the space that
+        starts a text, so "▁sat" alone reads "sat" but reads " sat" after "the cat"."""
+        if self.source == BYTES:
+            return dataclasses.replace(params, eos_id=self.eos_id, decode=None)
+        context = list(prompt[-CONTEXT_TOKENS:])
+        return dataclasses.replace(params, eos_id=self.eos_id,
+                                   decode=functools.partial(self.decode_after, context))
+
+    def decode_after(self, context: list[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `context`, as it reads inside the whole text."""
+        head = self.decode(context)
+        whole = self.decode(context + list(ids))
+        return whole[len(head):] if whole.startswith(head) else self.decode(list(ids))
 
     def vocab_problem(self, model_vocab_size: int) -> str | None:
         """Why this tokenizer cannot drive a model with `model_vocab_size` ids, or None."""

@@ -77,8 +77,10 @@ def greedy(folder, prompt, n, **params):
     return generate(load_model(folder), prompt, SamplingParams(max_new_tokens=n, **params))
 
 
-def decoded(tok, ids):
-    return tok.decode(ids, skip_special_tokens=True)
+def decoded(tok, ids, prompt=()):
+    """The text `ids` add after `prompt`, as it reads in the whole text."""
+    whole = tok.decode(list(prompt) + list(ids), skip_special_tokens=True)
+    return whole[len(tok.decode(list(prompt), skip_special_tokens=True)):]
 
 
 def serve(capsys, folder, tmp_path, **request):
@@ -106,15 +108,15 @@ def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral
                    "--ignore-eos")
     ids = [0] + tok.encode(PROMPT, add_special_tokens=False).ids
     assert prompts == [ids]
-    assert out == decoded(tok, greedy(folder, ids, 20, ignore_eos=True)) + "\n"
+    assert out == decoded(tok, greedy(folder, ids, 20, ignore_eos=True), ids) + "\n"
     assert f"tokenizer: {folder / 'tokenizer.json'}" in err
 
 
 @pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "engine"])
 def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mode):
     folder, tok = mixtral
-    full = decoded(tok, greedy(folder, tok.encode(PROMPT, add_special_tokens=False).ids, 24,
-                               ignore_eos=True))
+    prompt = tok.encode(PROMPT, add_special_tokens=False).ids
+    full = decoded(tok, greedy(folder, prompt, 24, ignore_eos=True), prompt)
     stop = full[len(full) // 2: len(full) // 2 + 3]  # may start inside a token
     expected = full[:full.find(stop)]
     assert 0 < len(expected) < len(full) - 3
@@ -136,9 +138,18 @@ def test_eos_id_from_config_json_stops_generation(mixtral, capsys, tmp_path):
     edit_config(shutil.copytree(folder, tmp_path / "hf"), eos_token_id=tokens[k])
     result = serve(capsys, tmp_path / "hf", tmp_path, max_new_tokens=24)
     assert (result["finish_reason"], result["output_tokens"]) == ("eos", k + 1)
-    assert result["text"] == decoded(tok, tokens[:k + 1])
+    assert result["text"] == decoded(tok, tokens[:k + 1], prompt)
     out, _ = run(capsys, "--ckpt", tmp_path / "hf", "--prompt", PROMPT, "--max-new-tokens", 24)
-    assert out == decoded(tok, tokens[:k + 1]) + "\n"
+    assert out == decoded(tok, tokens[:k + 1], prompt) + "\n"
+
+
+def test_generated_text_keeps_the_space_it_has_after_the_prompt(mixtral):
+    folder, tok = mixtral
+    prompt = tok.encode(PROMPT, add_special_tokens=False).ids
+    generated = tok.encode(PROMPT + " sat on", add_special_tokens=False).ids[len(prompt):]
+    assert tok.decode(generated) == "sat on"  # alone, a SentencePiece decoder drops the space
+    params = load_tokenizer(folder).sampling_params(SamplingParams(), prompt)
+    assert visible_text(generated, params) == " sat on"
 
 
 def test_bos_is_refused_when_the_tokenizer_has_none(mixtral, tmp_path):
