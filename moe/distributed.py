@@ -113,7 +113,10 @@ def init(cfg: TrainConfig, expert_parallel: int = 1) -> Ranks:
 
 
 def shutdown(ranks: Ranks) -> None:
+    """Leave together: a rank that tears its group down while another still works (rank 0
+    writing plots and the sample) can abort at exit."""
     if ranks.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -208,8 +211,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ranks:
         optimizer_state = get_optimizer_state_dict(plain, optimizer, options=FULL_ON_CPU)
         return model_state, (_keyed_by_index(optimizer_state, names) if ranks.is_main else {})
     if ranks.parallel == "expert":
-        from moe.expert_parallel import full_optimizer_state, full_state_dict
-        return full_state_dict(plain, ranks.plan), full_optimizer_state(plain, optimizer, ranks.plan)
+        from moe.expert_parallel import full_optimizer_state_dict, full_state_dict
+        optimizer_state = full_optimizer_state_dict(optimizer, ranks.plan) if optimizer is not None else {}
+        return full_state_dict(plain, ranks.plan), optimizer_state
     return plain.state_dict(), optimizer.state_dict() if optimizer is not None else {}
 
 
@@ -252,7 +256,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, ranks: Ranks)
         named = _keyed_by_name(state, _optimizer_names(plain, optimizer))
         set_optimizer_state_dict(plain, optimizer, named, options=StateDictOptions(full_state_dict=True))
     elif ranks.parallel == "expert":
-        from moe.expert_parallel import load_full_optimizer_state
-        load_full_optimizer_state(plain, optimizer, ranks.plan, state)
+        from moe.expert_parallel import load_full_optimizer_state_dict
+        load_full_optimizer_state_dict(optimizer, ranks.plan, state)
     else:
         optimizer.load_state_dict(state)

@@ -1,0 +1,143 @@
+"""train.py under torchrun on CPU (Gloo, 2 processes started by the test): data parallel
+and expert parallel equal one process with the same global batch, checkpoints written by
+2 ranks (experts gathered) load and generate in one process, and resume under 2 ranks
+equals the uninterrupted run. moe/expert_parallel.py's own layer-level tests are in
+tests/test_expert_parallel.py."""
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import distributed
+from moe.checkpoint import load_model
+from moe.config import ConfigError, TrainConfig, load_setup
+from moe.data import get_batch, prepare
+from moe.generation import generate
+from moe.model import Transformer
+from moe.sampling import SamplingParams
+from moe.tokenizer import decode, encode
+from moe.training import make_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def _settings(tmp: Path, aux_loss_coef: float) -> list[str]:
+    return [f"data.source={json.dumps(str(tmp / 'data.txt'))}", f"data.cache_dir={json.dumps(str(tmp / 'cache'))}",
+            "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_expert=32", "model.n_experts=4",
+            "model.router_jitter=0.0", "model.capacity_factor=none", f"model.aux_loss_coef={aux_loss_coef}",
+            f"train.max_steps={STEPS}", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=1",
+            "train.log_every=1", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=2",
+            "train.device=\"cpu\""]
+
+
+def _train(tmp: Path, run: str, settings: list[str], extra: list[str] = ()) -> str:
+    """train.py on 2 Gloo ranks; rank 0's stdout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train.py", "--config", "configs/tiny.toml", "--out", str(tmp / run), "--quiet", "--sample", "a",
+               *[f"--set={s}" for s in settings], *extra]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-rank runs shared by the tests: DDP with the load-balancing loss off, FSDP2 and
+    expert parallel (2 of the 4 experts per rank) with it on."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    (tmp / "data.txt").write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
+    out = {"tmp": tmp}
+    for name, extra_settings, aux, extra in (("ddp", [], 0.0, []),
+                                             ("fsdp", ["train.parallel=\"fsdp\""], 0.01, []),
+                                             ("expert", [], 0.01, ["--expert-parallel", "2"])):
+        settings = _settings(tmp, aux) + extra_settings
+        out[name] = (_train(tmp, name, settings, extra), settings, extra)
+    return out
+
+
+def _reference(tmp: Path, settings: list[str], one_batch: bool) -> Transformer:
+    """One process, the same seed and batches: rank r's batch of step s is batch index
+    2s + r, either concatenated into one batch of 2B or accumulated as 2 micro-batches."""
+    setup = load_setup(ROOT / "configs/tiny.toml", settings)
+    cfg = setup["train"]
+    corpus = prepare(setup["data"], seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(setup["model"])
+    optimizer = make_optimizer(model, cfg)
+    for step in range(STEPS):
+        micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, 2 * step + r) for r in range(2)]
+        if one_batch:
+            micro = [(torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro]))]
+        train_step(model, optimizer, micro, cfg, step, torch.device("cpu"))
+    return model
+
+
+def _assert_same_parameters(trained: Transformer, reference: Transformer) -> None:
+    # atol 1e-5 = 1/300 of one step at lr 3e-3: Adam divides by sqrt(v), so where a gradient
+    # is near zero (output rows of bytes absent from the batch) float32 rounding of another
+    # summation order moves a weight by a small fraction of the learning rate.
+    for (name, a), b in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_ddp_over_two_ranks_with_batch_b_equals_one_process_with_batch_2b(runs):
+    # The Switch load-balancing loss multiplies two means over the batch, so it is not an
+    # average of per-sequence losses: two halves of B do not add up to one batch of 2B.
+    # That run has it off; the FSDP2 test below keeps it on against accumulation.
+    settings = runs["ddp"][1]
+    _assert_same_parameters(load_model(runs["tmp"] / "ddp"), _reference(runs["tmp"], settings, one_batch=True))
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "expert"])
+def test_two_ranks_equal_one_process_accumulating_their_two_batches(runs, mode):
+    # Each rank's loss (load-balancing term included) is over its own B sequences, exactly
+    # like each micro-batch's loss when one process accumulates 2 micro-batches of B.
+    settings = runs[mode][1]
+    _assert_same_parameters(load_model(runs["tmp"] / mode), _reference(runs["tmp"], settings, one_batch=False))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "expert"])
+def test_checkpoint_of_two_ranks_generates_the_same_greedy_text_in_one_process(runs, mode):
+    stdout = runs[mode][0]
+    printed = re.search(r"^sample: 'a' -> (.*)$", stdout, re.MULTILINE)
+    assert printed, stdout
+    model = load_model(runs["tmp"] / mode).eval()
+    tokens = generate(model, encode("a", bos=True), SamplingParams(max_new_tokens=120))
+    assert decode(tokens) == ast.literal_eval(printed.group(1))
+
+
+def _losses(run: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "expert"])
+def test_resume_under_two_ranks_gives_the_losses_of_the_uninterrupted_run(runs, mode):
+    tmp, (_, settings, extra) = runs["tmp"], runs[mode]
+    resumed = f"{mode}-resumed"
+    shutil.copytree(tmp / mode, tmp / resumed)
+    (tmp / resumed / "ckpt" / "latest").write_text("step_000002\n")  # as if killed after step 2
+    _train(tmp, resumed, settings, extra + ["--resume"])
+    expected = _losses(tmp / mode)
+    assert [s for s, _, _ in expected] == list(range(1, STEPS + 1))
+    assert _losses(tmp / resumed) == expected  # identical, not merely close
+
+
+def test_bad_layouts_are_refused_before_any_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="must divide the number of processes"):
+        distributed.init(TrainConfig(), expert_parallel=3)
+    with pytest.raises(ConfigError, match="cannot be combined with --expert-parallel"):
+        distributed.init(TrainConfig(parallel="fsdp"), expert_parallel=2)
+    with pytest.raises(ConfigError, match="train.parallel"):
+        TrainConfig(parallel="tensor")
