@@ -40,6 +40,7 @@ SCENARIOS = {  # name: (config overrides, world size, ep_size, router bias per M
     "capacity": (["model.capacity_factor=0.5"], 2, 2, None),
     "ep1_tied": (["model.tie_embeddings=true"], 2, 1, None),  # experts replicated, as data
     "two_groups": ([], 4, 2, None),  # EP groups {0, 1}, {2, 3}; experts reduced 0+2, 1+3
+    "triton_kernels": (["model.kernel_backend=\"triton\""], 2, 2, None),  # the GPU path, interpreted
 }
 
 
