@@ -257,9 +257,9 @@ def main_bench(argv: list[str]) -> None:
 
     def workload(rate):
         return bench.make_workload(args.n_requests, args.prompt_len, args.output_dist, args.mean_output,
-                                   args.max_output, rate, args.seed)
+                                   args.max_output, rate, args.seed, model.cfg.vocab_size)
 
-    warm = bench.make_workload(4, args.prompt_len, "fixed", 8, 8, None, args.seed + 1)
+    warm = bench.make_workload(4, args.prompt_len, "fixed", 8, 8, None, args.seed + 1, model.cfg.vocab_size)
     bench.run_continuous(model, warm, EngineConfig(max_num_seqs=4, **engine_config))
     bench.run_static(model, warm, 4)
     results = dict(model=dataclasses.asdict(model.cfg), model_source=source,

@@ -42,10 +42,12 @@ class Workload:
 
 
 def make_workload(n: int, prompt_len: int, output_dist: str, mean_output: int, max_output: int,
-                  rate: float | None, seed: int) -> Workload:
-    """`rate` None: all requests at time 0; else Poisson arrivals at `rate` per second."""
+                  rate: float | None, seed: int, vocab_size: int = 259) -> Workload:
+    """`rate` None: all requests at time 0; else Poisson arrivals at `rate` per second.
+    Prompt ids are printable ASCII (bytes 32..126 of our tokenizer), taken modulo a
+    smaller vocabulary (a Hugging Face model's tokenizer may have fewer ids)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(32, 127, (n, prompt_len), generator=g).tolist()
+    prompts = (torch.randint(32, 127, (n, prompt_len), generator=g) % vocab_size).tolist()
     if output_dist == "fixed":
         lens = [mean_output] * n
     elif output_dist == "exponential":

@@ -26,7 +26,6 @@ from moe.engine import Request
 from moe.generation import decode_step, prefill
 from moe.model import Transformer
 from moe.sampling import check_stop, make_generator, sample, warp_probs
-from moe.tokenizer import PAD
 
 
 @torch.no_grad()
@@ -36,7 +35,9 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
     param = next(model.parameters())
     n = len(batch)
     lengths = torch.tensor([len(r.prompt) for r in batch])  # [B]
-    tokens = torch.full((n, int(lengths.max())), PAD, dtype=torch.long)  # [B, T]
+    # padding after the shorter prompts: any id does (0 exists in every vocabulary); causal
+    # attention keeps it out of the prompt, and decoding overwrites its cache entries
+    tokens = torch.zeros(n, int(lengths.max()), dtype=torch.long)  # [B, T]
     for row, request in enumerate(batch):
         tokens[row, :len(request.prompt)] = torch.tensor(request.prompt)
         request.status, request.generator = "running", make_generator(request.params, param.device)

@@ -64,8 +64,9 @@ def test_prompt_file_serves_every_line_and_refuses_bad_ones_by_reason(checkpoint
 
 def test_bench_writes_both_modes_in_the_agreed_schema(tmp_path):
     out = tmp_path / "bench.json"
+    # vocab 64: fewer ids than our byte tokenizer, as a Hugging Face model may have
     run_cli("bench", "--set", "model.n_layers=1", "--set", "model.d_model=32", "--set", "model.n_experts=4",
-            "--n-requests", 6, "--prompt-len", 4, "--mean-output", 4, "--max-output", 8,
+            "--set", "model.vocab_size=64", "--n-requests", 6, "--prompt-len", 4, "--mean-output", 4, "--max-output", 8,
             "--slots", 2, "--repeats", 1, "--out", out)
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and results["dtype"] == "float32"
