@@ -158,6 +158,10 @@ class ExpertParallelMoE(MoELayer):
             setattr(param, EXPERT_FLAG, True)
         self.plan = plan
 
+    def extra_repr(self) -> str:
+        experts = self.plan.local_experts
+        return f"experts {experts.start}..{experts.stop - 1} of {self.plan.n_experts} on this rank"
+
     def forward(self, x: Tensor) -> tuple[Tensor, RoutingStats]:
         plan = self.plan
         batch_shape = x.shape[:-1]
