@@ -232,9 +232,22 @@ def _new_groups(blocks: list[list[int]]) -> dist.ProcessGroup:
     return mine
 
 
+def _check_same_model(model: nn.Module) -> None:
+    """Refuse (on every rank alike) when the ranks built different weights: the sums of each
+    parameter, as float64, must agree everywhere."""
+    sums = torch.stack([param.detach().double().sum() for param in model.parameters()])  # [params]
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise ValueError("the ranks built different models: seed every rank the same "
+                         "(torch.manual_seed) before building the model, or load the same "
+                         "checkpoint on every rank, then apply expert parallelism")
+
+
 def apply_expert_parallel(model: Transformer, ep_size: int) -> ExpertParallelPlan:
     """Split the experts of every MoE layer of `model` (built in full, the same on every
-    rank) over EP groups of `ep_size` consecutive ranks; returns the plan. In place."""
+    rank: checked) over EP groups of `ep_size` consecutive ranks; returns the plan. In place."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert parallelism needs torch.distributed: launch with torchrun and "
                            "call torch.distributed.init_process_group() before "
@@ -254,6 +267,7 @@ def apply_expert_parallel(model: Transformer, ep_size: int) -> ExpertParallelPla
         raise ValueError("the model has no MoE layer: nothing for expert parallelism to split")
     if any(isinstance(module, ExpertParallelMoE) for _, module in layers):
         raise ValueError("expert parallelism is already applied to this model")
+    _check_same_model(model)
     ep_group = _new_groups([list(range(g, g + ep_size)) for g in range(0, world, ep_size)])
     expert_dp_group = _new_groups([list(range(r, world, ep_size)) for r in range(ep_size)])
     n_local = n_experts // ep_size

@@ -44,8 +44,8 @@ SCENARIOS = {  # name: (config overrides, world size, ep_size, router bias per M
 }
 
 
-def build(overrides: list[str], biases) -> Transformer:
-    torch.manual_seed(0)
+def build(overrides: list[str], biases, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
     model = Transformer(load_model_config(TINY, SMALL + overrides))
     for block, bias in zip(model.blocks, biases or []):
         block.ffn.router.bias = torch.nn.Parameter(torch.tensor(bias))
@@ -89,9 +89,9 @@ def run_expert_parallel(rank: int, overrides, ep_size, biases) -> dict:
     }
 
 
-def refusal(overrides: list[str], ep_size: int) -> str:
+def refusal(overrides: list[str], ep_size: int, seed: int = 0) -> str:
     try:
-        apply_expert_parallel(build(overrides, None), ep_size)
+        apply_expert_parallel(build(overrides, None, seed), ep_size)
     except ValueError as error:
         return str(error)
     return "accepted"
@@ -106,6 +106,7 @@ def worker(rank: int, folder: Path, world: int) -> None:
                    for name, (overrides, size, ep_size, biases) in SCENARIOS.items() if size == world}
         results["refused_world"] = refusal(["model.n_experts=6"], 3)
         results["refused_experts"] = refusal(["model.n_experts=3"], 2)
+        results["refused_seeds"] = refusal([], 2, seed=rank)
         torch.save(results, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -244,6 +245,11 @@ def test_bytes_counted_are_the_rows_each_rank_sends(worlds, name):
 def test_refuses_sizes_that_do_not_divide(worlds):
     assert "must divide the world size 2" in worlds[2][0]["refused_world"]
     assert "must divide model.n_experts = 3" in worlds[2][0]["refused_experts"]
+
+
+def test_refuses_ranks_that_built_different_models(worlds):
+    for result in worlds[2]:
+        assert "the ranks built different models" in result["refused_seeds"]
 
 
 def test_refuses_without_a_process_group():
