@@ -232,17 +232,17 @@ def _new_groups(blocks: list[list[int]]) -> dist.ProcessGroup:
     return mine
 
 
-def _check_same_model(model: nn.Module) -> None:
-    """Refuse (on every rank alike) when the ranks built different weights: the sums of each
-    parameter, as float64, must agree everywhere."""
+def check_same_model(model: nn.Module, what: str, group: dist.ProcessGroup | None = None) -> None:
+    """Refuse (on every rank alike) when the ranks of `group` built different weights: the
+    sums of each parameter, as float64, must agree everywhere. `what` names the split."""
     sums = torch.stack([param.detach().double().sum() for param in model.parameters()])  # [params]
     low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
         raise ValueError("the ranks built different models: seed every rank the same "
                          "(torch.manual_seed) before building the model, or load the same "
-                         "checkpoint on every rank, then apply expert parallelism")
+                         f"checkpoint on every rank, then apply {what}")
 
 
 def apply_expert_parallel(model: Transformer, ep_size: int) -> ExpertParallelPlan:
@@ -267,7 +267,7 @@ def apply_expert_parallel(model: Transformer, ep_size: int) -> ExpertParallelPla
         raise ValueError("the model has no MoE layer: nothing for expert parallelism to split")
     if any(isinstance(module, ExpertParallelMoE) for _, module in layers):
         raise ValueError("expert parallelism is already applied to this model")
-    _check_same_model(model)
+    check_same_model(model, "expert parallelism")
     ep_group = _new_groups([list(range(g, g + ep_size)) for g in range(0, world, ep_size)])
     expert_dp_group = _new_groups([list(range(r, world, ep_size)) for r in range(ep_size)])
     n_local = n_experts // ep_size

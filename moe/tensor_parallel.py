@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from moe.attention import Attention
 from moe.config import ModelConfig
-from moe.expert_parallel import ExpertParallelMoE
+from moe.expert_parallel import ExpertParallelMoE, check_same_model
 from moe.model import Transformer
 from moe.moe_layer import DenseFFN, MoELayer, RoutingStats
 
@@ -238,19 +238,6 @@ def _check_sizes(cfg: ModelConfig, size: int) -> None:
                          f"dense layers' hidden units are split); pick d_ff divisible by {size}")
 
 
-def _check_same_model(model: nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Refuse (on every rank alike) when the ranks hold different weights: the float64 sums
-    of each parameter must agree everywhere."""
-    sums = torch.stack([param.detach().double().sum() for param in model.parameters()])  # [params]
-    low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
-        raise ValueError("the ranks built different models: seed every rank the same "
-                         "(torch.manual_seed) before building the model, or load the same "
-                         "checkpoint on every rank, then apply tensor parallelism")
-
-
 def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup | None = None) -> TensorParallelPlan:
     """Split every attention and FFN layer of `model` (built in full, the same on every
     rank of `group`: checked) over the ranks of `group` (None = all ranks). In place: the
@@ -269,7 +256,7 @@ def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup | None = 
                          "tensor parallelism applies to a model built in full")
     cfg, size, rank = model.cfg, dist.get_world_size(group), dist.get_rank(group)
     _check_sizes(cfg, size)
-    _check_same_model(model, group)
+    check_same_model(model, "tensor parallelism", group)
     heads = cfg.n_heads // size  # Hl
     query_heads = range(rank * heads, (rank + 1) * heads)
     group_size = cfg.kv_group_size  # query heads per KV head, H / G
