@@ -141,3 +141,17 @@ def test_bad_layouts_are_refused_before_any_process_group(monkeypatch):
         distributed.init(TrainConfig(parallel="fsdp"), expert_parallel=2)
     with pytest.raises(ConfigError, match="train.parallel"):
         TrainConfig(parallel="tensor")
+
+
+def test_distributed_benchmark_counts_the_dispatch_bytes_of_the_formula(tmp_path):
+    # Dropless routing sends every (token, expert) slot once: tokens x K x width x 4 bytes per layer.
+    out = tmp_path / "distributed.json"
+    command = [sys.executable, "benchmarks/bench_distributed.py", "--steps", "2", "--warmup", "1", "--repeats", "1",
+               "--set=model.n_layers=1", "--set=train.batch_size=2", "--set=train.seq_len=32", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["median_tokens_per_s"]) == {"one process", "DDP, 2 ranks", "expert parallel, 2 ranks"}
+    exchange = report["all_to_all_per_rank_step"]
+    assert exchange["formula_dispatch_bytes"] == 2 * 32 * 2 * 128 * 4 * 1
+    assert exchange["sent_bytes"]["dispatch"] == exchange["formula_dispatch_bytes"]
