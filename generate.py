@@ -55,8 +55,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
     parser.add_argument("--kv-cache-mb", type=float, default=None, help="KV pool size as a memory budget")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
+                        help="weights and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_engine_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, then fill the dtype default for the device: bfloat16 on CUDA (the tensor
+    cores' type, half the bytes per decode step), float32 on CPU."""
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args
 
 
 def megabytes(mb: float | None) -> int | None:
@@ -195,7 +205,7 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_engine_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = build_model(args)
@@ -247,7 +257,7 @@ def main_bench(argv: list[str]) -> None:
     parser.add_argument("--out", default=None,
                         help="JSON path; default benchmarks/results/generation_<arrival>.json")
     add_engine_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_engine_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, source = build_model(args)

@@ -1,28 +1,32 @@
-"""Kernel benchmark: each Triton kernel beside its reference and the obvious PyTorch way.
+"""Kernel benchmark: each Triton kernel beside its reference, the obvious PyTorch way, and
+the device's own measured ceilings, with the error of every row.
 
 Why side by side: absolute times depend on the machine and on what else runs on it; the
 ratio between two implementations timed in one process, on the same inputs, does not.
-Each row reports time, TFLOP/s, GB/s and the share of the device's peak (for the GPUs
-in PEAKS), and the speed-up over the reference.
+Each row reports time, TFLOP/s, GB/s, its share of the ceilings measured in the same run
+(a large device-to-device copy; a large bf16 matmul), the speed-up over the reference
+and, for every implementation, max |out - ref| and ||out - ref|| / ||ref|| against a
+float32 computation on the same (rounded) inputs.
 
-    python benchmarks/bench_kernels.py                 # on a GPU: every row, bf16
-    python benchmarks/bench_kernels.py --quick         # smaller shapes
-    python benchmarks/bench_kernels.py --device cpu    # reference rows only (no Triton)
+    python benchmarks/bench_kernels.py                 # on a GPU: realistic shapes, bf16
+    python benchmarks/bench_kernels.py --quick         # small shapes (CPU: PyTorch rows only)
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --quick --dtype float16
+                                                       # CPU plumbing check of the Triton rows
 
-Rows:
-    dispatch  triton (align + grouped GEMM, SwiGLU fused) | reference (per-expert loop)
-    prefill   triton varlen | reference (per-sequence SDPA) | sdpa (padded batch, is_causal)
-    decode    triton paged (flash-decoding) | reference (per-sequence gather + SDPA)
-              | sdpa over a contiguous cache (no paging, the bandwidth bound to beat)
-    dispatch_fwd_bwd  forward + backward: triton (kernels/moe_dispatch_backward.py)
-                      | reference (per-expert loop under autograd)
-    prefill_fwd_bwd   forward + backward: triton (kernels/attention_backward.py)
-                      | reference (per-sequence SDPA) | sdpa (padded batch, is_causal)
-    train_step        one AdamW step of a small MoE model, kernel_backend triton | torch
-                      (reference), with tokens_per_s
+Rows (GPU shapes from the issue "Kernels that are right and fast on a real GPU"):
+    dispatch        Mixtral-like MoE (D 4096, 8 experts top-2, F 14336) at 1/16/256/4096
+                    tokens: triton | reference (per-expert loop) | dense (the same FLOPs
+                    as one SwiGLU over all N*K slots: the matmul rate to compare with)
+    dispatch_fwd_bwd  forward + backward at 4096 tokens: triton | reference
+    prefill         causal, B 4, T 2048, H 32, Dh 128, MQA and MHA: triton varlen |
+                    reference (per-sequence SDPA) | sdpa_flash (padded batch, flash backend)
+    prefill_fwd_bwd the same shapes, forward + backward
+    decode          paged, batch 1 and 32 over 4k context (H 32, G 8 and MQA): triton |
+                    reference (per-sequence gather + SDPA) | sdpa_contiguous (no paging)
+    train_step      one AdamW step of a small MoE model, kernel_backend triton | torch
 
-Results go to benchmarks/results/kernels_<device>.json. On a CPU only the PyTorch rows
-run and the file says so: the GPU figures have to come from a GPU run.
+`targets` in the JSON holds the issue's figures as measured ratios beside their goals.
+Results go to benchmarks/results/kernels_<device>.json unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -39,173 +45,303 @@ import torch.nn.functional as F
 
 from kernels.attention import (paged_attention_reference, paged_attention_triton,
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
-from kernels.backend import triton_available
 from kernels.attention_backward import varlen_causal_attention_trainable
+from kernels.backend import triton_available
 from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
 from moe.model import Transformer, count_parameters, model_loss
 
-# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (GB/s), from the data sheets.
-PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
 
+# ---------------------------------------------------------------------------------------
+# Timing, ceilings, errors
+# ---------------------------------------------------------------------------------------
 
 def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn()` after warm-up."""
+    """Median seconds of `fn()`: on CUDA triton's do_bench (events, L2 flushed between
+    runs, warm-up first), on CPU a wall-clock loop after three warm-up calls."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=max(50, 5 * repeats),
+                                       return_mode="median") / 1e3
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
     return sorted(times)[len(times) // 2]
 
 
+def measure_ceilings(device: torch.device, repeats: int) -> dict:
+    """What this device does at best: copy bandwidth (bytes read + written) and the
+    matmul rate in bf16 (float32 on CPU), on random data."""
+    n_bytes = 2**30 if device.type == "cuda" else 2**26
+    src = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), device, repeats)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    matmul_s = timed(lambda: a @ b, device, repeats)
+    return dict(copy_gb_per_s=2 * n_bytes / copy_s / 1e9, copy_bytes=n_bytes,
+                matmul_tflops=2 * n**3 / matmul_s / 1e12, matmul_shape=[n, n, n],
+                matmul_dtype=str(dtype).removeprefix("torch."))
+
+
+def errors(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> dict:
+    """The worst over the tensors (an output, or each gradient) of max |out - ref| and of
+    ||out - ref|| / ||ref||, in float64; NaN stays NaN."""
+    worst = dict(max_abs_err=0.0, rel_err=0.0)
+    for out, ref in zip(outs, refs, strict=True):
+        diff = out.double() - ref.double()
+        worst["max_abs_err"] = max(worst["max_abs_err"], diff.abs().max().item(), key=_nan_first)
+        worst["rel_err"] = max(worst["rel_err"], (diff.norm() / ref.double().norm()).item(),
+                               key=_nan_first)
+    return worst
+
+
+def _nan_first(value: float) -> float:
+    return float("inf") if value != value else value
+
+
 def row(kernel: str, impl: str, shape: dict, seconds: float, flops: float, bytes_moved: float,
-        peak: tuple[float, float] | None) -> dict:
+        ceilings: dict, err: dict | None = None) -> dict:
     tflops, gbs = flops / seconds / 1e12, bytes_moved / seconds / 1e9
-    out = dict(kernel=kernel, impl=impl, shape=shape, ms=seconds * 1e3, tflops=tflops, gb_per_s=gbs)
-    if peak:
-        out.update(flops_share_of_peak=tflops / peak[0], bandwidth_share_of_peak=gbs / peak[1])
+    out = dict(kernel=kernel, impl=impl, shape=shape, ms=seconds * 1e3, tflops=tflops,
+               gb_per_s=gbs, share_of_matmul=tflops / ceilings["matmul_tflops"],
+               share_of_copy=gbs / ceilings["copy_gb_per_s"])
+    out.update(err or {})
     return out
 
 
-def bench_dispatch(n_tokens, d_model, d_hidden, n_experts, k, device, dtype, use_triton, repeats, peak):
-    x = torch.randn(n_tokens, d_model, device=device, dtype=dtype)
-    logits = torch.randn(n_tokens, n_experts, device=device)
+def first(out):
+    """The output tensor of an implementation (the dispatch also returns a drop count)."""
+    return [out[0] if isinstance(out, tuple) else out]
+
+
+def bench_rows(kernel: str, shape: dict, impls: dict, expect: list[torch.Tensor] | None,
+               flops: float, bytes_moved: float, device, repeats: int, ceilings: dict,
+               results=lambda fn: first(fn())) -> list[dict]:
+    """Time each implementation; first check what `results(fn)` gives against `expect`
+    (float32, computed on the same rounded inputs)."""
+    rows = []
+    for name, fn in impls.items():
+        err = errors(results(fn), expect) if expect is not None else None
+        rows.append(row(kernel, name, shape, timed(fn, device, repeats), flops, bytes_moved,
+                        ceilings, err))
+        print(f"  {kernel} {name} {json.dumps(shape)}: {rows[-1]['ms']:.3f} ms", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Expert dispatch
+# ---------------------------------------------------------------------------------------
+
+def dispatch_inputs(n_tokens, d_model, d_hidden, n_experts, k, device, dtype, seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(n_tokens, d_model, device=device, dtype=dtype, generator=gen)
+    logits = torch.randn(n_tokens, n_experts, device=device, generator=gen)
     weights, ids = logits.softmax(-1).topk(k, dim=-1)
     weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
-    w_in = torch.randn(n_experts, d_model, 2 * d_hidden, device=device, dtype=dtype) * 0.02
-    w_out = torch.randn(n_experts, d_hidden, d_model, device=device, dtype=dtype) * 0.02
-    shape = dict(N=n_tokens, D=d_model, F=d_hidden, E=n_experts, K=k)
+    w_in = (torch.randn(n_experts, d_model, 2 * d_hidden, device=device, dtype=dtype,
+                        generator=gen) * d_model**-0.5)
+    w_out = (torch.randn(n_experts, d_hidden, d_model, device=device, dtype=dtype,
+                         generator=gen) * d_hidden**-0.5)
+    return x, ids, weights, w_in, w_out
+
+
+def dispatch_cost(n_tokens, d_model, d_hidden, n_experts, k, element_size):
     flops = 6 * n_tokens * k * d_model * d_hidden
-    used = min(n_experts, n_tokens * k)
-    bytes_moved = (used * 3 * d_model * d_hidden + 2 * n_tokens * d_model) * x.element_size()
+    used = min(n_experts, n_tokens * k)  # experts that receive a token read their weights
+    bytes_moved = (used * 3 * d_model * d_hidden + 2 * n_tokens * d_model) * element_size
+    return flops, bytes_moved
+
+
+def bench_dispatch(shape_args, device, dtype, use_triton, repeats, ceilings):
+    n_tokens, d_model, d_hidden, n_experts, k = shape_args
+    x, ids, weights, w_in, w_out = dispatch_inputs(*shape_args, device, dtype)
+    shape = dict(N=n_tokens, D=d_model, F=d_hidden, E=n_experts, K=k)
+    flops, bytes_moved = dispatch_cost(*shape_args, x.element_size())
+    wide = [t.float() for t in (x, weights, w_in, w_out)]
+    expect = first(dispatch_and_combine(wide[0], ids, *wide[1:], None))
+    del wide
+    slots = x.repeat(k, 1)  # [N*K, D]: the dense baseline's rows
+
+    def dense():  # the same FLOPs as one SwiGLU over every slot, through the matmul library
+        gate, up = (slots @ w_in[0]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w_out[0]
     impls = {"reference": lambda: dispatch_and_combine(x, ids, weights, w_in, w_out, None)}
     if use_triton:
         impls["triton"] = lambda: dispatch_and_combine_triton(x, ids, weights, w_in, w_out, None)
-    return [row("dispatch", name, shape, timed(fn, device, repeats), flops, bytes_moved, peak)
-            for name, fn in impls.items()]
+    rows = bench_rows("dispatch", shape, impls, expect, flops, bytes_moved, device, repeats,
+                      ceilings)
+    return rows + bench_rows("dispatch", shape, {"dense": dense}, None, flops, bytes_moved,
+                             device, repeats, ceilings)  # another function: no error to report
 
 
-def bench_prefill(n_seqs, length, n_heads, n_kv_heads, head_dim, device, dtype, use_triton, repeats, peak):
+def forward_backward(fn, inputs: list[torch.Tensor], grad: torch.Tensor):
+    """A closure running fn() and backpropagating `grad` into `inputs` (what is timed)."""
+    def step():
+        for t in inputs:
+            t.grad = None
+        first(fn())[0].backward(grad)
+    return step
+
+
+def gradients_of(inputs: list[torch.Tensor]):
+    """`bench_rows`' results for a forward_backward step: run it, read the gradients."""
+    return lambda step: (step(), [t.grad for t in inputs])[1]
+
+
+def bench_dispatch_train(shape_args, device, dtype, use_triton, repeats, ceilings):
+    """Forward + backward: x, routing weights, w_in, w_out all get gradients."""
+    n_tokens, d_model, d_hidden, n_experts, k = shape_args
+    x, ids, weights, w_in, w_out = dispatch_inputs(*shape_args, device, dtype, seed=1)
+    shape = dict(N=n_tokens, D=d_model, F=d_hidden, E=n_experts, K=k)
+    flops, bytes_moved = dispatch_cost(*shape_args, x.element_size())
+    flops, bytes_moved = 3 * flops, 3 * bytes_moved  # backward ~ 2 x forward
+    grad = torch.randn_like(x)
+    wide = [t.float().requires_grad_() for t in (x, weights, w_in, w_out)]
+    forward_backward(lambda: dispatch_and_combine(wide[0], ids, *wide[1:], None), wide,
+                     grad.float())()
+    expect = [t.grad for t in wide]
+    del wide
+    leaves = [t.requires_grad_() for t in (x, weights, w_in, w_out)]
+    impls = {"reference": dispatch_and_combine}
+    if use_triton:
+        impls["triton"] = dispatch_and_combine_trainable
+    impls = {name: forward_backward(lambda fn=fn: fn(x, ids, weights, w_in, w_out, None),
+                                    leaves, grad) for name, fn in impls.items()}
+    return bench_rows("dispatch_fwd_bwd", shape, impls, expect, flops, bytes_moved, device,
+                      repeats, ceilings, gradients_of(leaves))
+
+
+# ---------------------------------------------------------------------------------------
+# Causal prefill
+# ---------------------------------------------------------------------------------------
+
+def prefill_inputs(n_seqs, length, n_heads, n_kv_heads, head_dim, device, dtype, seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
     n = n_seqs * length
-    q = torch.randn(n, n_heads, head_dim, device=device, dtype=dtype)
-    k = torch.randn(n, n_kv_heads, head_dim, device=device, dtype=dtype)
-    v = torch.randn(n, n_kv_heads, head_dim, device=device, dtype=dtype)
+    q, k, v = (torch.randn(n, h, head_dim, device=device, dtype=dtype, generator=gen)
+               for h in (n_heads, n_kv_heads, n_kv_heads))
     cu_seqlens = torch.arange(0, n + 1, length, device=device, dtype=torch.int32)
-    q4, k4, v4 = (t.view(n_seqs, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-    shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
+    return q, k, v, cu_seqlens
+
+
+def padded(t: torch.Tensor, n_seqs: int, n_heads: int | None = None) -> torch.Tensor:
+    """[B*T, heads, Dh] -> [B, heads, T, Dh]; K/V repeated to `n_heads` when given."""
+    t = t.view(n_seqs, -1, t.shape[1], t.shape[2]).transpose(1, 2)
+    return t.repeat_interleave(n_heads // t.shape[1], dim=1) if n_heads else t
+
+
+def sdpa_flash(q, k, v, n_seqs):
+    """SDPA on the padded batch with the flash backend only (K/V repeated for GQA: what a
+    user of SDPA does where flash takes no grouped K/V)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    n_heads = q.shape[1]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(padded(q, n_seqs), padded(k, n_seqs, n_heads),
+                                              padded(v, n_seqs, n_heads), is_causal=True)
+
+
+def prefill_expect(q, k, v, n_seqs, grad=None):
+    """float32 causal attention on the same inputs (and its gradients when `grad`)."""
+    wide = [t.float().requires_grad_(grad is not None) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(padded(wide[0], n_seqs), padded(wide[1], n_seqs, q.shape[1]),
+                                         padded(wide[2], n_seqs, q.shape[1]), is_causal=True)
+    out = out.transpose(1, 2).reshape(q.shape)  # [B*T, H, Dh]
+    if grad is None:
+        return [out]
+    out.backward(grad.float())
+    return [t.grad for t in wide]
+
+
+def prefill_cost(n_seqs, length, n_heads, n_kv_heads, head_dim, element_size):
     flops = 4 * n_seqs * length * length / 2 * n_heads * head_dim  # causal half of QK^T and PV
-    bytes_moved = (2 * q.numel() + 2 * k.numel()) * q.element_size()
-    impls = {
-        "reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens),
-        "sdpa": lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True),
-    }
+    n = n_seqs * length
+    bytes_moved = (2 * n * n_heads + 2 * n * n_kv_heads) * head_dim * element_size
+    return flops, bytes_moved
+
+
+def bench_prefill(shape_args, device, dtype, use_triton, repeats, ceilings):
+    n_seqs, length, n_heads, n_kv_heads, head_dim = shape_args
+    q, k, v, cu_seqlens = prefill_inputs(*shape_args, device, dtype)
+    shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
+    flops, bytes_moved = prefill_cost(*shape_args, q.element_size())
+    expect = prefill_expect(q, k, v, n_seqs)
+    impls = {"reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens)}
+    if device.type == "cuda":
+        impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
     if use_triton:
         impls["triton"] = lambda: varlen_causal_attention_triton(q, k, v, cu_seqlens)
-    return [row("prefill", name, shape, timed(fn, device, repeats), flops, bytes_moved, peak)
-            for name, fn in impls.items()]
+    return bench_rows("prefill", shape, impls, expect, flops, bytes_moved, device, repeats,
+                      ceilings)
 
 
-def bench_decode(n_seqs, context, n_heads, n_kv_heads, head_dim, block_size, device, dtype,
-                 use_triton, repeats, peak):
+def bench_prefill_train(shape_args, device, dtype, use_triton, repeats, ceilings):
+    n_seqs, length, n_heads, n_kv_heads, head_dim = shape_args
+    q, k, v, cu_seqlens = prefill_inputs(*shape_args, device, dtype, seed=1)
+    shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
+    flops, bytes_moved = prefill_cost(*shape_args, q.element_size())
+    flops, bytes_moved = 3.5 * flops, 3 * bytes_moved  # backward ~ 2.5 x forward
+    grad = torch.randn_like(q)
+    expect = prefill_expect(q, k, v, n_seqs, grad)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    impls = {"reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens)}
+    if device.type == "cuda":
+        impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
+    if use_triton:
+        impls["triton"] = lambda: varlen_causal_attention_trainable(q, k, v, cu_seqlens)
+    impls = {name: forward_backward(fn, leaves, grad) for name, fn in impls.items()}
+    return bench_rows("prefill_fwd_bwd", shape, impls, expect, flops, bytes_moved, device,
+                      repeats, ceilings, gradients_of(leaves))
+
+
+# ---------------------------------------------------------------------------------------
+# Paged decode
+# ---------------------------------------------------------------------------------------
+
+def bench_decode(shape_args, device, dtype, use_triton, repeats, ceilings):
+    n_seqs, context, n_heads, n_kv_heads, head_dim, block_size = shape_args
+    gen = torch.Generator(device).manual_seed(0)
     blocks_each = -(-context // block_size)
     n_blocks = n_seqs * blocks_each
-    k_pool = torch.randn(n_blocks, block_size, n_kv_heads, head_dim, device=device, dtype=dtype)
-    v_pool = torch.randn_like(k_pool)
-    tables = torch.randperm(n_blocks, device=device).view(n_seqs, blocks_each).to(torch.int32)
+    k_pool = torch.randn(n_blocks, block_size, n_kv_heads, head_dim, device=device, dtype=dtype,
+                         generator=gen)
+    v_pool = torch.randn(k_pool.shape, device=device, dtype=dtype, generator=gen)
+    tables = torch.randperm(n_blocks, device=device, generator=gen).view(n_seqs, blocks_each)
+    tables = tables.to(torch.int32)  # [B, MB]: every sequence's blocks scattered in the pool
     seq_lens = torch.full((n_seqs,), context, device=device, dtype=torch.int32)
     query_start = torch.arange(n_seqs + 1, device=device, dtype=torch.int32)  # one query each
-    q = torch.randn(n_seqs, n_heads, head_dim, device=device, dtype=dtype)
+    q = torch.randn(n_seqs, n_heads, head_dim, device=device, dtype=dtype, generator=gen)
     keys = k_pool[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # [B, G, S, Dh]
     values = v_pool[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
     args = (q, k_pool, v_pool, tables, seq_lens, query_start)
     shape = dict(B=n_seqs, S=context, H=n_heads, G=n_kv_heads, Dh=head_dim, block_size=block_size)
     flops = 4 * n_seqs * context * n_heads * head_dim
     bytes_moved = 2 * n_seqs * context * n_kv_heads * head_dim * q.element_size()
+    expect = [F.scaled_dot_product_attention(
+        q.float()[:, :, None], keys.float(), values.float(), enable_gqa=True)[:, :, 0]]  # [B, H, Dh]
     impls = {
         "reference": lambda: paged_attention_reference(*args),
-        "sdpa_contiguous": lambda: F.scaled_dot_product_attention(q[:, :, None], keys, values,
-                                                                  enable_gqa=True),
+        "sdpa_contiguous": lambda: F.scaled_dot_product_attention(
+            q[:, :, None], keys, values, enable_gqa=True)[:, :, 0],
     }
     if use_triton:
         impls["triton"] = lambda: paged_attention_triton(*args)
-    return [row("decode", name, shape, timed(fn, device, repeats), flops, bytes_moved, peak)
-            for name, fn in impls.items()]
+    return bench_rows("decode", shape, impls, expect, flops, bytes_moved, device, repeats,
+                      ceilings)
 
 
-def forward_backward(fn, inputs: list[torch.Tensor]):
-    """A closure running fn() and backpropagating a fixed random gradient into `inputs`."""
-    def step():
-        for t in inputs:
-            t.grad = None
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(grad)
-    out = fn()
-    grad = torch.randn_like(out[0] if isinstance(out, tuple) else out)
-    return step
+# ---------------------------------------------------------------------------------------
+# A whole training step
+# ---------------------------------------------------------------------------------------
 
-
-def bench_dispatch_train(n_tokens, d_model, d_hidden, n_experts, k, device, dtype, use_triton,
-                         repeats, peak):
-    """Forward + backward of the dispatch: x, routing weights, w_in, w_out all get gradients."""
-    x = torch.randn(n_tokens, d_model, device=device, dtype=dtype)
-    weights, ids = torch.randn(n_tokens, n_experts, device=device).softmax(-1).topk(k, dim=-1)
-    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
-    w_in = torch.randn(n_experts, d_model, 2 * d_hidden, device=device, dtype=dtype) * 0.02
-    w_out = torch.randn(n_experts, d_hidden, d_model, device=device, dtype=dtype) * 0.02
-    leaves = [t.requires_grad_() for t in (x, weights, w_in, w_out)]
-    shape = dict(N=n_tokens, D=d_model, F=d_hidden, E=n_experts, K=k)
-    flops = 3 * 6 * n_tokens * k * d_model * d_hidden  # backward = 2 x forward
-    used = min(n_experts, n_tokens * k)
-    bytes_moved = 3 * (used * 3 * d_model * d_hidden + 2 * n_tokens * d_model) * x.element_size()
-    impls = {"reference": dispatch_and_combine}
-    if use_triton:
-        impls["triton"] = dispatch_and_combine_trainable
-    rows = []
-    for name, fn in impls.items():
-        step = forward_backward(lambda fn=fn: fn(x, ids, weights, w_in, w_out, None), leaves)
-        rows.append(row("dispatch_fwd_bwd", name, shape, timed(step, device, repeats), flops,
-                        bytes_moved, peak))
-    return rows
-
-
-def bench_prefill_train(n_seqs, length, n_heads, n_kv_heads, head_dim, device, dtype, use_triton,
-                        repeats, peak):
-    """Forward + backward of causal attention over B equal-length packed sequences."""
-    n = n_seqs * length
-    q = torch.randn(n, n_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(n, n_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(n, n_kv_heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-    cu_seqlens = torch.arange(0, n + 1, length, device=device, dtype=torch.int32)
-    shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
-    flops = 3.5 * 4 * n_seqs * length * length / 2 * n_heads * head_dim  # backward = 2.5 x forward
-    bytes_moved = 3 * (2 * q.numel() + 2 * k.numel()) * q.element_size()
-
-    def sdpa():
-        q4, k4, v4 = (t.view(n_seqs, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=True)
-    impls = {"reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens),
-             "sdpa": sdpa}
-    if use_triton:
-        impls["triton"] = lambda: varlen_causal_attention_trainable(q, k, v, cu_seqlens)
-    return [row("prefill_fwd_bwd", name, shape, timed(forward_backward(fn, [q, k, v]), device,
-                                                      repeats), flops, bytes_moved, peak)
-            for name, fn in impls.items()]
-
-
-def bench_train_step(cfg: ModelConfig, batch, length, device, dtype, use_triton, repeats, peak):
+def bench_train_step(cfg: ModelConfig, batch, length, device, dtype, use_triton, repeats,
+                     ceilings):
     """One AdamW step (forward, loss, backward, update) per backend; tokens/s in each row."""
     tokens = torch.randint(0, cfg.vocab_size, (batch, length + 1), device=device)
     shape = dict(B=batch, T=length, D=cfg.d_model, L=cfg.n_layers, E=cfg.n_experts,
@@ -223,9 +359,36 @@ def bench_train_step(cfg: ModelConfig, batch, length, device, dtype, use_triton,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        r = row("train_step", name, shape, timed(step, device, repeats), flops, 0.0, peak)
+        r = row("train_step", name, shape, timed(step, device, repeats), flops, 0.0, ceilings)
         rows.append(dict(r, tokens_per_s=batch * length / (r["ms"] / 1e3)))
+        print(f"  train_step {name}: {r['ms']:.3f} ms", flush=True)
+        del model, optimizer
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes, ratios, output
+# ---------------------------------------------------------------------------------------
+
+MIXTRAL_MOE = (4096, 14336, 8, 2)  # D, F, E, K
+GPU_SHAPES = dict(
+    dispatch=[(n, *MIXTRAL_MOE) for n in (1, 16, 256, 4096)],
+    dispatch_fwd_bwd=[(4096, *MIXTRAL_MOE)],
+    prefill=[(4, 2048, 32, 1, 128), (4, 2048, 32, 32, 128)],
+    prefill_fwd_bwd=[(4, 2048, 32, 1, 128), (4, 2048, 32, 32, 128)],
+    decode=[(1, 4096, 32, 8, 128, 16), (32, 4096, 32, 8, 128, 16), (32, 4096, 32, 1, 128, 16)],
+    train=(ModelConfig(d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, d_expert=2816,
+                       n_experts=8, max_seq_len=2048), 8, 1024),
+)
+QUICK_SHAPES = dict(
+    dispatch=[(3, 64, 96, 8, 2), (40, 64, 96, 8, 2)],
+    dispatch_fwd_bwd=[(40, 64, 96, 8, 2)],
+    prefill=[(2, 40, 4, 1, 32), (2, 40, 4, 4, 32)],
+    prefill_fwd_bwd=[(2, 40, 4, 1, 32)],
+    decode=[(1, 100, 4, 2, 32, 16), (3, 100, 4, 1, 32, 16)],
+    train=(ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_expert=128,
+                       n_experts=4, max_seq_len=64), 2, 32),
+)
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -236,57 +399,100 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_reference"] = ref["ms"] / r["ms"]
 
 
+def targets(rows: list[dict], ceilings: dict) -> list[dict]:
+    """The issue's figures: each a measured ratio beside its goal (GPU runs only)."""
+    def find(kernel, impl, **shape):
+        return [r for r in rows if r["kernel"] == kernel and r["impl"] == impl
+                and all(r["shape"].get(key) == value for key, value in shape.items())]
+    out = []
+    for r in find("dispatch", "triton"):
+        n = r["shape"]["N"]
+        if 16 <= n <= 256:
+            out.append(dict(figure=f"dispatch N={n}: triton speed / bf16 per-expert loop",
+                            goal=2.0, measured=r["speedup_vs_reference"]))
+        if n >= 4096:
+            dense = find("dispatch", "dense", N=n)[0]
+            out.append(dict(figure=f"dispatch N={n}: triton TFLOP/s / dense bf16 matmul TFLOP/s",
+                            goal=0.6, measured=r["tflops"] / dense["tflops"]))
+    for kernel in ("prefill", "prefill_fwd_bwd"):
+        for r in find(kernel, "triton"):
+            flash = find(kernel, "sdpa_flash", **r["shape"])
+            if flash:
+                out.append(dict(figure=f"{kernel} G={r['shape']['G']}: triton TFLOP/s / SDPA flash",
+                                goal=0.8 if kernel == "prefill" else None,
+                                measured=r["tflops"] / flash[0]["tflops"]))
+    for r in find("decode", "triton", B=32):
+        out.append(dict(figure=f"decode B=32 S={r['shape']['S']} G={r['shape']['G']}: "
+                               "GB/s / device copy GB/s", goal=0.7, measured=r["share_of_copy"]))
+    for t in out:
+        t["met"] = None if t["goal"] is None else t["measured"] >= t["goal"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--only", nargs="*", default=None,
+                        choices=["dispatch", "dispatch_fwd_bwd", "prefill", "prefill_fwd_bwd",
+                                 "decode", "train"], help="run these row groups only")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    use_triton = device.type == "cuda" and triton_available()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    use_triton = triton_available() and (device.type == "cuda" or interpreted)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((p for key, p in PEAKS.items() if key in name), None)
-    note = ("Triton rows and reference rows timed side by side on " + name) if use_triton else (
-        f"no Triton rows: they need a CUDA GPU (device here: {name}, triton importable: "
-        f"{triton_available()}); only the PyTorch rows ran, GPU figures are still owed")
-    print(note)
+    if use_triton:
+        note = f"Triton rows and reference rows timed side by side on {name}" + (
+            " through the interpreter: a plumbing check, the times mean nothing" if interpreted else "")
+    else:
+        note = (f"no Triton rows: they need a CUDA GPU (device here: {name}, triton importable: "
+                f"{triton_available()}); only the PyTorch rows ran, GPU figures are still owed")
+    print(note, flush=True)
     quick = args.quick or device.type == "cpu"
+    shapes = QUICK_SHAPES if quick else GPU_SHAPES
+    groups = args.only or list(shapes)
     repeats = 5 if quick else 20
+    ceilings = measure_ceilings(device, repeats)
+    print(f"ceilings: copy {ceilings['copy_gb_per_s']:.0f} GB/s, matmul "
+          f"{ceilings['matmul_tflops']:.1f} TFLOP/s", flush=True)
+    run = dict(dispatch=bench_dispatch, dispatch_fwd_bwd=bench_dispatch_train,
+               prefill=bench_prefill, prefill_fwd_bwd=bench_prefill_train, decode=bench_decode)
     rows = []
-    dispatch_shapes = [(256, 256, 512, 8, 2)] if quick else [
-        (16, 1024, 2816, 16, 2), (512, 1024, 2816, 16, 2), (4096, 1024, 2816, 16, 2)]
-    for shape in dispatch_shapes:
-        rows += bench_dispatch(*shape, device, dtype, use_triton, repeats, peak)
-    prefill_shapes = [(2, 128, 8, 1, 64)] if quick else [(8, 1024, 16, 1, 128), (4, 2048, 16, 4, 128)]
-    for shape in prefill_shapes:
-        rows += bench_prefill(*shape, device, dtype, use_triton, repeats, peak)
-    decode_shapes = [(4, 256, 8, 1, 64, 16)] if quick else [
-        (1, 8192, 16, 1, 128, 16), (32, 2048, 16, 1, 128, 16), (64, 1024, 16, 4, 128, 16)]
-    for shape in decode_shapes:
-        rows += bench_decode(*shape, device, dtype, use_triton, repeats, peak)
-    for shape in dispatch_shapes[-2:]:
-        rows += bench_dispatch_train(*shape, device, dtype, use_triton, repeats, peak)
-    for shape in prefill_shapes:
-        rows += bench_prefill_train(*shape, device, dtype, use_triton, repeats, peak)
-    train_cfg = (ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, d_expert=128,
-                             n_experts=4, max_seq_len=64), 2, 64) if quick else (
-        ModelConfig(d_model=1024, n_layers=4, n_heads=16, n_kv_heads=4, d_expert=2816,
-                    n_experts=8, max_seq_len=2048), 8, 1024)
-    rows += bench_train_step(*train_cfg, device, dtype, use_triton, repeats, peak)
+    for group in groups:
+        if group == "train":
+            rows += bench_train_step(*shapes["train"], device, dtype, use_triton, repeats, ceilings)
+            continue
+        for shape in shapes[group]:
+            rows += run[group](shape, device, dtype, use_triton, repeats, ceilings)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     add_speedups(rows)
     for r in rows:
-        tokens = f"  {r['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in r else ""
-        print(f"{r['kernel']:16} {r['impl']:16} {json.dumps(r['shape']):70} {r['ms']:9.3f} ms "
-              f"{r['tflops']:8.3f} TFLOP/s {r['gb_per_s']:9.1f} GB/s  "
-              f"x{r['speedup_vs_reference']:.2f}{tokens}")
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        tokens = f"  {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else ""
+        err = f"  rel_err {r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['kernel']:16} {r['impl']:15} {json.dumps(r['shape']):62} {r['ms']:9.3f} ms "
+              f"{r['tflops']:7.1f} TFLOP/s {r['gb_per_s']:7.0f} GB/s  x{r['speedup_vs_reference']:.2f}"
+              f"{err}{tokens}")
+    goals = targets(rows, ceilings) if device.type == "cuda" and use_triton else []
+    for t in goals:
+        print(f"{t['figure']:72} {t['measured']:6.2f}  goal {t['goal']}  "
+              f"{'' if t['met'] is None else ('met' if t['met'] else 'NOT MET')}")
+    slug = "gpu" if device.type == "cuda" else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     out = Path(args.out or f"benchmarks/results/kernels_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(device=name, dtype=str(dtype).removeprefix("torch."),
-                                   triton=use_triton, note=note, torch=torch.__version__,
-                                   rows=rows), indent=2) + "\n")
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    out.write_text(json.dumps(dict(
+        command="python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:]),
+        device=name, multiprocessors=props.multi_processor_count if props else None,
+        dtype=str(dtype).removeprefix("torch."), triton=use_triton, interpreted=interpreted,
+        triton_version=__import__("triton").__version__ if triton_available() else None,
+        torch=torch.__version__, note=note, ceilings=ceilings, targets=goals, rows=rows),
+        indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -128,13 +128,18 @@ class MoELayer(nn.Module):
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
         capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
-        weights = weights.to(x.dtype)
+        # Under autocast the experts run in its dtype, as nn.Linear would: bf16 operands on
+        # the tensor cores with fp32 accumulators, rather than fp32 through FMA units.
+        dtype = (torch.get_autocast_dtype(x.device.type)
+                 if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        x, weights = x.to(dtype), weights.to(dtype)
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
         dispatch = dispatch_and_combine  # kernels/moe_dispatch.py
-        if use_triton(self.kernel_backend, x, self.w_in, has_backward=True):
+        if use_triton(self.kernel_backend, x, w_in, has_backward=True):
             dispatch = (dispatch_and_combine_trainable  # kernels/moe_dispatch_backward.py
-                        if needs_grad(x, weights, self.w_in, self.w_out)
+                        if needs_grad(x, weights, w_in, w_out)
                         else dispatch_and_combine_triton)
-        y, dropped = dispatch(x, expert_ids, weights, self.w_in, self.w_out, capacity)
+        y, dropped = dispatch(x, expert_ids, weights, w_in, w_out, capacity)
         tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

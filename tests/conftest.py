@@ -1,5 +1,10 @@
 """Test set-up: Triton's interpreter on machines without a GPU, two CPU threads, and a
-small model factory shared by the tests."""
+small model factory shared by the tests.
+
+The kernel tests build their tensors on `DEVICE`: compiled on a CUDA GPU when one is
+present (benchmarks/gpu_check.sh runs them there), through the interpreter otherwise, so
+the same test files serve both. `COMPILED` says which; bfloat16 dots are checked only
+when compiled (the interpreter multiplies bfloat16 bit patterns wrongly, Triton 3.8)."""
 
 import os
 
@@ -7,12 +12,24 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where kernel tests run
+COMPILED = DEVICE.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 import pytest  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import Transformer  # noqa: E402
+
+needs_compiled_triton = pytest.mark.skipif(
+    not COMPILED, reason="bfloat16 dots run only compiled on a CUDA GPU (benchmarks/gpu_check.sh); "
+                         "the interpreter multiplies bfloat16 bit patterns wrongly")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64; NaN anywhere fails every bound."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm())
 
 
 def tiny_config(**overrides) -> ModelConfig:

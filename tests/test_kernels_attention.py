@@ -1,6 +1,7 @@
-"""The Triton attention kernels against their references (kernels/attention.py), run on
-CPU through TRITON_INTERPRET=1 (set in tests/conftest.py), and the whole model's logits
-with kernel_backend = "triton" against "torch"."""
+"""The Triton attention kernels against their references (kernels/attention.py), compiled
+on a CUDA GPU when one is present and otherwise on CPU through TRITON_INTERPRET=1 (both
+set up in tests/conftest.py), and the whole model's logits with kernel_backend = "triton"
+against "torch"."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from kernels.attention import (paged_attention, paged_attention_reference,  # no
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
 from moe import cache as cache_module  # noqa: E402
 from moe.cache import PagedKVCache  # noqa: E402
+from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
 H = 4
 
@@ -23,7 +25,7 @@ def packed(lens, n_kv_heads, head_dim, seed=0):
     k = torch.randn(n, n_kv_heads, head_dim, generator=gen)
     v = torch.randn(n, n_kv_heads, head_dim, generator=gen)
     cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    return q, k, v, cu_seqlens
+    return tuple(t.to(DEVICE) for t in (q, k, v, cu_seqlens))
 
 
 @pytest.mark.parametrize("lens", [[1], [33], [222], [33, 5, 1, 0, 17]],
@@ -39,7 +41,8 @@ def test_varlen_causal_kernel_equals_reference(lens, n_kv_heads):
 
 def test_varlen_sequences_do_not_see_each_other():
     q, k, v, cu_seqlens = packed([9, 7], 2, 16)
-    alone = varlen_causal_attention_triton(q[9:], k[9:], v[9:], torch.tensor([0, 7], dtype=torch.int32))
+    alone = varlen_causal_attention_triton(q[9:], k[9:], v[9:],
+                                           torch.tensor([0, 7], dtype=torch.int32, device=DEVICE))
     torch.testing.assert_close(varlen_causal_attention_triton(q, k, v, cu_seqlens)[9:], alone)
 
 
@@ -54,7 +57,8 @@ def paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size, seed=0):
     tables = tables.view(len(seq_lens), width).to(torch.int32)  # [B, MB]
     query_start = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
     q = torch.randn(sum(query_lens), H, head_dim, generator=gen)
-    return q, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32), query_start
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return tuple(t.to(DEVICE) for t in (q, k_pool, v_pool, tables, seq_lens, query_start))
 
 
 @pytest.mark.parametrize("seq_lens,query_lens,block_size", [
@@ -99,31 +103,31 @@ def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_head
     import moe.moe_layer
     prefill_calls = count_calls(monkeypatch, moe.attention, "varlen_causal_attention_triton")
     dispatch_calls = count_calls(monkeypatch, moe.moe_layer, "dispatch_and_combine_triton")
-    tokens = torch.randint(0, 259, (2, 13))
+    tokens = torch.randint(0, 259, (2, 13), device=DEVICE)
     with torch.no_grad():
-        expect = make_model(n_kv_heads=n_kv_heads, kernel_backend="torch")(tokens).logits
+        expect = make_model(n_kv_heads=n_kv_heads, kernel_backend="torch").to(DEVICE)(tokens).logits
         assert not prefill_calls and not dispatch_calls
-        logits = make_model(n_kv_heads=n_kv_heads, kernel_backend="triton")(tokens).logits
+        logits = make_model(n_kv_heads=n_kv_heads, kernel_backend="triton").to(DEVICE)(tokens).logits
     assert prefill_calls and dispatch_calls
     torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
 
 
 def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatch):
     paged_calls = count_calls(monkeypatch, cache_module, "paged_attention_triton")
-    model = make_model(n_kv_heads=2, kernel_backend="triton")
-    tokens = torch.randint(0, 259, (2, 11))
-    cache = PagedKVCache(model.cfg, num_blocks=8, block_size=4)
+    model = make_model(n_kv_heads=2, kernel_backend="triton").to(DEVICE)
+    tokens = torch.randint(0, 259, (2, 11), device=DEVICE)
+    cache = PagedKVCache(model.cfg, num_blocks=8, block_size=4, device=DEVICE)
     for seq in (0, 1):
         cache.reserve(seq, 11)
     with torch.no_grad():
         full = model(tokens).logits  # [2, 11, V]
         cache.set_layout([0, 1], [9, 6], [9, 6])  # ragged prefill of 9 and 6 tokens
         step = torch.cat([tokens[0, :9], tokens[1, :6]])[None]  # [1, 15]
-        positions = torch.cat([torch.arange(9), torch.arange(6)])[None]
+        positions = torch.cat([torch.arange(9), torch.arange(6)])[None].to(DEVICE)
         prefill = model(step, positions, cache).logits[0]  # [15, V]
         cache.set_layout([0, 1], [2, 5], [11, 11])  # then 2 and 5 more
         step = torch.cat([tokens[0, 9:], tokens[1, 6:]])[None]
-        positions = torch.cat([torch.arange(9, 11), torch.arange(6, 11)])[None]
+        positions = torch.cat([torch.arange(9, 11), torch.arange(6, 11)])[None].to(DEVICE)
         decode = model(step, positions, cache).logits[0]  # [7, V]
     assert paged_calls
     torch.testing.assert_close(prefill[:9], full[0, :9], rtol=1e-4, atol=1e-4)
@@ -143,3 +147,19 @@ def test_half_precision_kernels_match_the_float32_reference():
     out = paged_attention_triton(q.half(), k_pool.half(), v_pool.half(), *layout, split_len=16)
     torch.testing.assert_close(out.float(), paged_attention_reference(q, k_pool, v_pool, *layout),
                                rtol=1e-2, atol=1e-2)
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_kv_heads", [1, 4], ids=["MQA", "MHA"])
+def test_half_precision_kernels_are_within_rounding_of_a_float64_reference(dtype, n_kv_heads):
+    q, k, v, cu_seqlens = (t.to(dtype) if t.is_floating_point() else t
+                           for t in packed([300, 77, 1], n_kv_heads, 64, seed=3))
+    out = varlen_causal_attention_triton(q, k, v, cu_seqlens)
+    expect = varlen_causal_attention_reference(q.double(), k.double(), v.double(), cu_seqlens)
+    assert out.dtype == dtype and relative_error(out, expect) < 1e-2
+    q, k_pool, v_pool, *layout = (t.to(dtype) if t.is_floating_point() else t for t in
+                                  paged_setup([700, 37, 5], [1, 1, 5], n_kv_heads, 64, 16, seed=4))
+    out = paged_attention_triton(q, k_pool, v_pool, *layout)
+    expect = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), *layout)
+    assert out.dtype == dtype and relative_error(out, expect) < 1e-2

@@ -1,5 +1,6 @@
 """Gradients of the Triton varlen flash attention (kernels/attention_backward.py) against
-the reference's autograd, on CPU through TRITON_INTERPRET=1 (set in tests/conftest.py)."""
+the reference's autograd, compiled on a CUDA GPU when one is present and otherwise on CPU
+through TRITON_INTERPRET=1 (both set up in tests/conftest.py)."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ pytest.importorskip("triton", reason="triton does not import here; the kernels c
 from kernels.attention import varlen_causal_attention_reference  # noqa: E402
 from kernels.attention_backward import (varlen_attention_forward_lse,  # noqa: E402
                                         varlen_causal_attention_trainable)
+from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
 H = 4
 
@@ -21,7 +23,7 @@ def packed(lens, n_kv_heads, head_dim, seed=0):
     v = torch.randn(n, n_kv_heads, head_dim, generator=gen)
     d_out = torch.randn(n, H, head_dim, generator=gen)
     cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    return q, k, v, d_out, cu_seqlens
+    return tuple(t.to(DEVICE) for t in (q, k, v, d_out, cu_seqlens))
 
 
 def gradients(fn, q, k, v, d_out, cu_seqlens):
@@ -46,7 +48,8 @@ def test_saved_log_sum_exp_is_that_of_the_scaled_causal_scores():
     q, k, _, _, cu_seqlens = packed([9], 1, 16)
     _, lse = varlen_attention_forward_lse(q, k, k, cu_seqlens)
     scores = torch.einsum("thd,sd->hts", q, k[:, 0]) / 4.0  # [H, T, S], scale 1/sqrt(16)
-    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool, device=DEVICE).triu(1),
+                                float("-inf"))
     torch.testing.assert_close(lse, scores.logsumexp(dim=-1).t(), rtol=1e-5, atol=1e-5)
 
 
@@ -65,3 +68,17 @@ def test_half_precision_gradients_are_close_to_float32():
     for a, b in zip(got, expect):
         assert a.dtype == torch.float16
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_kv_heads", [1, 4], ids=["MQA", "MHA"])
+def test_half_precision_gradients_are_within_rounding_of_a_float64_reference(dtype, n_kv_heads):
+    args = [t.to(dtype) if t.is_floating_point() else t
+            for t in packed([300, 77, 1], n_kv_heads, 64, seed=6)]
+    got = gradients(varlen_causal_attention_trainable, *args)
+    expect = gradients(varlen_causal_attention_reference,
+                       *(t.double() if t.is_floating_point() else t for t in args))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expect):
+        assert a.dtype == dtype, name
+        assert relative_error(a, b) < 2e-2, name

@@ -1,5 +1,6 @@
-"""The Triton expert dispatch against its reference (kernels/moe_dispatch.py), run on CPU
-through TRITON_INTERPRET=1 (set in tests/conftest.py), and the backend switch."""
+"""The Triton expert dispatch against its reference (kernels/moe_dispatch.py), compiled on
+a CUDA GPU when one is present and otherwise on CPU through TRITON_INTERPRET=1 (both set
+up in tests/conftest.py), and the backend switch."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from kernels.moe_dispatch import (align_slots, dispatch_and_combine,  # noqa: E4
                                   dispatch_and_combine_triton)
 from moe.config import ConfigError, ModelConfig  # noqa: E402
 from moe.moe_layer import MoELayer  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import (DEVICE, needs_compiled_triton, relative_error,  # noqa: E402
+                            tiny_config)
 
 D, F, E = 40, 24, 6  # widths that are not powers of two
 
@@ -23,7 +25,7 @@ def make_inputs(n, k, n_experts=E, seed=0):
     weights = torch.rand(n, k, generator=gen)
     w_in = torch.randn(n_experts, D, 2 * F, generator=gen) * 0.2
     w_out = torch.randn(n_experts, F, D, generator=gen) * 0.2
-    return x, ids, weights, w_in, w_out
+    return tuple(t.to(DEVICE) for t in (x, ids, weights, w_in, w_out))
 
 
 def assert_same_as_reference(x, ids, weights, w_in, w_out, capacity):
@@ -41,7 +43,7 @@ def test_triton_dispatch_equals_reference(n, k):
 
 def test_all_tokens_on_one_expert_leaves_the_others_empty():
     x, _, weights, w_in, w_out = make_inputs(33, 2)
-    ids = torch.tensor([[2, 0]] * 33)  # experts 1, 3, 4, 5 get nothing
+    ids = torch.tensor([[2, 0]] * 33, device=DEVICE)  # experts 1, 3, 4, 5 get nothing
     assert_same_as_reference(x, ids, weights, w_in, w_out, capacity=None)
     assert_same_as_reference(x, ids[:, :1], weights[:, :1], w_in, w_out, capacity=None)
 
@@ -49,12 +51,12 @@ def test_all_tokens_on_one_expert_leaves_the_others_empty():
 @pytest.mark.parametrize("capacity", [1, 5, 12])
 def test_capacity_drops_the_same_slots_as_the_reference(capacity):
     x, ids, weights, w_in, w_out = make_inputs(33, 2)
-    ids[:20] = torch.tensor([0, 1])  # pile slots onto experts 0 and 1 so they overflow
+    ids[:20] = torch.tensor([0, 1], device=DEVICE)  # pile slots onto experts 0 and 1 so they overflow
     assert assert_same_as_reference(x, ids, weights, w_in, w_out, capacity) > 0
 
 
 def test_align_pads_each_expert_to_whole_blocks_of_one_expert():
-    ids = torch.tensor([[3, 0], [3, 1], [3, 0], [2, 3], [3, 0]])  # expert 4 empty
+    ids = torch.tensor([[3, 0], [3, 1], [3, 0], [2, 3], [3, 0]], device=DEVICE)  # expert 4 empty
     plan = align_slots(ids, n_experts=5, block_m=4, capacity=3)
     slots, experts = plan.sorted_slots.view(-1, 4), plan.block_expert
     n_slots = ids.numel()
@@ -81,10 +83,10 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
         monkeypatch.setattr(moe_layer, name, lambda *args, name=name, original=original:
                             calls.append(name) or original(*args))
     torch.manual_seed(0)
-    layer = MoELayer(tiny_config(kernel_backend="triton"))
+    layer = MoELayer(tiny_config(kernel_backend="triton")).to(DEVICE)
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.3)
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, 9, 32, device=DEVICE)
     with torch.no_grad():
         y_triton, _ = layer(x)
     assert calls == ["dispatch_and_combine_triton"]
@@ -93,9 +95,33 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
     torch.testing.assert_close(y_triton, y_grad.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weights(monkeypatch):
+    monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
+    import moe.moe_layer as moe_layer
+    seen = []
+    original = moe_layer.dispatch_and_combine_trainable
+    monkeypatch.setattr(moe_layer, "dispatch_and_combine_trainable", lambda x, ids, w, w_in, w_out, c:
+                        seen.append((x.dtype, w.dtype, w_in.dtype, w_out.dtype))
+                        or original(x, ids, w, w_in, w_out, c))
+    torch.manual_seed(0)
+    layer = MoELayer(tiny_config(kernel_backend="triton")).to(DEVICE)
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(2, 9, 32, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y, _ = layer(x)
+    assert seen == [(torch.float16,) * 4] and y.dtype == torch.float16
+    y.float().square().sum().backward()
+    assert layer.w_in.grad.dtype == torch.float32 and layer.w_in.grad.abs().sum() > 0
+    expect, _ = layer(x)  # float32 throughout
+    torch.testing.assert_close(y.float(), expect.detach(), rtol=2e-2, atol=2e-2)
+
+
 def test_backend_resolution_and_environment_override(monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", "cpu") == "triton"  # allowed under TRITON_INTERPRET=1
     monkeypatch.setenv("MOE_KERNEL_BACKEND", "torch")
     assert resolve_backend("triton", "cpu") == "torch"
@@ -122,6 +148,19 @@ def test_half_precision_dispatch_accumulates_in_float32():
     y_ref, _ = dispatch_and_combine(x, ids, weights, w_in, w_out, None)
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.float(), y_ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(1, 2), (33, 2), (300, 3)])
+def test_half_precision_dispatch_is_within_rounding_of_a_float64_reference(dtype, n, k):
+    x, ids, weights, w_in, w_out = make_inputs(n, k, seed=n)
+    half = [t.to(dtype) for t in (x, weights, w_in, w_out)]
+    y, _ = dispatch_and_combine_triton(half[0], ids, *half[1:], None)
+    y_ref, _ = dispatch_and_combine(half[0].double(), ids, *(t.double() for t in half[1:]),
+                                    None)  # the same rounded inputs, float64 arithmetic
+    assert y.dtype == dtype
+    assert relative_error(y, y_ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 def test_float64_runs_the_reference_and_the_kernel_refuses_it():

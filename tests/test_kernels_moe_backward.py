@@ -1,5 +1,6 @@
 """Gradients of the Triton expert dispatch (kernels/moe_dispatch_backward.py) against the
-reference's autograd, on CPU through TRITON_INTERPRET=1 (set in tests/conftest.py)."""
+reference's autograd, compiled on a CUDA GPU when one is present and otherwise on CPU
+through TRITON_INTERPRET=1 (both set up in tests/conftest.py)."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ pytest.importorskip("triton", reason="triton does not import here; the kernels c
 
 from kernels.moe_dispatch import dispatch_and_combine  # noqa: E402
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable  # noqa: E402
+from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
 D, F, E = 40, 24, 6  # widths that are not powers of two
 
@@ -20,7 +22,7 @@ def make_inputs(n, k, seed=0):
     w_in = torch.randn(E, D, 2 * F, generator=gen) * 0.2
     w_out = torch.randn(E, F, D, generator=gen) * 0.2
     dy = torch.randn(n, D, generator=gen)
-    return x, ids, weights, w_in, w_out, dy
+    return tuple(t.to(DEVICE) for t in (x, ids, weights, w_in, w_out, dy))
 
 
 def gradients(fn, x, ids, weights, w_in, w_out, dy, capacity):
@@ -48,7 +50,7 @@ def test_dispatch_gradients_equal_reference_autograd(n, k):
 
 def test_dispatch_gradients_with_empty_experts_are_zero_for_them():
     x, _, weights, w_in, w_out, dy = make_inputs(9, 2)
-    ids = torch.tensor([[2, 0]] * 9)  # experts 1, 3, 4, 5 get nothing
+    ids = torch.tensor([[2, 0]] * 9, device=DEVICE)  # experts 1, 3, 4, 5 get nothing
     assert_gradients_match_reference(x, ids, weights, w_in, w_out, dy)
     _, _, (_, _, d_w_in, d_w_out) = gradients(dispatch_and_combine_trainable, x, ids, weights,
                                               w_in, w_out, dy, None)
@@ -58,7 +60,7 @@ def test_dispatch_gradients_with_empty_experts_are_zero_for_them():
 @pytest.mark.parametrize("capacity", [1, 5])
 def test_dropped_slots_get_no_gradient_like_the_reference(capacity):
     x, ids, weights, w_in, w_out, dy = make_inputs(33, 2)
-    ids[:20] = torch.tensor([0, 1])  # pile slots onto experts 0 and 1 so they overflow
+    ids[:20] = torch.tensor([0, 1], device=DEVICE)  # pile slots onto experts 0 and 1 so they overflow
     assert assert_gradients_match_reference(x, ids, weights, w_in, w_out, dy, capacity) > 0
 
 
@@ -74,8 +76,24 @@ def test_half_precision_gradients_are_close_to_float32():
 
 def test_an_empty_batch_gives_empty_and_zero_gradients():
     _, _, _, w_in, w_out, _ = make_inputs(1, 2)
-    x, ids, weights = torch.zeros(0, D), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2)
+    x, ids, weights, dy = (torch.zeros(0, D, device=DEVICE),
+                           torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+                           torch.zeros(0, 2, device=DEVICE), torch.zeros(0, D, device=DEVICE))
     _, _, (d_x, d_weights, d_w_in, d_w_out) = gradients(
-        dispatch_and_combine_trainable, x, ids, weights, w_in, w_out, torch.zeros(0, D), None)
+        dispatch_and_combine_trainable, x, ids, weights, w_in, w_out, dy, None)
     assert d_x.shape == (0, D) and d_weights.shape == (0, 2)
     assert d_w_in.abs().max() == 0 and d_w_out.abs().max() == 0
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_are_within_rounding_of_a_float64_reference(dtype):
+    x, ids, weights, w_in, w_out, dy = make_inputs(300, 2, seed=5)
+    half = [t.to(dtype) for t in (x, weights, w_in, w_out, dy)]
+    y, _, grads = gradients(dispatch_and_combine_trainable, half[0], ids, *half[1:], None)
+    wide = [t.double() for t in half]
+    y_ref, _, grads_ref = gradients(dispatch_and_combine, wide[0], ids, *wide[1:], None)
+    for name, got, expect in zip(("y", "x", "weights", "w_in", "w_out"), [y] + grads,
+                                 [y_ref] + grads_ref):
+        assert got.dtype == dtype, name
+        assert relative_error(got, expect) < (2e-2 if dtype == torch.bfloat16 else 4e-3), name

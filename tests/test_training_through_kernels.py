@@ -1,6 +1,7 @@
 """Training through the Triton kernels (their backwards in kernels/*_backward.py) gives
-the same losses and weights as training through the PyTorch references; on CPU through
-TRITON_INTERPRET=1 (set in tests/conftest.py)."""
+the same losses and weights as training through the PyTorch references; compiled on a
+CUDA GPU when one is present, otherwise on CPU through TRITON_INTERPRET=1 (both set up in
+tests/conftest.py)."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import kernels.moe_dispatch_backward  # noqa: E402
 import moe.attention  # noqa: E402
 import moe.moe_layer  # noqa: E402
 from moe.model import model_loss  # noqa: E402
+from tests.conftest import DEVICE  # noqa: E402
 
 
 def count_calls(monkeypatch, module, name):
@@ -22,9 +24,10 @@ def count_calls(monkeypatch, module, name):
 
 
 def train(make_model, backend, steps, n_kv_heads):
-    model = make_model(n_kv_heads=n_kv_heads, kernel_backend=backend, capacity_factor=1.0).train()
+    model = make_model(n_kv_heads=n_kv_heads, kernel_backend=backend,
+                       capacity_factor=1.0).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    tokens = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     losses = []
     for _ in range(steps):  # one batch again and again: the loss must fall
         loss = model_loss(model.cfg, model(tokens[:, :-1]), tokens[:, 1:]).total
