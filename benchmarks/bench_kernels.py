@@ -276,7 +276,7 @@ def bench_prefill(shape_args, device, dtype, use_triton, repeats, ceilings):
     if device.type == "cuda":
         impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
     if use_triton:
-        impls["triton"] = lambda: varlen_causal_attention_triton(q, k, v, cu_seqlens)
+        impls["triton"] = lambda: varlen_causal_attention_triton(q, k, v, cu_seqlens, length)
     return bench_rows("prefill", shape, impls, expect, flops, bytes_moved, device, repeats,
                       ceilings)
 
@@ -294,7 +294,7 @@ def bench_prefill_train(shape_args, device, dtype, use_triton, repeats, ceilings
     if device.type == "cuda":
         impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
     if use_triton:
-        impls["triton"] = lambda: varlen_causal_attention_trainable(q, k, v, cu_seqlens)
+        impls["triton"] = lambda: varlen_causal_attention_trainable(q, k, v, cu_seqlens, length)
     impls = {name: forward_backward(fn, leaves, grad) for name, fn in impls.items()}
     return bench_rows("prefill_fwd_bwd", shape, impls, expect, flops, bytes_moved, device,
                       repeats, ceilings, gradients_of(leaves))
@@ -391,6 +391,106 @@ QUICK_SHAPES = dict(
 )
 
 
+SMALL_DISPATCH = [  # decode-sized: few rows per expert, weights streamed
+    dict(BLOCK_M=16, up_BLOCK_F=64, up_BLOCK_D=128, down_BLOCK_D=64, down_BLOCK_F=128,
+         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
+    dict(BLOCK_M=16, up_BLOCK_F=32, up_BLOCK_D=256, down_BLOCK_D=32, down_BLOCK_F=256,
+         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
+    dict(BLOCK_M=16, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
+         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
+    dict(BLOCK_M=16, up_BLOCK_F=32, up_BLOCK_D=128, down_BLOCK_D=32, down_BLOCK_F=128,
+         up_warps=4, up_stages=5, down_warps=4, down_stages=5),
+    dict(BLOCK_M=16, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
+         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
+    dict(BLOCK_M=64, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
+         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
+]
+LARGE_DISPATCH = [  # prefill / training sized: tensor-core tiles
+    dict(BLOCK_M=128, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
+         up_warps=8, up_stages=3, down_warps=8, down_stages=3),
+    dict(BLOCK_M=128, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
+         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
+    dict(BLOCK_M=64, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
+         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
+    dict(BLOCK_M=128, up_BLOCK_F=128, up_BLOCK_D=32, down_BLOCK_D=128, down_BLOCK_F=32,
+         up_warps=8, up_stages=4, down_warps=8, down_stages=4),
+    dict(BLOCK_M=64, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
+         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
+]
+PREFILL_LAUNCHES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)]
+BACKWARD_LAUNCHES = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+                     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)]
+
+
+def sweep(device, dtype, repeats) -> list[dict]:
+    """Time launch configurations of each kernel at the GPU shapes (what the launch
+    tables in kernels/ were read from). Each variant's output is compared with the
+    first's, so a configuration that computes something else shows."""
+    from kernels.attention import paged_launch
+    from kernels.attention_backward import varlen_attention_backward, varlen_attention_forward_lse
+    results = []
+
+    def run(kernel, shape, variants, make):
+        base = None
+        for launch in variants:
+            fn = make(launch)
+            try:
+                out = first(fn())[0].float()
+                base = out if base is None else base
+                err = errors([out], [base])["rel_err"]
+                ms = timed(fn, device, repeats) * 1e3
+            except Exception as e:  # a configuration the device refuses (shared memory)
+                results.append(dict(kernel=kernel, shape=shape, launch=launch, error=str(e)[:200]))
+                print(f"  sweep {kernel} {shape} {launch}: {str(e)[:100]}", flush=True)
+                continue
+            results.append(dict(kernel=kernel, shape=shape, launch=launch, ms=ms,
+                                rel_err_vs_first=err))
+            print(f"  sweep {kernel} {json.dumps(shape)} {json.dumps(launch)}: {ms:.3f} ms "
+                  f"(vs first {err:.1e})", flush=True)
+
+    for n in (16, 256, 4096):
+        x, ids, weights, w_in, w_out = dispatch_inputs(n, *MIXTRAL_MOE, device, dtype)
+        run("dispatch", dict(N=n), SMALL_DISPATCH if n * 2 <= 512 else LARGE_DISPATCH,
+            lambda c: lambda: dispatch_and_combine_triton(x, ids, weights, w_in, w_out, None, c))
+        del x, ids, weights, w_in, w_out
+        torch.cuda.empty_cache()
+    for n_kv_heads in (1, 32):
+        q, k, v, cu = prefill_inputs(4, 2048, 32, n_kv_heads, 128, device, dtype)
+        run("prefill", dict(G=n_kv_heads), PREFILL_LAUNCHES,
+            lambda c: lambda: varlen_causal_attention_triton(q, k, v, cu, 2048, c))
+        out, lse = varlen_attention_forward_lse(q, k, v, cu, 2048)
+        grad = torch.randn_like(q)
+        run("prefill_backward", dict(G=n_kv_heads), BACKWARD_LAUNCHES,
+            lambda c: lambda: torch.cat([g.flatten() for g in varlen_attention_backward(
+                grad, q, k, v, out, lse, cu, 2048, c)]))
+    for n_seqs, n_kv_heads in ((1, 8), (32, 8), (32, 1)):
+        context, block_size, n_heads = 4096, 16, 32
+        gen = torch.Generator(device).manual_seed(0)
+        n_blocks = n_seqs * context // block_size
+        k_pool = torch.randn(n_blocks, block_size, n_kv_heads, 128, device=device, dtype=dtype,
+                             generator=gen)
+        v_pool = torch.randn(k_pool.shape, device=device, dtype=dtype, generator=gen)
+        tables = torch.randperm(n_blocks, device=device, generator=gen).view(n_seqs, -1).int()
+        seq_lens = torch.full((n_seqs,), context, device=device, dtype=torch.int32)
+        query_start = torch.arange(n_seqs + 1, device=device, dtype=torch.int32)
+        q = torch.randn(n_seqs, n_heads, 128, device=device, dtype=dtype, generator=gen)
+        auto = paged_launch(context, n_seqs, n_kv_heads, device)["split_len"]
+        variants = [dict(split_len=auto), dict(split_len=max(64, auto // 2)),
+                    dict(split_len=auto * 2), dict(split_len=auto, num_warps=8),
+                    dict(split_len=auto, num_stages=3), dict(split_len=max(64, auto // 2), num_stages=3)]
+        run("decode", dict(B=n_seqs, G=n_kv_heads), variants,
+            lambda c: lambda: paged_attention_triton(q, k_pool, v_pool, tables, seq_lens,
+                                                     query_start, c["split_len"],
+                                                     {key: c[key] for key in c if key != "split_len"}))
+    return results
+
+
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_reference: reference time / this row's time, for rows of one kernel and shape."""
     for r in rows:
@@ -437,6 +537,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         choices=["dispatch", "dispatch_fwd_bwd", "prefill", "prefill_fwd_bwd",
                                  "decode", "train"], help="run these row groups only")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time launch configurations per kernel (GPU only); JSON key 'sweep'")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -472,6 +574,13 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     add_speedups(rows)
+    swept = []
+    if args.sweep and device.type == "cuda" and use_triton:
+        try:
+            swept = sweep(device, dtype, repeats)
+        except Exception:  # keep the rows measured so far
+            import traceback
+            traceback.print_exc()
     for r in rows:
         tokens = f"  {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else ""
         err = f"  rel_err {r['rel_err']:.1e}" if "rel_err" in r else ""
@@ -491,7 +600,8 @@ def main() -> None:
         device=name, multiprocessors=props.multi_processor_count if props else None,
         dtype=str(dtype).removeprefix("torch."), triton=use_triton, interpreted=interpreted,
         triton_version=__import__("triton").__version__ if triton_available() else None,
-        torch=torch.__version__, note=note, ceilings=ceilings, targets=goals, rows=rows),
+        torch=torch.__version__, note=note, ceilings=ceilings, targets=goals, rows=rows,
+        **(dict(sweep=swept) if swept else {})),
         indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -51,6 +51,8 @@ from torch import Tensor
 from kernels.backend import KERNEL_DTYPES, use_triton
 from kernels.triton_import import tl, triton
 
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): folded into the scale
+
 
 # ---------------------------------------------------------------------------------------
 # References (the specifications)
@@ -97,14 +99,34 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_t
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
+def _online_softmax_step(q, k_ptr, v_ptr, kv_offsets, kv_mask, rows, cols, length, m, l, acc,
+                         scale_log2, PRECISION: tl.constexpr, DIAGONAL: tl.constexpr):
+    """One key block of the online softmax, in base 2 (log2(e) is in `scale_log2`).
+    Off the diagonal every key is below every query row and inside the sequence, so only
+    DIAGONAL blocks pay for the causal mask."""
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if DIAGONAL:
+        allowed = (cols[None, :] <= rows[:, None]) & (cols < length)[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    correction = tl.exp2(m - m_new)
+    l = l * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _varlen_causal_kernel(
     # pointers (lse_ptr is only written with STORE_LSE; pass any pointer, e.g. o, without)
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_seqlens_ptr,
     # sizes
-    group_size, head_dim, scale,
+    group_size, head_dim, scale_log2,
     # strides (q and o share theirs; k and v share theirs; lse [N, H] its own)
     stride_qn, stride_qh, stride_qd, stride_kn, stride_kg, stride_kd, stride_ln, stride_lh,
-    # meta-parameters
+    # meta-parameters (BLOCK_M a multiple of BLOCK_N)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
@@ -124,38 +146,34 @@ def _varlen_causal_kernel(
     q_offsets = ((start + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
                  + ds[None, :] * stride_qd)
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # ---- online softmax over key blocks up to the diagonal ---------------------------
+    # ---- online softmax: key blocks below the diagonal unmasked, then the diagonal ----
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     kv_base = kv_head * stride_kg + ds[None, :] * stride_kd
-    end = tl.minimum((block + 1) * BLOCK_M, length)
-    for n0 in range(0, end, BLOCK_N):
+    diagonal = block * BLOCK_M
+    for n0 in range(0, diagonal, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_offsets = (start + cols).to(tl.int64)[:, None] * stride_kn + kv_base
+        m, l, acc = _online_softmax_step(q, k_ptr, v_ptr, kv_offsets, d_ok[None, :], rows, cols,
+                                         length, m, l, acc, scale_log2, PRECISION, False)
+    for n0 in range(diagonal, tl.minimum(diagonal + BLOCK_M, length), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_offsets = (start + cols).to(tl.int64)[:, None] * stride_kn + kv_base
         kv_mask = (cols < length)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
-        allowed = (cols[None, :] <= rows[:, None]) & (cols < length)[None, :]
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        correction = tl.exp(m - m_new)
-        l = l * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _online_softmax_step(q, k_ptr, v_ptr, kv_offsets, kv_mask, rows, cols,
+                                         length, m, l, acc, scale_log2, PRECISION, True)
     # ---- normalise and store; the log-sum-exp too when the backward needs it ---------
     l = tl.where(row_ok, l, 1.0)
     out = acc / l[:, None]
     tl.store(o_ptr + q_offsets, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
+    if STORE_LSE:  # natural log (m is base 2: times ln 2), as the backward expects
         tl.store(lse_ptr + (start + rows).to(tl.int64) * stride_ln + head * stride_lh,
-                 m + tl.log(l), mask=row_ok)
+                 m * 0.6931471805599453 + tl.log(l), mask=row_ok)
 
 
-def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """The Triton path of `varlen_causal_attention_reference`: same arguments, same result."""
+def check_varlen_args(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
+    """Refuse, by name, what the varlen kernels cannot take."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     if k.shape != (n_tokens, n_kv_heads, head_dim) or v.shape != k.shape or n_heads % n_kv_heads:
@@ -167,19 +185,72 @@ def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be int32 [B + 1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}; build it with .to(torch.int32)")
+
+
+def longest(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
+    """The longest sequence: `max_seqlen` when the caller knows it (no host sync), else
+    read from cu_seqlens (one sync)."""
+    if max_seqlen is not None:
+        return max_seqlen
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (the interpreter: no limit
+    that matters, the H100's figure)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", 232448)
+    return 232448
+
+
+def varlen_launch(max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles, warps and pipeline depth for the varlen forward, per shape and dtype: wide
+    query tiles for long sequences on a GPU (few programs re-read K/V), 16-row tiles for
+    short ones and for the interpreter; halved until the pipelined K/V tiles and the
+    query tile fit the device's shared memory (fp32 at head_dim 128 and above would not)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if max_len <= 64:
+        config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    elif device.type != "cuda":
+        config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    else:
+        config = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4, num_stages=3)
+    size = torch.empty((), dtype=dtype).element_size()
+    limit = shared_memory_limit(device)
+
+    def needs(c):  # q tile + pipelined K and V tiles
+        return (c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * block_d * size
+    while needs(config) > limit and config["BLOCK_N"] > 16:
+        config.update(BLOCK_M=max(16, config["BLOCK_M"] // 2), BLOCK_N=config["BLOCK_N"] // 2,
+                      num_stages=max(1, config["num_stages"] - 1))
+    if needs(config) > limit:
+        raise ValueError(f"head_dim {head_dim} in {dtype} needs {needs(config)} B of shared memory "
+                         f"even at 16-row tiles, over this device's {limit} B; use bf16/fp16 or "
+                         "the reference backend")
+    return dict(config, BLOCK_D=block_d)
+
+
+def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                                   max_seqlen: int | None = None, launch: dict | None = None
+                                   ) -> Tensor:
+    """The Triton path of `varlen_causal_attention_reference`: same arguments, same result.
+    `max_seqlen` (the longest sequence, when the caller knows it) saves the one host sync
+    that reading it from cu_seqlens costs; `launch` overrides `varlen_launch`'s choice.
+    Launches one kernel (plus copies when q, k, v are not contiguous)."""
+    check_varlen_args(q, k, v, cu_seqlens)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # one stride set per pair
     out = torch.empty_like(q)
-    n_seqs = cu_seqlens.shape[0] - 1
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_seqs else 0
-    block_m = block_n = 16 if max_len <= 64 else 64
-    grid = (triton.cdiv(max_len, block_m), n_heads, n_seqs)
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    max_len = longest(cu_seqlens, max_seqlen)
+    config = dict(varlen_launch(max_len, head_dim, q.dtype, q.device), **(launch or {}))
     if max_len:
+        grid = (triton.cdiv(max_len, config["BLOCK_M"]), n_heads, cu_seqlens.shape[0] - 1)
         _varlen_causal_kernel[grid](
             q, k, v, out, out, cu_seqlens,  # out stands in for lse_ptr: nothing stored there
-            n_heads // n_kv_heads, head_dim, 1.0 / math.sqrt(head_dim),
+            n_heads // k.shape[1], head_dim, LOG2E / math.sqrt(head_dim),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), 0, 0,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=False)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=False, **config)
     return out
 
 
@@ -193,30 +264,33 @@ def _paged_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, query_seq_ptr, query_pos_ptr,
     m_ptr, l_ptr, acc_ptr,
     # sizes
-    group_size, head_dim, block_size, split_len, scale,
+    group_size, head_dim, block_size, split_len, scale_log2,
     # strides
     stride_qn, stride_qh, stride_qd, stride_pb, stride_ps, stride_pg, stride_pd, stride_tb,
     stride_mn, stride_mh, stride_an, stride_ah, stride_as,
     # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # ---- which query, which head, which slice of the keys ----------------------------
+    # ---- which query, which KV head (all its query heads at once), which key slice ---
     query = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq = tl.load(query_seq_ptr + query).to(tl.int64)
     n_keys = tl.load(query_pos_ptr + query) + 1  # causal: keys 0 .. own position
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_keys)
-    kv_head = head // group_size
+    group = tl.arange(0, BLOCK_G)
+    group_ok = group < group_size
+    heads = kv_head * group_size + group  # [BLOCK_G] query heads reading this KV head
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < head_dim
-    q = tl.load(q_ptr + query * stride_qn + head * stride_qh + ds * stride_qd, mask=d_ok,
-                other=0.0).to(tl.float32)
-    # ---- online softmax over this slice; keys found through the block table ----------
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    q = tl.load(q_ptr + query * stride_qn + heads[:, None] * stride_qh + ds[None, :] * stride_qd,
+                mask=group_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    # ---- online softmax (base 2) over this slice; keys found through the block table -
+    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
@@ -225,19 +299,22 @@ def _paged_split_kernel(
         offsets = (blocks * stride_pb + (cols % block_size) * stride_ps + kv_head * stride_pg)[:, None] \
             + ds[None, :] * stride_pd
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_pool_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_pool_ptr + offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.where(col_ok, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))  # [BLOCK_N]
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        correction = tl.exp(m - m_new)
-        l = l * correction + tl.sum(p, axis=0)
-        acc = acc * correction + tl.sum(p[:, None] * v, axis=0)
+        k = tl.load(k_pool_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_pool_ptr + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        correction = tl.exp2(m - m_new)
+        l = l * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
         m = m_new
     # ---- partial result of this slice (m = -inf, l = 0 when the slice is empty) ------
-    tl.store(m_ptr + query * stride_mn + head * stride_mh + split, m)
-    tl.store(l_ptr + query * stride_mn + head * stride_mh + split, l)
-    tl.store(acc_ptr + query * stride_an + head * stride_ah + split * stride_as + ds, acc, mask=d_ok)
+    head_offsets = query * stride_mn + heads * stride_mh + split
+    tl.store(m_ptr + head_offsets, m, mask=group_ok)
+    tl.store(l_ptr + head_offsets, l, mask=group_ok)
+    tl.store(acc_ptr + query * stride_an + heads[:, None] * stride_ah + split * stride_as
+             + ds[None, :], acc, mask=group_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -263,20 +340,38 @@ def _paged_merge_kernel(
     l = tl.load(l_ptr + base, mask=split_ok, other=0.0)
     acc = tl.load(acc_ptr + query * stride_an + head * stride_ah + splits[:, None] * stride_as
                   + ds[None, :], mask=split_ok[:, None] & d_ok[None, :], other=0.0)
-    # ---- rescale every slice to the common max and normalise -------------------------
+    # ---- rescale every slice to the common max and normalise (m is in base 2) --------
     m_all = tl.max(m, axis=0)  # finite: the first slice always holds key 0
-    scale = tl.exp(m - m_all)
+    scale = tl.exp2(m - m_all)
     out = tl.sum(acc * scale[:, None], axis=0) / tl.sum(l * scale, axis=0)
     tl.store(o_ptr + query * stride_on + head * stride_oh + ds * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=d_ok)
 
 
+def paged_launch(max_keys: int, n_queries: int, n_kv_heads: int, device: torch.device) -> dict:
+    """Keys per program and tile for the split kernel: enough (query, KV head, slice)
+    programs to keep every multiprocessor busy a few times over, each slice a whole
+    number of 64-key steps for long contexts (16 for short ones); at most 64 slices,
+    what the merge holds on chip. Measured on an H200 (benchmarks/bench_kernels.py)."""
+    step = 64 if max_keys >= 512 else 16
+    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
+                    if device.type == "cuda" else 128)
+    wanted = min(triton.cdiv(max_keys, step), 64, max(1, programs // max(1, n_queries * n_kv_heads)))
+    split_len = triton.cdiv(triton.cdiv(max_keys, wanted), step) * step
+    return dict(split_len=split_len, num_warps=4, num_stages=2)
+
+
 def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, query_start: Tensor,
-                           split_len: int | None = None) -> Tensor:
+                           seq_lens: Tensor, query_start: Tensor, split_len: int | None = None,
+                           launch: dict | None = None) -> Tensor:
     """The Triton path of `paged_attention_reference`: same arguments, same result.
-    `split_len` (keys per program, a multiple of 16) defaults to enough slices to give the
-    GPU a few hundred programs."""
+
+    One program per (query, KV head, key slice) computes all the query heads of its KV
+    head as one [group, keys] tile on the tensor cores, so each key and value is read
+    once per query, not once per query head; a second kernel merges the slices.
+    `split_len` (keys per program, a multiple of 16) and `launch` (num_warps, num_stages)
+    override `paged_launch`. Launches: the two kernels and four small torch ops that
+    place each query (no host sync)."""
     n_queries, n_heads, head_dim = q.shape
     n_kv_heads, block_size = k_pool.shape[2], k_pool.shape[1]
     if k_pool.shape[3] != head_dim or v_pool.shape != k_pool.shape or n_heads % n_kv_heads:
@@ -298,11 +393,11 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     query_seq = torch.searchsorted(query_start[1:], query_ids.to(torch.int32), right=True)  # [Nq]
     query_pos = (seq_lens[query_seq] - query_start[query_seq + 1] + query_ids).to(torch.int32)
     max_keys = block_tables.shape[1] * block_size
-    if split_len is None:
-        step = 64 if max_keys >= 512 else 16  # keys per loop step: wider tiles for long contexts
-        wanted = min(triton.cdiv(max_keys, step), 64,  # the merge holds [splits, Dh] on chip
-                     max(1, 512 // max(1, n_queries * n_heads)))
-        split_len = triton.cdiv(triton.cdiv(max_keys, wanted), step) * step
+    config = paged_launch(max_keys, n_queries, n_kv_heads, q.device)
+    config.update(launch or {})
+    if split_len is not None:
+        config["split_len"] = split_len
+    split_len = config.pop("split_len")
     if split_len % 16:
         raise ValueError(f"split_len must be a multiple of 16, got {split_len}")
     block_n = 64 if split_len % 64 == 0 else 16
@@ -312,13 +407,15 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     acc = torch.empty(n_queries, n_heads, n_splits, head_dim, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    group = n_heads // n_kv_heads
     if n_queries:
-        _paged_split_kernel[(n_queries, n_heads, n_splits)](
+        _paged_split_kernel[(n_queries, n_kv_heads, n_splits)](
             q, k_pool, v_pool, block_tables, query_seq, query_pos, m, l, acc,
-            n_heads // n_kv_heads, head_dim, block_size, split_len, 1.0 / math.sqrt(head_dim),
+            group, head_dim, block_size, split_len, LOG2E / math.sqrt(head_dim),
             q.stride(0), q.stride(1), q.stride(2), *k_pool.stride(), block_tables.stride(0),
             m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
-            BLOCK_N=block_n, BLOCK_D=block_d)
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config)
         _paged_merge_kernel[(n_queries, n_heads)](
             m, l, acc, out, n_splits, head_dim,
             m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),

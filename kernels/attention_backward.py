@@ -34,7 +34,8 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.attention import _varlen_causal_kernel, varlen_causal_attention_triton
+from kernels.attention import (LOG2E, _varlen_causal_kernel, check_varlen_args, longest,
+                               varlen_launch)
 from kernels.triton_import import tl, triton
 
 
@@ -156,72 +157,79 @@ def _varlen_dq_kernel(
 # Wrappers and the autograd Function
 # ---------------------------------------------------------------------------------------
 
-def _launch_setup(q: Tensor, cu_seqlens: Tensor) -> tuple[int, int, int, str]:
-    """(max sequence length, block size, head-dim tile, dot precision) for one call."""
-    n_seqs = cu_seqlens.shape[0] - 1
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_seqs else 0
-    block = 16 if max_len <= 64 else 32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return max_len, block, max(16, triton.next_power_of_2(q.shape[2])), precision
+def backward_launch(max_len: int, head_dim: int, device: torch.device) -> dict:
+    """Square tiles for the two backward kernels: 16 for short sequences, 64 on a GPU,
+    32 in the interpreter (small test shapes)."""
+    block = 16 if max_len <= 64 else (64 if device.type == "cuda" else 32)
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                num_warps=4 if block < 64 else 8, num_stages=2)
 
 
-def varlen_attention_forward_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor
-                                 ) -> tuple[Tensor, Tensor]:
+def varlen_attention_forward_lse(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                                 max_seqlen: int | None = None) -> tuple[Tensor, Tensor]:
     """Like `varlen_causal_attention_triton` (q [N, H, Dh], k, v [N, G, Dh]), and also the
     log-sum-exp of each query row's scaled scores: -> out [N, H, Dh], lse [N, H] float32."""
-    varlen_causal_attention_triton(q[:0], k[:0], v[:0], cu_seqlens[:1])  # checks arguments
+    check_varlen_args(q, k, v, cu_seqlens)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     n_tokens, n_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.zeros(n_tokens, n_heads, device=q.device, dtype=torch.float32)
-    max_len, block, block_d, precision = _launch_setup(q, cu_seqlens)
+    max_len = longest(cu_seqlens, max_seqlen)
+    config = varlen_launch(max_len, head_dim, q.dtype, q.device)
     if max_len:
-        _varlen_causal_kernel[(triton.cdiv(max_len, block), n_heads, cu_seqlens.shape[0] - 1)](
+        grid = (triton.cdiv(max_len, config["BLOCK_M"]), n_heads, cu_seqlens.shape[0] - 1)
+        _varlen_causal_kernel[grid](
             q, k, v, out, lse, cu_seqlens, n_heads // k.shape[1], head_dim,
-            1.0 / math.sqrt(head_dim), *q.stride(), *k.stride(), *lse.stride(),
-            BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision, STORE_LSE=True)
+            LOG2E / math.sqrt(head_dim), *q.stride(), *k.stride(), *lse.stride(),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", STORE_LSE=True, **config)
     return out, lse
 
 
 def varlen_attention_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                              lse: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                              lse: Tensor, cu_seqlens: Tensor, max_seqlen: int | None = None,
+                              launch: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `varlen_attention_forward_lse`'s out for d_out [N, H, Dh]
-    -> dq [N, H, Dh], dk [N, G, Dh], dv [N, G, Dh]."""
+    -> dq [N, H, Dh], dk [N, G, Dh], dv [N, G, Dh]. Launches the two kernels and one
+    torch reduction (delta); `launch` overrides `backward_launch`."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     d_out = d_out.contiguous()
     delta = (d_out.float() * out.float()).sum(dim=-1)  # [N, H]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    max_len, block, block_d, precision = _launch_setup(q, cu_seqlens)
+    max_len = longest(cu_seqlens, max_seqlen)
     if not max_len:
         return dq, dk, dv
-    n_blocks, n_seqs = triton.cdiv(max_len, block), cu_seqlens.shape[0] - 1
+    config = dict(backward_launch(max_len, head_dim, q.device), **(launch or {}))
+    n_seqs = cu_seqlens.shape[0] - 1
     sizes = (n_heads // n_kv_heads, head_dim, 1.0 / math.sqrt(head_dim))
     strides = (*q.stride(), *k.stride(), *lse.stride())
-    meta = dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, PRECISION=precision)
-    _varlen_dkdv_kernel[(n_blocks, n_kv_heads, n_seqs)](
+    meta = dict(config, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    _varlen_dkdv_kernel[(triton.cdiv(max_len, config["BLOCK_N"]), n_kv_heads, n_seqs)](
         q, k, v, d_out, lse, delta, dk, dv, cu_seqlens, *sizes, *strides, **meta)
-    _varlen_dq_kernel[(n_blocks, n_heads, n_seqs)](
+    _varlen_dq_kernel[(triton.cdiv(max_len, config["BLOCK_M"]), n_heads, n_seqs)](
         q, k, v, d_out, lse, delta, dq, cu_seqlens, *sizes, *strides, **meta)
     return dq, dk, dv
 
 
 class _TritonVarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = varlen_attention_forward_lse(q, k, v, cu_seqlens)
+        max_seqlen = longest(cu_seqlens, max_seqlen)
+        out, lse = varlen_attention_forward_lse(q, k, v, cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        dq, dk, dv = varlen_attention_backward(d_out, *ctx.saved_tensors)
-        return dq, dk, dv, None
+        dq, dk, dv = varlen_attention_backward(d_out, *ctx.saved_tensors, ctx.max_seqlen)
+        return dq, dk, dv, None, None
 
 
-def varlen_causal_attention_trainable(q: Tensor, k: Tensor, v: Tensor,
-                                      cu_seqlens: Tensor) -> Tensor:
+def varlen_causal_attention_trainable(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                                      max_seqlen: int | None = None) -> Tensor:
     """`varlen_causal_attention_triton` with a Triton backward: gradients reach q, k, v.
-    Same arguments and result as `varlen_causal_attention_reference`."""
-    return _TritonVarlenAttention.apply(q, k, v, cu_seqlens)
+    Same arguments and result as `varlen_causal_attention_reference`; `max_seqlen` as in
+    `varlen_causal_attention_triton`."""
+    return _TritonVarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen)

@@ -57,10 +57,11 @@ def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: T
     """
     n_tokens, k = expert_ids.shape
     n_experts = w_in.shape[0]
+    check_expert_ids(expert_ids, n_experts)
     slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
     slot_weight = weights.t().reshape(-1)  # [K*N]
     order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
-    counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
+    counts = expert_counts(slot_expert, n_experts)  # [E]
     if capacity is not None:
         starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
         rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
@@ -78,6 +79,23 @@ def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: T
             y.index_add_(0, rows, out * slot_weight[order[start:start + count], None])
         start += count
     return y, dropped
+
+
+def check_expert_ids(expert_ids: Tensor, n_experts: int) -> None:
+    """Refuse expert ids outside 0 .. E-1 on both paths, without a host sync on a GPU
+    (an asynchronous device assert; on CPU it raises at once)."""
+    if expert_ids.numel():
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < n_experts)).all(),
+                            f"expert ids must lie in 0 .. {n_experts - 1} (the number of experts "
+                            "in w_in / w_out); check the router's output")
+
+
+def expert_counts(expert_ids: Tensor, n_experts: int) -> Tensor:
+    """Slots per expert, [E] int64; scatter_add rather than torch.bincount, which waits
+    for the device to learn its output size."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,7 +121,7 @@ def align_slots(expert_ids: Tensor, n_experts: int, block_m: int,
     device = expert_ids.device
     slot_expert = expert_ids.t().reshape(-1)  # [S] choice-major
     order = torch.argsort(slot_expert, stable=True)  # [S] slots grouped by expert
-    counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
+    counts = expert_counts(slot_expert, n_experts)  # [E]
     sorted_expert = slot_expert[order]  # [S]
     rank = torch.arange(n_slots, device=device) - (counts.cumsum(0) - counts)[sorted_expert]
     kept = counts if capacity is None else counts.clamp(max=capacity)  # [E]
@@ -167,7 +185,7 @@ def _up_swiglu_kernel(
         up = tl.dot(x_rows, w_up, up, input_precision=PRECISION)
     # ---- epilogue: SwiGLU, store in sorted (padded) row order ------------------------
     h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :] * stride_hf,
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hp + cols[None, :] * stride_hf,
              h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
@@ -204,7 +222,7 @@ def _down_weighted_kernel(
     for f0 in range(0, d_hidden, BLOCK_F):
         fs = f0 + tl.arange(0, BLOCK_F)
         f_ok = fs < d_hidden
-        h = tl.load(h_ptr + rows[:, None] * stride_hp + fs[None, :] * stride_hf,
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hp + fs[None, :] * stride_hf,
                     mask=valid[:, None] & f_ok[None, :], other=0.0)
         w = tl.load(w_expert + fs[:, None] * stride_wf + cols[None, :] * stride_wd,
                     mask=f_ok[:, None] & col_ok[None, :], other=0.0)
@@ -225,9 +243,35 @@ def _tile(width: int, cap: int = 64) -> int:
     return max(16, min(cap, triton.next_power_of_2(width)))
 
 
+def dispatch_launch(n_slots: int, d_model: int, d_hidden: int, device: torch.device) -> dict:
+    """Tiles, warps and pipeline depth of the two forward kernels, per shape: `up_*` for
+    the gate/up kernel (BLOCK_F output columns, BLOCK_D reduction), `down_*` for the down
+    kernel (BLOCK_D output columns, BLOCK_F reduction). Few slots (decoding) read whole
+    weight matrices for a handful of rows, so wide reduction tiles and deep pipelines
+    keep bytes in flight; many slots (prefill, training) need 128-row tiles for the
+    tensor cores. The interpreter gets small tiles: it runs the test shapes."""
+    if device.type != "cuda":
+        block_m = 16 if n_slots <= 1024 else 64
+        return dict(BLOCK_M=block_m, up_BLOCK_F=_tile(d_hidden), up_BLOCK_D=_tile(d_model),
+                    down_BLOCK_D=_tile(d_model), down_BLOCK_F=_tile(d_hidden),
+                    up_warps=4, up_stages=2, down_warps=4, down_stages=2)
+    if n_slots <= 512:
+        return dict(BLOCK_M=16, up_BLOCK_F=_tile(d_hidden, 64), up_BLOCK_D=_tile(d_model, 128),
+                    down_BLOCK_D=_tile(d_model, 64), down_BLOCK_F=_tile(d_hidden, 128),
+                    up_warps=4, up_stages=4, down_warps=4, down_stages=4)
+    block_m = 64 if n_slots <= 4096 else 128
+    return dict(BLOCK_M=block_m, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 64),
+                down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 64),
+                up_warps=8, up_stages=3, down_warps=8, down_stages=3)
+
+
 def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
-                                w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
-    """The Triton path of `dispatch_and_combine`: same arguments, same results."""
+                                w_out: Tensor, capacity: int | None, launch: dict | None = None
+                                ) -> tuple[Tensor, Tensor]:
+    """The Triton path of `dispatch_and_combine`: same arguments, same results. `launch`
+    overrides `dispatch_launch`'s choice. Launches: the alignment's torch ops (argsort,
+    scatter_add, cumsum, searchsorted, a scatter; no host sync), the two kernels, and
+    the sum over choices."""
     n_tokens, d_model = x.shape
     n_experts, d_hidden = w_out.shape[0], w_out.shape[1]
     if w_in.shape != (n_experts, d_model, 2 * d_hidden) or w_out.shape[2] != d_model:
@@ -239,31 +283,34 @@ def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, 
     if x.dtype not in KERNEL_DTYPES or w_in.dtype != x.dtype or w_out.dtype != x.dtype:
         raise ValueError(f"x, w_in, w_out must share one of {KERNEL_DTYPES}, got {x.dtype}, "
                          f"{w_in.dtype}, {w_out.dtype}; use dispatch_and_combine for others")
+    check_expert_ids(expert_ids, n_experts)
     n_slots = expert_ids.numel()
     if n_slots == 0:
         return torch.zeros_like(x), expert_ids.new_zeros(())
-    block_m = 16 if n_slots <= 1024 else 64
+    c = dict(dispatch_launch(n_slots, d_model, d_hidden, x.device), **(launch or {}))
+    block_m = c["BLOCK_M"]
     plan = align_slots(expert_ids, n_experts, block_m, capacity)
     n_rows = plan.sorted_slots.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     slot_weight = weights.t().reshape(-1).contiguous()  # [S] choice-major, like the slots
     h = torch.empty(n_rows, d_hidden, device=x.device, dtype=x.dtype)  # [P, F]
-    block_f, block_d = _tile(d_hidden), _tile(d_model)
-    grid = (n_rows // block_m, triton.cdiv(d_hidden, block_f))
+    grid = (n_rows // block_m, triton.cdiv(d_hidden, c["up_BLOCK_F"]))
     _up_swiglu_kernel[grid](
         x, w_in, h, plan.sorted_slots, plan.block_expert,
         n_tokens, n_slots, d_model, d_hidden,
         x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
         h.stride(0), h.stride(1),
-        BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_D=block_d, PRECISION=precision)
+        BLOCK_M=block_m, BLOCK_F=c["up_BLOCK_F"], BLOCK_D=c["up_BLOCK_D"], PRECISION=precision,
+        num_warps=c["up_warps"], num_stages=c["up_stages"])
     out = torch.zeros(n_slots, d_model, device=x.device, dtype=torch.float32)  # [S, D]
-    grid = (n_rows // block_m, triton.cdiv(d_model, block_d))
+    grid = (n_rows // block_m, triton.cdiv(d_model, c["down_BLOCK_D"]))
     _down_weighted_kernel[grid](
         h, w_out, out, plan.sorted_slots, plan.block_expert, slot_weight,
         n_slots, d_hidden, d_model,
         h.stride(0), h.stride(1), w_out.stride(0), w_out.stride(1), w_out.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_F=block_f, PRECISION=precision)
+        BLOCK_M=block_m, BLOCK_D=c["down_BLOCK_D"], BLOCK_F=c["down_BLOCK_F"],
+        PRECISION=precision, num_warps=c["down_warps"], num_stages=c["down_stages"])
     k = expert_ids.shape[1]
     y = out.view(k, n_tokens, d_model).sum(dim=0)  # [N, D], choices summed in order
     return y.to(x.dtype), plan.dropped

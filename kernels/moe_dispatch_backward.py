@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from kernels.moe_dispatch import (_down_weighted_kernel, _tile, _up_swiglu_kernel,
-                                  align_slots, dispatch_and_combine_triton)
+                                  align_slots, dispatch_and_combine_triton, expert_counts)
 from kernels.triton_import import tl, triton
 
 
@@ -101,9 +101,9 @@ def _swiglu_backward_kernel(
     d_gate = dh * up * sig * (1.0 + gate * (1.0 - sig))
     d_up = dh * silu
     mask = valid[:, None] & col_ok[None, :]
-    tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :] * stride_hf,
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hp + cols[None, :] * stride_hf,
              h.to(h_ptr.dtype.element_ty), mask=mask)
-    dpre = dpre_ptr + rows[:, None] * stride_gp
+    dpre = dpre_ptr + rows.to(tl.int64)[:, None] * stride_gp
     tl.store(dpre + cols[None, :] * stride_gf, d_gate.to(dpre_ptr.dtype.element_ty), mask=mask)
     tl.store(dpre + (cols + d_hidden)[None, :] * stride_gf, d_up.to(dpre_ptr.dtype.element_ty),
              mask=mask)
@@ -164,7 +164,9 @@ def _grouped_weight_grad_kernel(
 # ---------------------------------------------------------------------------------------
 
 def _block_m(n_slots: int) -> int:
-    return 16 if n_slots <= 1024 else 64  # as the forward wrapper picks it
+    """Rows per block of the backward's own alignment: 64-row tiles for the tensor cores
+    once there are enough slots (128 would hold three [BLOCK_M, BLOCK_F] accumulators)."""
+    return 16 if n_slots <= 1024 else 64
 
 
 def dispatch_backward_triton(dy: Tensor, x: Tensor, expert_ids: Tensor, weights: Tensor,
@@ -205,7 +207,7 @@ def dispatch_backward_triton(dy: Tensor, x: Tensor, expert_ids: Tensor, weights:
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_F=_tile(2 * d_hidden), PRECISION=precision)
     dx = dx_slots.view(k, n_tokens, d_model).sum(dim=0).to(x.dtype)  # [N, D]
     # Weight gradients: each expert's padded rows, found from the kept counts.
-    kept = torch.bincount(expert_ids.reshape(-1), minlength=n_experts)  # [E]
+    kept = expert_counts(expert_ids, n_experts)  # [E]
     if capacity is not None:
         kept = kept.clamp(max=capacity)
     padded = (kept + block_m - 1) // block_m * block_m  # [E]

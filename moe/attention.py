@@ -69,7 +69,7 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     attend = (varlen_causal_attention_trainable if needs_grad(q, k, v)
               else varlen_causal_attention_triton)
     out = attend(rearrange(q, "b h t d -> (b t) h d"), rearrange(k, "b g t d -> (b t) g d"),
-                 rearrange(v, "b g t d -> (b t) g d"), cu_seqlens)
+                 rearrange(v, "b g t d -> (b t) g d"), cu_seqlens, length)  # no host sync
     return rearrange(out, "(b t) h d -> b h t d", b=batch)  # [B, H, T, Dh]
 
 

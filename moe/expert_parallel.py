@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kernels.backend import needs_grad, use_triton
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
+from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton, expert_counts
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.model import Transformer
 from moe.moe_layer import MoELayer, RoutingStats, expert_capacity, route, swiglu
@@ -177,7 +177,7 @@ class ExpertParallelMoE(MoELayer):
         slot_expert = expert_ids.t().reshape(-1)  # [S], slot s = choice * N + token
         slot_weight = weights.to(x.dtype).t().reshape(-1)  # [S]
         order = torch.argsort(slot_expert, stable=True)  # [S]
-        counts = torch.bincount(slot_expert, minlength=n_experts)  # [E]
+        counts = expert_counts(slot_expert, n_experts)  # [E]
         if capacity is not None:
             starts = counts.cumsum(0) - counts
             rank_in_run = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
@@ -200,7 +200,7 @@ class ExpertParallelMoE(MoELayer):
                                    plan.bytes_moved, "combine")  # [kept, D]
         # ---- combine in token order ------------------------------------------------------
         y = torch.zeros_like(x).index_add_(0, tokens, returned * slot_weight[order, None])
-        tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=n_experts)
+        tokens_per_expert = expert_counts(expert_ids, n_experts)
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats
 

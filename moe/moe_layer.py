@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.backend import needs_grad, use_triton
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
+from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton, expert_counts
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
 
@@ -140,6 +140,6 @@ class MoELayer(nn.Module):
                         if needs_grad(x, weights, w_in, w_out)
                         else dispatch_and_combine_triton)
         y, dropped = dispatch(x, expert_ids, weights, w_in, w_out, capacity)
-        tokens_per_expert = torch.bincount(expert_ids.reshape(-1), minlength=logits.shape[-1])
+        tokens_per_expert = expert_counts(expert_ids, logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

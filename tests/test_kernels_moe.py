@@ -163,6 +163,17 @@ def test_half_precision_dispatch_is_within_rounding_of_a_float64_reference(dtype
     assert relative_error(y, y_ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on CUDA the refusal is a device-side assert, "
+                    "which ends the process's CUDA context")
+@pytest.mark.parametrize("bad", [-1, E])
+def test_out_of_range_expert_ids_are_refused_on_both_paths(bad):
+    x, ids, weights, w_in, w_out = make_inputs(5, 2)
+    ids[3, 1] = bad
+    for dispatch in (dispatch_and_combine, dispatch_and_combine_triton):
+        with pytest.raises(RuntimeError, match=f"expert ids must lie in 0 .. {E - 1}"):
+            dispatch(x, ids, weights, w_in, w_out, None)
+
+
 def test_float64_runs_the_reference_and_the_kernel_refuses_it():
     x, ids, weights, w_in, w_out = (t.double() if t.is_floating_point() else t
                                     for t in make_inputs(5, 2))
