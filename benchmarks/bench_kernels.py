@@ -23,6 +23,8 @@ Rows (GPU shapes from the issue "Kernels that are right and fast on a real GPU")
     prefill_fwd_bwd the same shapes, forward + backward
     decode          paged, batch 1 and 32 over 4k context (H 32, G 8 and MQA): triton |
                     reference (per-sequence gather + SDPA) | sdpa_contiguous (no paging)
+    triton_graph    (decode, and dispatch up to 256 tokens) the Triton call replayed from a
+                    CUDA graph: the kernels' own time without Python and launch overhead
     train_step      one AdamW step of a small MoE model, kernel_backend triton | torch
 
 `targets` in the JSON holds the issue's figures as measured ratios beside their goals.
@@ -74,6 +76,22 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed(fn):
+    """`fn` captured once in a CUDA graph, replayed by the returned closure: what is left
+    of a call without the Python and launch overhead (how a serving loop that captures
+    its decode step, as gpt-fast and vLLM do, would run it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
 def measure_ceilings(device: torch.device, repeats: int) -> dict:
     """What this device does at best: copy bandwidth (bytes read + written) and the
     matmul rate in bf16 (float32 on CPU), on random data."""
@@ -123,14 +141,24 @@ def first(out):
 
 def bench_rows(kernel: str, shape: dict, impls: dict, expect: list[torch.Tensor] | None,
                flops: float, bytes_moved: float, device, repeats: int, ceilings: dict,
-               results=lambda fn: first(fn())) -> list[dict]:
+               results=lambda fn: first(fn()), graph: bool = False) -> list[dict]:
     """Time each implementation; first check what `results(fn)` gives against `expect`
-    (float32, computed on the same rounded inputs)."""
+    (float32, computed on the same rounded inputs). With `graph`, the Triton path is also
+    timed as a CUDA graph replay (row "triton_graph")."""
     rows = []
     for name, fn in impls.items():
         err = errors(results(fn), expect) if expect is not None else None
         rows.append(row(kernel, name, shape, timed(fn, device, repeats), flops, bytes_moved,
                         ceilings, err))
+        if name == "triton" and graph and device.type == "cuda":
+            try:
+                replay = graphed(fn)
+            except RuntimeError as e:  # say so in the results rather than lose the run
+                print(f"  {kernel} {shape}: no CUDA graph ({str(e)[:200]})", flush=True)
+                continue
+            err = errors(results(replay), expect) if expect is not None else None
+            rows.append(row(kernel, "triton_graph", shape, timed(replay, device, repeats), flops,
+                            bytes_moved, ceilings, err))
         print(f"  {kernel} {name} {json.dumps(shape)}: {rows[-1]['ms']:.3f} ms", flush=True)
     return rows
 
@@ -176,7 +204,7 @@ def bench_dispatch(shape_args, device, dtype, use_triton, repeats, ceilings):
     if use_triton:
         impls["triton"] = lambda: dispatch_and_combine_triton(x, ids, weights, w_in, w_out, None)
     rows = bench_rows("dispatch", shape, impls, expect, flops, bytes_moved, device, repeats,
-                      ceilings)
+                      ceilings, graph=n_tokens <= 256)
     return rows + bench_rows("dispatch", shape, {"dense": dense}, None, flops, bytes_moved,
                              device, repeats, ceilings)  # another function: no error to report
 
@@ -333,7 +361,7 @@ def bench_decode(shape_args, device, dtype, use_triton, repeats, ceilings):
     if use_triton:
         impls["triton"] = lambda: paged_attention_triton(*args)
     return bench_rows("decode", shape, impls, expect, flops, bytes_moved, device, repeats,
-                      ceilings)
+                      ceilings, graph=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,10 +533,10 @@ def targets(rows: list[dict], ceilings: dict) -> list[dict]:
         return [r for r in rows if r["kernel"] == kernel and r["impl"] == impl
                 and all(r["shape"].get(key) == value for key, value in shape.items())]
     out = []
-    for r in find("dispatch", "triton"):
+    for r in find("dispatch", "triton") + find("dispatch", "triton_graph"):
         n = r["shape"]["N"]
         if 16 <= n <= 256:
-            out.append(dict(figure=f"dispatch N={n}: triton speed / bf16 per-expert loop",
+            out.append(dict(figure=f"dispatch N={n}: {r['impl']} speed / bf16 per-expert loop",
                             goal=2.0, measured=r["speedup_vs_reference"]))
         if n >= 4096:
             dense = find("dispatch", "dense", N=n)[0]
@@ -521,8 +549,8 @@ def targets(rows: list[dict], ceilings: dict) -> list[dict]:
                 out.append(dict(figure=f"{kernel} G={r['shape']['G']}: triton TFLOP/s / SDPA flash",
                                 goal=0.8 if kernel == "prefill" else None,
                                 measured=r["tflops"] / flash[0]["tflops"]))
-    for r in find("decode", "triton", B=32):
-        out.append(dict(figure=f"decode B=32 S={r['shape']['S']} G={r['shape']['G']}: "
+    for r in find("decode", "triton", B=32) + find("decode", "triton_graph", B=32):
+        out.append(dict(figure=f"decode B=32 S={r['shape']['S']} G={r['shape']['G']} {r['impl']}: "
                                "GB/s / device copy GB/s", goal=0.7, measured=r["share_of_copy"]))
     for t in out:
         t["met"] = None if t["goal"] is None else t["measured"] >= t["goal"]

@@ -249,20 +249,25 @@ def dispatch_launch(n_slots: int, d_model: int, d_hidden: int, device: torch.dev
     kernel (BLOCK_D output columns, BLOCK_F reduction). Few slots (decoding) read whole
     weight matrices for a handful of rows, so wide reduction tiles and deep pipelines
     keep bytes in flight; many slots (prefill, training) need 128-row tiles for the
-    tensor cores. The interpreter gets small tiles: it runs the test shapes."""
+    tensor cores. The interpreter gets small tiles: it runs the test shapes. The GPU
+    entries are the fastest of `python benchmarks/bench_kernels.py --sweep` on an H200
+    at Mixtral's widths (benchmarks/results/kernels_gpu.json, key "sweep")."""
     if device.type != "cuda":
         block_m = 16 if n_slots <= 1024 else 64
         return dict(BLOCK_M=block_m, up_BLOCK_F=_tile(d_hidden), up_BLOCK_D=_tile(d_model),
                     down_BLOCK_D=_tile(d_model), down_BLOCK_F=_tile(d_hidden),
                     up_warps=4, up_stages=2, down_warps=4, down_stages=2)
-    if n_slots <= 512:
-        return dict(BLOCK_M=16, up_BLOCK_F=_tile(d_hidden, 64), up_BLOCK_D=_tile(d_model, 128),
-                    down_BLOCK_D=_tile(d_model, 64), down_BLOCK_F=_tile(d_hidden, 128),
+    if n_slots <= 128:
+        return dict(BLOCK_M=16, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 64),
+                    down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 64),
                     up_warps=4, up_stages=4, down_warps=4, down_stages=4)
-    block_m = 64 if n_slots <= 4096 else 128
-    return dict(BLOCK_M=block_m, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 64),
-                down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 64),
-                up_warps=8, up_stages=3, down_warps=8, down_stages=3)
+    if n_slots <= 4096:
+        return dict(BLOCK_M=64, up_BLOCK_F=_tile(d_hidden), up_BLOCK_D=_tile(d_model),
+                    down_BLOCK_D=_tile(d_model), down_BLOCK_F=_tile(d_hidden),
+                    up_warps=4, up_stages=4, down_warps=4, down_stages=4)
+    return dict(BLOCK_M=128, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 32),
+                down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 32),
+                up_warps=8, up_stages=4, down_warps=8, down_stages=4)
 
 
 def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
