@@ -16,6 +16,9 @@ keep a running max and sum per query row, the "online softmax") in two settings.
            m = m_new
        O[block] = acc / l
 
+   The kernels work in base 2 (exp2, log2(e) folded into the scale), and key blocks
+   below the diagonal skip the causal mask: only the diagonal blocks pay for it.
+
    Query head h reads KV head h // (H // G): multi-query and grouped-query attention
    cost no copy of K and V. Lengths need not be block multiples (masks on every load).
    With STORE_LSE the kernel also stores lse = m + log(l) per query row and head, what
@@ -24,8 +27,10 @@ keep a running max and sum per query row, the "online softmax") in two settings.
 2. `paged_attention`: a few new queries per sequence (decode, or a speculative check)
    against keys stored in a pool of fixed-size blocks, found through a block table. With
    one query per sequence there is little parallelism across queries, so the key range is
-   split (flash-decoding): each program runs the loop above over one slice of the keys and
-   writes a partial (m, l, acc); a second kernel merges the slices:
+   split (flash-decoding): one program per (query, KV head, slice) runs the loop above for
+   all the query heads of its KV head at once (a [group, keys] tile on the tensor cores,
+   so each key is read once per query, not once per head) and writes a partial
+   (m, l, acc); a second kernel merges the slices:
 
        M = max_s m_s;  O = sum_s acc_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
 
