@@ -126,7 +126,7 @@ class PagedKVCache:
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
         self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
         self.layout: dict[str, Tensor] = {}
-        self.plan: tuple[Tensor, Tensor, Tensor] = ()
+        self.groups: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]] = []
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -187,8 +187,29 @@ class PagedKVCache:
                            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                            query_start=starts.to(device),
                            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
-        self.plan = ragged_plan(self.layout["seq_lens"], self.layout["query_start"],
-                                width * self.block_size)
+        self.groups = self._group_by_query_length(seq_ids, query_lens, tables, starts)
+
+    def _group_by_query_length(self, seq_ids: list[int], query_lens: list[int], tables: Tensor,
+                               starts: Tensor) -> list[tuple[Tensor, Tensor, tuple]]:
+        """The reference path's plan: one padded masked attention per query length, each
+        only as wide as its own sequences' tables. A 240-token prefill chunk beside 15
+        decodes then costs a 240 x 240 and a 15 x 1 x S score grid, not 16 x 240 x 240.
+        Each group: (its query indices [Nq_g], block tables [B_g, MB_g], ragged_plan)."""
+        device = self.k.device
+        by_length: dict[int, list[int]] = {}
+        for b, n_new in enumerate(query_lens):
+            by_length.setdefault(n_new, []).append(b)
+        groups = []
+        for n_new, members in by_length.items():
+            index = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + n_new) for b in members])
+            width = max(len(self.tables[seq_ids[b]]) for b in members)
+            sub_tables = tables[members, :width].to(device)  # [B_g, MB_g]
+            seq_lens = self.layout["seq_lens"][members]  # [B_g]
+            query_start = torch.arange(0, (len(members) + 1) * n_new, n_new, dtype=torch.int32,
+                                       device=device)  # [B_g + 1]
+            groups.append((index.to(device), sub_tables,
+                           ragged_plan(seq_lens, query_start, width * self.block_size)))
+        return groups
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""
@@ -204,6 +225,8 @@ class PagedKVCache:
                                          self.layout["block_tables"], self.layout["seq_lens"],
                                          self.layout["query_start"])  # [N, H, Dh]
         else:
-            out = paged_attention_planned(q[0].transpose(0, 1), k_pool, v_pool,
-                                          self.layout["block_tables"], self.plan)  # [N, H, Dh]
+            queries = q[0].transpose(0, 1)  # [N, H, Dh]
+            out = torch.empty_like(queries)
+            for index, tables, plan in self.groups:
+                out[index] = paged_attention_planned(queries[index], k_pool, v_pool, tables, plan)
         return out.transpose(0, 1)[None]  # [1, H, N, Dh]
