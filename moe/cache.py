@@ -198,7 +198,8 @@ class PagedKVCache:
         device = self.k.device
         by_length: dict[int, list[int]] = {}
         for b, n_new in enumerate(query_lens):
-            by_length.setdefault(n_new, []).append(b)
+            if n_new:  # a sequence with no new token has nothing to attend
+                by_length.setdefault(n_new, []).append(b)
         groups = []
         for n_new, members in by_length.items():
             index = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + n_new) for b in members])
