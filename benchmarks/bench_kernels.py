@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -49,9 +50,11 @@ from kernels.attention import (paged_attention_reference, paged_attention_triton
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
 from kernels.attention_backward import varlen_causal_attention_trainable
 from kernels.backend import triton_available
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
+from kernels.moe_dispatch import (dispatch_and_combine, dispatch_and_combine_triton,
+                                  dispatch_config, dispatch_launch)
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
+from moe.hardware import measure_hardware
 from moe.model import Transformer, count_parameters, model_loss
 
 
@@ -92,20 +95,12 @@ def graphed(fn):
     return lambda: (graph.replay(), out)[1]
 
 
-def measure_ceilings(device: torch.device, repeats: int) -> dict:
-    """What this device does at best: copy bandwidth (bytes read + written) and the
-    matmul rate in bf16 (float32 on CPU), on random data."""
-    n_bytes = 2**30 if device.type == "cuda" else 2**26
-    src = torch.randint(0, 255, (n_bytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), device, repeats)
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    matmul_s = timed(lambda: a @ b, device, repeats)
-    return dict(copy_gb_per_s=2 * n_bytes / copy_s / 1e9, copy_bytes=n_bytes,
-                matmul_tflops=2 * n**3 / matmul_s / 1e12, matmul_shape=[n, n, n],
-                matmul_dtype=str(dtype).removeprefix("torch."))
+def measure_ceilings(device: torch.device) -> dict:
+    """What this device reaches (moe.hardware.measure_hardware: a large copy, counting bytes
+    read and written; a square matmul in bf16, float32 on CPU), as the rows' shares use it."""
+    reached = measure_hardware(str(device))
+    return dict(copy_gb_per_s=reached.bandwidth / 1e9, matmul_tflops=reached.peak_flops / 1e12,
+                measured_by="moe.hardware.measure_hardware")
 
 
 def errors(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> dict:
@@ -294,46 +289,36 @@ def prefill_cost(n_seqs, length, n_heads, n_kv_heads, head_dim, element_size):
     return flops, bytes_moved
 
 
-def bench_prefill(shape_args, device, dtype, use_triton, repeats, ceilings):
+def bench_prefill(shape_args, device, dtype, use_triton, repeats, ceilings, train=False):
+    """The forward, or with `train` forward + backward into q, k and v."""
     n_seqs, length, n_heads, n_kv_heads, head_dim = shape_args
-    q, k, v, cu_seqlens = prefill_inputs(*shape_args, device, dtype)
+    q, k, v, cu_seqlens = prefill_inputs(*shape_args, device, dtype, seed=int(train))
     shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
     flops, bytes_moved = prefill_cost(*shape_args, q.element_size())
-    expect = prefill_expect(q, k, v, n_seqs)
     impls = {"reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens)}
     if device.type == "cuda":
         impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
     if use_triton:
-        impls["triton"] = lambda: varlen_causal_attention_triton(q, k, v, cu_seqlens, length)
-    return bench_rows("prefill", shape, impls, expect, flops, bytes_moved, device, repeats,
-                      ceilings)
-
-
-def bench_prefill_train(shape_args, device, dtype, use_triton, repeats, ceilings):
-    n_seqs, length, n_heads, n_kv_heads, head_dim = shape_args
-    q, k, v, cu_seqlens = prefill_inputs(*shape_args, device, dtype, seed=1)
-    shape = dict(B=n_seqs, T=length, H=n_heads, G=n_kv_heads, Dh=head_dim)
-    flops, bytes_moved = prefill_cost(*shape_args, q.element_size())
-    flops, bytes_moved = 3.5 * flops, 3 * bytes_moved  # backward ~ 2.5 x forward
+        triton_path = varlen_causal_attention_trainable if train else varlen_causal_attention_triton
+        impls["triton"] = lambda: triton_path(q, k, v, cu_seqlens, length)
+    if not train:
+        return bench_rows("prefill", shape, impls, prefill_expect(q, k, v, n_seqs), flops,
+                          bytes_moved, device, repeats, ceilings)
     grad = torch.randn_like(q)
     expect = prefill_expect(q, k, v, n_seqs, grad)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    impls = {"reference": lambda: varlen_causal_attention_reference(q, k, v, cu_seqlens)}
-    if device.type == "cuda":
-        impls["sdpa_flash"] = lambda: sdpa_flash(q, k, v, n_seqs).transpose(1, 2).reshape(q.shape)
-    if use_triton:
-        impls["triton"] = lambda: varlen_causal_attention_trainable(q, k, v, cu_seqlens, length)
     impls = {name: forward_backward(fn, leaves, grad) for name, fn in impls.items()}
-    return bench_rows("prefill_fwd_bwd", shape, impls, expect, flops, bytes_moved, device,
-                      repeats, ceilings, gradients_of(leaves))
+    return bench_rows("prefill_fwd_bwd", shape, impls, expect, 3.5 * flops, 3 * bytes_moved,
+                      device, repeats, ceilings, gradients_of(leaves))  # backward ~ 2.5 x forward
 
 
 # ---------------------------------------------------------------------------------------
 # Paged decode
 # ---------------------------------------------------------------------------------------
 
-def bench_decode(shape_args, device, dtype, use_triton, repeats, ceilings):
-    n_seqs, context, n_heads, n_kv_heads, head_dim, block_size = shape_args
+def decode_inputs(n_seqs, context, n_heads, n_kv_heads, head_dim, block_size, device, dtype):
+    """Every sequence at `context` keys, its blocks scattered in the pool, one query each:
+    -> paged_attention's arguments, and the same keys and values contiguous [B, G, S, Dh]."""
     gen = torch.Generator(device).manual_seed(0)
     blocks_each = -(-context // block_size)
     n_blocks = n_seqs * blocks_each
@@ -341,13 +326,19 @@ def bench_decode(shape_args, device, dtype, use_triton, repeats, ceilings):
                          generator=gen)
     v_pool = torch.randn(k_pool.shape, device=device, dtype=dtype, generator=gen)
     tables = torch.randperm(n_blocks, device=device, generator=gen).view(n_seqs, blocks_each)
-    tables = tables.to(torch.int32)  # [B, MB]: every sequence's blocks scattered in the pool
+    tables = tables.to(torch.int32)  # [B, MB]
     seq_lens = torch.full((n_seqs,), context, device=device, dtype=torch.int32)
     query_start = torch.arange(n_seqs + 1, device=device, dtype=torch.int32)  # one query each
     q = torch.randn(n_seqs, n_heads, head_dim, device=device, dtype=dtype, generator=gen)
-    keys = k_pool[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()  # [B, G, S, Dh]
+    keys = k_pool[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
     values = v_pool[tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-    args = (q, k_pool, v_pool, tables, seq_lens, query_start)
+    return (q, k_pool, v_pool, tables, seq_lens, query_start), keys, values
+
+
+def bench_decode(shape_args, device, dtype, use_triton, repeats, ceilings):
+    n_seqs, context, n_heads, n_kv_heads, head_dim, block_size = shape_args
+    args, keys, values = decode_inputs(*shape_args, device, dtype)
+    q = args[0]
     shape = dict(B=n_seqs, S=context, H=n_heads, G=n_kv_heads, Dh=head_dim, block_size=block_size)
     flops = 4 * n_seqs * context * n_heads * head_dim
     bytes_moved = 2 * n_seqs * context * n_kv_heads * head_dim * q.element_size()
@@ -419,49 +410,25 @@ QUICK_SHAPES = dict(
 )
 
 
-SMALL_DISPATCH = [  # decode-sized: few rows per expert, weights streamed
-    dict(BLOCK_M=16, up_BLOCK_F=64, up_BLOCK_D=128, down_BLOCK_D=64, down_BLOCK_F=128,
-         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
-    dict(BLOCK_M=16, up_BLOCK_F=32, up_BLOCK_D=256, down_BLOCK_D=32, down_BLOCK_F=256,
-         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
-    dict(BLOCK_M=16, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
-         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
-    dict(BLOCK_M=16, up_BLOCK_F=32, up_BLOCK_D=128, down_BLOCK_D=32, down_BLOCK_F=128,
-         up_warps=4, up_stages=5, down_warps=4, down_stages=5),
-    dict(BLOCK_M=16, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
-         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
-    dict(BLOCK_M=64, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
-         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
-]
-LARGE_DISPATCH = [  # prefill / training sized: tensor-core tiles
-    dict(BLOCK_M=128, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
-         up_warps=8, up_stages=3, down_warps=8, down_stages=3),
-    dict(BLOCK_M=128, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
-         up_warps=4, up_stages=4, down_warps=4, down_stages=4),
-    dict(BLOCK_M=64, up_BLOCK_F=128, up_BLOCK_D=64, down_BLOCK_D=128, down_BLOCK_F=64,
-         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
-    dict(BLOCK_M=128, up_BLOCK_F=128, up_BLOCK_D=32, down_BLOCK_D=128, down_BLOCK_F=32,
-         up_warps=8, up_stages=4, down_warps=8, down_stages=4),
-    dict(BLOCK_M=64, up_BLOCK_F=64, up_BLOCK_D=64, down_BLOCK_D=64, down_BLOCK_F=64,
-         up_warps=4, up_stages=3, down_warps=4, down_stages=3),
-]
-PREFILL_LAUNCHES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4)]
-BACKWARD_LAUNCHES = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-                     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
-                     dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)]
+# Alternatives each sweep times after the table's own choice (kernels/: *_launch).
+DISPATCH_ALTERNATIVES = [dispatch_config(*c) for c in (
+    (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 128, 64, 4, 4), (16, 64, 64, 4, 3),
+    (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4))]
+PREFILL_ALTERNATIVES = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+                        for m, n, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                            (128, 128, 8, 2), (128, 32, 4, 4))]
+BACKWARD_ALTERNATIVES = [dict(BLOCK_M=b, BLOCK_N=b, num_warps=w, num_stages=st)
+                         for b, w, st in ((64, 8, 2), (64, 4, 2), (32, 4, 2), (64, 8, 3))]
 
 
-def sweep(device, dtype, repeats) -> list[dict]:
-    """Time launch configurations of each kernel at the GPU shapes (what the launch
-    tables in kernels/ were read from). Each variant's output is compared with the
-    first's, so a configuration that computes something else shows."""
-    from kernels.attention import paged_launch
-    from kernels.attention_backward import varlen_attention_backward, varlen_attention_forward_lse
+def sweep(shapes: dict, device, dtype, repeats) -> list[dict]:
+    """Time launch configurations of each kernel at `shapes` (on the GPU shapes, what the
+    launch tables in kernels/ were read from), the table's own choice first. Each
+    variant's output is compared with the first's, so one that computes something else
+    shows."""
+    from kernels.attention import paged_launch, varlen_launch
+    from kernels.attention_backward import (backward_launch, varlen_attention_backward,
+                                            varlen_attention_forward_lse)
     results = []
 
     def run(kernel, shape, variants, make):
@@ -482,40 +449,34 @@ def sweep(device, dtype, repeats) -> list[dict]:
             print(f"  sweep {kernel} {json.dumps(shape)} {json.dumps(launch)}: {ms:.3f} ms "
                   f"(vs first {err:.1e})", flush=True)
 
-    for n in (16, 256, 4096):
-        x, ids, weights, w_in, w_out = dispatch_inputs(n, *MIXTRAL_MOE, device, dtype)
-        run("dispatch", dict(N=n), SMALL_DISPATCH if n * 2 <= 512 else LARGE_DISPATCH,
+    for shape in shapes["dispatch"][1:]:  # the single-token shape aside
+        n = shape[0]
+        x, ids, weights, w_in, w_out = dispatch_inputs(*shape, device, dtype)
+        run("dispatch", dict(N=n), [dispatch_launch(n * shape[4], device)] + DISPATCH_ALTERNATIVES,
             lambda c: lambda: dispatch_and_combine_triton(x, ids, weights, w_in, w_out, None, c))
         del x, ids, weights, w_in, w_out
-        torch.cuda.empty_cache()
-    for n_kv_heads in (1, 32):
-        q, k, v, cu = prefill_inputs(4, 2048, 32, n_kv_heads, 128, device, dtype)
-        run("prefill", dict(G=n_kv_heads), PREFILL_LAUNCHES,
-            lambda c: lambda: varlen_causal_attention_triton(q, k, v, cu, 2048, c))
-        out, lse = varlen_attention_forward_lse(q, k, v, cu, 2048)
+    for shape in shapes["prefill"]:
+        length, head_dim = shape[1], shape[4]
+        q, k, v, cu = prefill_inputs(*shape, device, dtype)
+        run("prefill", dict(G=shape[3]),
+            [varlen_launch(length, head_dim, dtype, device)] + PREFILL_ALTERNATIVES,
+            lambda c: lambda: varlen_causal_attention_triton(q, k, v, cu, length, c))
+        out, lse = varlen_attention_forward_lse(q, k, v, cu, length)
         grad = torch.randn_like(q)
-        run("prefill_backward", dict(G=n_kv_heads), BACKWARD_LAUNCHES,
+        run("prefill_backward", dict(G=shape[3]),
+            [backward_launch(length, head_dim, device)] + BACKWARD_ALTERNATIVES,
             lambda c: lambda: torch.cat([g.flatten() for g in varlen_attention_backward(
-                grad, q, k, v, out, lse, cu, 2048, c)]))
-    for n_seqs, n_kv_heads in ((1, 8), (32, 8), (32, 1)):
-        context, block_size, n_heads = 4096, 16, 32
-        gen = torch.Generator(device).manual_seed(0)
-        n_blocks = n_seqs * context // block_size
-        k_pool = torch.randn(n_blocks, block_size, n_kv_heads, 128, device=device, dtype=dtype,
-                             generator=gen)
-        v_pool = torch.randn(k_pool.shape, device=device, dtype=dtype, generator=gen)
-        tables = torch.randperm(n_blocks, device=device, generator=gen).view(n_seqs, -1).int()
-        seq_lens = torch.full((n_seqs,), context, device=device, dtype=torch.int32)
-        query_start = torch.arange(n_seqs + 1, device=device, dtype=torch.int32)
-        q = torch.randn(n_seqs, n_heads, 128, device=device, dtype=dtype, generator=gen)
-        auto = paged_launch(context, n_seqs, n_kv_heads, device)["split_len"]
-        variants = [dict(split_len=auto), dict(split_len=max(64, auto // 2)),
-                    dict(split_len=auto * 2), dict(split_len=auto, num_warps=8),
-                    dict(split_len=auto, num_stages=3), dict(split_len=max(64, auto // 2), num_stages=3)]
+                grad, q, k, v, out, lse, cu, length, c)]))
+    for shape in shapes["decode"]:
+        n_seqs, context, n_kv_heads = shape[0], shape[1], shape[3]
+        args, _, _ = decode_inputs(*shape, device, dtype)
+        table = paged_launch(context, n_seqs, n_kv_heads, device)
+        half = max(16, table["split_len"] // 32 * 16)  # a multiple of 16
+        variants = [table, dict(table, split_len=half), dict(table, split_len=2 * table["split_len"]),
+                    dict(table, num_warps=8), dict(table, num_stages=3),
+                    dict(table, split_len=half, num_stages=3)]
         run("decode", dict(B=n_seqs, G=n_kv_heads), variants,
-            lambda c: lambda: paged_attention_triton(q, k_pool, v_pool, tables, seq_lens,
-                                                     query_start, c["split_len"],
-                                                     {key: c[key] for key in c if key != "split_len"}))
+            lambda c: lambda: paged_attention_triton(*args, launch=c))
     return results
 
 
@@ -566,7 +527,7 @@ def main() -> None:
                         choices=["dispatch", "dispatch_fwd_bwd", "prefill", "prefill_fwd_bwd",
                                  "decode", "train"], help="run these row groups only")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time launch configurations per kernel (GPU only); JSON key 'sweep'")
+                        help="also time launch configurations per kernel; JSON key 'sweep'")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -587,11 +548,11 @@ def main() -> None:
     shapes = QUICK_SHAPES if quick else GPU_SHAPES
     groups = args.only or list(shapes)
     repeats = 5 if quick else 20
-    ceilings = measure_ceilings(device, repeats)
+    ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings['copy_gb_per_s']:.0f} GB/s, matmul "
           f"{ceilings['matmul_tflops']:.1f} TFLOP/s", flush=True)
     run = dict(dispatch=bench_dispatch, dispatch_fwd_bwd=bench_dispatch_train,
-               prefill=bench_prefill, prefill_fwd_bwd=bench_prefill_train, decode=bench_decode)
+               prefill=bench_prefill, prefill_fwd_bwd=functools.partial(bench_prefill, train=True), decode=bench_decode)
     rows = []
     for group in groups:
         if group == "train":
@@ -603,9 +564,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
     add_speedups(rows)
     swept = []
-    if args.sweep and device.type == "cuda" and use_triton:
+    if args.sweep and use_triton:
         try:
-            swept = sweep(device, dtype, repeats)
+            swept = sweep(shapes, device, dtype, repeats)
         except Exception:  # keep the rows measured so far
             import traceback
             traceback.print_exc()

@@ -47,6 +47,7 @@ NB pool blocks, bs block_size, MB blocks per table row, Nq queries, SP key split
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -200,13 +201,14 @@ def longest(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
 
 
-def shared_memory_limit(device: torch.device) -> int:
-    """Bytes of shared memory one program may use on `device` (the interpreter: no limit
-    that matters, the H100's figure)."""
+@functools.cache
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared-memory bytes one program may use) of `device`, read once;
+    off CUDA (the interpreter) an H100's figures, so the launch tables stay the same."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return getattr(props, "shared_memory_per_block_optin", 232448)
-    return 232448
+        return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 232448)
+    return 132, 232448
 
 
 def varlen_launch(max_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -221,8 +223,8 @@ def varlen_launch(max_len: int, head_dim: int, dtype: torch.dtype, device: torch
         config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     else:
         config = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4, num_stages=3)
-    size = torch.empty((), dtype=dtype).element_size()
-    limit = shared_memory_limit(device)
+    size = dtype.itemsize
+    limit = device_limits(device)[1]
 
     def needs(c):  # q tile + pipelined K and V tiles
         return (c["BLOCK_M"] + 2 * c["num_stages"] * c["BLOCK_N"]) * block_d * size
@@ -360,8 +362,7 @@ def paged_launch(max_keys: int, n_queries: int, n_kv_heads: int, device: torch.d
     what the merge holds on chip. On an H200 (`bench_kernels.py --sweep`) halving or
     doubling the slices, 8 warps or a third pipeline stage moved the time by under 10%."""
     step = 64 if max_keys >= 512 else 16
-    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
-                    if device.type == "cuda" else 128)
+    programs = 4 * device_limits(device)[0]
     wanted = min(triton.cdiv(max_keys, step), 64, max(1, programs // max(1, n_queries * n_kv_heads)))
     split_len = triton.cdiv(triton.cdiv(max_keys, wanted), step) * step
     return dict(split_len=split_len, num_warps=4, num_stages=2)

@@ -243,38 +243,36 @@ def _tile(width: int, cap: int = 64) -> int:
     return max(16, min(cap, triton.next_power_of_2(width)))
 
 
-def dispatch_launch(n_slots: int, d_model: int, d_hidden: int, device: torch.device) -> dict:
-    """Tiles, warps and pipeline depth of the two forward kernels, per shape: `up_*` for
-    the gate/up kernel (BLOCK_F output columns, BLOCK_D reduction), `down_*` for the down
-    kernel (BLOCK_D output columns, BLOCK_F reduction). Few slots (decoding) read whole
-    weight matrices for a handful of rows, so wide reduction tiles and deep pipelines
-    keep bytes in flight; many slots (prefill, training) need 128-row tiles for the
-    tensor cores. The interpreter gets small tiles: it runs the test shapes. The GPU
-    entries are the fastest of `python benchmarks/bench_kernels.py --sweep` on an H200
-    at Mixtral's widths (benchmarks/results/kernels_gpu.json, key "sweep")."""
+def dispatch_config(block_m: int, block_out: int, block_reduce: int, num_warps: int,
+                    num_stages: int) -> dict:
+    """One launch of both forward kernels: BLOCK_M rows per block; each kernel's output
+    tile (the up kernel's hidden columns, the down kernel's model columns) up to
+    `block_out` wide and its reduction step up to `block_reduce` (clamped to the widths)."""
+    return dict(BLOCK_M=block_m, BLOCK_OUT=block_out, BLOCK_REDUCE=block_reduce,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def dispatch_launch(n_slots: int, device: torch.device) -> dict:
+    """The launch for `n_slots` slots. Few slots (decoding) read whole weight matrices for
+    a handful of rows: 16-row blocks, deep pipelines to keep bytes in flight; many slots
+    (prefill, training) need 128-row tiles for the tensor cores. The interpreter gets
+    small tiles: it runs the test shapes. The GPU entries are the fastest of
+    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths
+    (benchmarks/results/kernels_gpu_sweep.json)."""
     if device.type != "cuda":
-        block_m = 16 if n_slots <= 1024 else 64
-        return dict(BLOCK_M=block_m, up_BLOCK_F=_tile(d_hidden), up_BLOCK_D=_tile(d_model),
-                    down_BLOCK_D=_tile(d_model), down_BLOCK_F=_tile(d_hidden),
-                    up_warps=4, up_stages=2, down_warps=4, down_stages=2)
+        return dispatch_config(16 if n_slots <= 1024 else 64, 64, 64, 4, 2)
     if n_slots <= 128:
-        return dict(BLOCK_M=16, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 64),
-                    down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 64),
-                    up_warps=4, up_stages=4, down_warps=4, down_stages=4)
+        return dispatch_config(16, 128, 64, 4, 4)
     if n_slots <= 4096:
-        return dict(BLOCK_M=64, up_BLOCK_F=_tile(d_hidden), up_BLOCK_D=_tile(d_model),
-                    down_BLOCK_D=_tile(d_model), down_BLOCK_F=_tile(d_hidden),
-                    up_warps=4, up_stages=4, down_warps=4, down_stages=4)
-    return dict(BLOCK_M=128, up_BLOCK_F=_tile(d_hidden, 128), up_BLOCK_D=_tile(d_model, 32),
-                down_BLOCK_D=_tile(d_model, 128), down_BLOCK_F=_tile(d_hidden, 32),
-                up_warps=8, up_stages=4, down_warps=8, down_stages=4)
+        return dispatch_config(64, 64, 64, 4, 4)
+    return dispatch_config(128, 128, 32, 8, 4)
 
 
 def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
                                 w_out: Tensor, capacity: int | None, launch: dict | None = None
                                 ) -> tuple[Tensor, Tensor]:
     """The Triton path of `dispatch_and_combine`: same arguments, same results. `launch`
-    overrides `dispatch_launch`'s choice. Launches: the alignment's torch ops (argsort,
+    (a `dispatch_config`) replaces `dispatch_launch`'s choice. Launches: the alignment's torch ops (argsort,
     scatter_add, cumsum, searchsorted, a scatter; no host sync), the two kernels, and
     the sum over choices."""
     n_tokens, d_model = x.shape
@@ -292,30 +290,33 @@ def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, 
     n_slots = expert_ids.numel()
     if n_slots == 0:
         return torch.zeros_like(x), expert_ids.new_zeros(())
-    c = dict(dispatch_launch(n_slots, d_model, d_hidden, x.device), **(launch or {}))
-    block_m = c["BLOCK_M"]
+    c = launch or dispatch_launch(n_slots, x.device)
+    block_m, out_tile, reduce_tile = c["BLOCK_M"], c["BLOCK_OUT"], c["BLOCK_REDUCE"]
+    pipeline = dict(num_warps=c["num_warps"], num_stages=c["num_stages"])
     plan = align_slots(expert_ids, n_experts, block_m, capacity)
     n_rows = plan.sorted_slots.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     slot_weight = weights.t().reshape(-1).contiguous()  # [S] choice-major, like the slots
     h = torch.empty(n_rows, d_hidden, device=x.device, dtype=x.dtype)  # [P, F]
-    grid = (n_rows // block_m, triton.cdiv(d_hidden, c["up_BLOCK_F"]))
+    block_f = _tile(d_hidden, out_tile)
+    grid = (n_rows // block_m, triton.cdiv(d_hidden, block_f))
     _up_swiglu_kernel[grid](
         x, w_in, h, plan.sorted_slots, plan.block_expert,
         n_tokens, n_slots, d_model, d_hidden,
         x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1), w_in.stride(2),
         h.stride(0), h.stride(1),
-        BLOCK_M=block_m, BLOCK_F=c["up_BLOCK_F"], BLOCK_D=c["up_BLOCK_D"], PRECISION=precision,
-        num_warps=c["up_warps"], num_stages=c["up_stages"])
+        BLOCK_M=block_m, BLOCK_F=block_f, BLOCK_D=_tile(d_model, reduce_tile),
+        PRECISION=precision, **pipeline)
     out = torch.zeros(n_slots, d_model, device=x.device, dtype=torch.float32)  # [S, D]
-    grid = (n_rows // block_m, triton.cdiv(d_model, c["down_BLOCK_D"]))
+    block_d = _tile(d_model, out_tile)
+    grid = (n_rows // block_m, triton.cdiv(d_model, block_d))
     _down_weighted_kernel[grid](
         h, w_out, out, plan.sorted_slots, plan.block_expert, slot_weight,
         n_slots, d_hidden, d_model,
         h.stride(0), h.stride(1), w_out.stride(0), w_out.stride(1), w_out.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_D=c["down_BLOCK_D"], BLOCK_F=c["down_BLOCK_F"],
-        PRECISION=precision, num_warps=c["down_warps"], num_stages=c["down_stages"])
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_F=_tile(d_hidden, reduce_tile),
+        PRECISION=precision, **pipeline)
     k = expert_ids.shape[1]
     y = out.view(k, n_tokens, d_model).sum(dim=0)  # [N, D], choices summed in order
     return y.to(x.dtype), plan.dropped
