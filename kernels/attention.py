@@ -359,8 +359,9 @@ def paged_launch(max_keys: int, n_queries: int, n_kv_heads: int, device: torch.d
     """Keys per program and tile for the split kernel: enough (query, KV head, slice)
     programs to keep every multiprocessor busy a few times over, each slice a whole
     number of 64-key steps for long contexts (16 for short ones); at most 64 slices,
-    what the merge holds on chip. On an H200 (`bench_kernels.py --sweep`) halving or
-    doubling the slices, 8 warps or a third pipeline stage moved the time by under 10%."""
+    what the merge holds on chip. In the H200 sweep (benchmarks/results/kernels_gpu.json,
+    "sweep") no variant beat this by more than the run-to-run spread; for MQA at batch 32
+    doubling the slice or 8 warps were 1.7x slower."""
     step = 64 if max_keys >= 512 else 16
     programs = 4 * device_limits(device)[0]
     wanted = min(triton.cdiv(max_keys, step), 64, max(1, programs // max(1, n_queries * n_kv_heads)))

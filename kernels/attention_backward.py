@@ -160,7 +160,8 @@ def _varlen_dq_kernel(
 def backward_launch(max_len: int, head_dim: int, device: torch.device) -> dict:
     """Square tiles for the two backward kernels: 16 for short sequences, 64 on a GPU,
     32 in the interpreter (small test shapes). 64 with 4 warps was the fastest of
-    `bench_kernels.py --sweep` on an H200 at head_dim 128 (1.2-1.7x 8 warps or 32)."""
+    `bench_kernels.py --sweep` on an H200 at head_dim 128 (8 warps, or 32-row tiles,
+    were 1.3-1.7x slower)."""
     block = 16 if max_len <= 64 else (64 if device.type == "cuda" else 32)
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 num_warps=4, num_stages=2)

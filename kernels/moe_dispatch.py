@@ -256,9 +256,10 @@ def dispatch_launch(n_slots: int, device: torch.device) -> dict:
     """The launch for `n_slots` slots. Few slots (decoding) read whole weight matrices for
     a handful of rows: 16-row blocks, deep pipelines to keep bytes in flight; many slots
     (prefill, training) need 128-row tiles for the tensor cores. The interpreter gets
-    small tiles: it runs the test shapes. The GPU entries are the fastest of
-    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths
-    (benchmarks/results/kernels_gpu_sweep.json)."""
+    small tiles: it runs the test shapes. The GPU entries were the fastest of a first
+    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths; the
+    latest sweep (benchmarks/results/kernels_gpu.json, "sweep") found 128-row tiles
+    about 15% faster at 256 tokens, a lead not yet taken into this table."""
     if device.type != "cuda":
         return dispatch_config(16 if n_slots <= 1024 else 64, 64, 64, 4, 2)
     if n_slots <= 128:
