@@ -37,6 +37,11 @@ keep a running max and sum per query row, the "online softmax") in two settings.
    The queries of sequence b are its last query_start[b+1] - query_start[b] tokens and
    see the keys up to their own position (causal among themselves).
 
+   A prefill chunk of hundreds of queries would read every key once per query that way,
+   so from FLASH_MIN_QUERIES new queries in one sequence `paged_attention_triton` runs
+   the prefill loop of (1) instead, over blocks of the chunk's queries, with each key
+   block found through the block table (`paged_prefill_triton`).
+
 Each function has a plain-PyTorch reference with the same signature (`*_reference`), its
 specification; `varlen_causal_attention` and `paged_attention` pick one per call through
 `kernels.backend`.
@@ -110,8 +115,8 @@ def _online_softmax_step(q, k_ptr, v_ptr, kv_offsets, kv_mask, rows, cols, lengt
     """One key block of the online softmax, in base 2 (log2(e) is in `scale_log2`).
     Off the diagonal every key is below every query row and inside the sequence, so only
     DIAGONAL blocks pay for the causal mask."""
-    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     if DIAGONAL:
         allowed = (cols[None, :] <= rows[:, None]) & (cols < length)[None, :]
@@ -369,19 +374,11 @@ def paged_launch(max_keys: int, n_queries: int, n_kv_heads: int, device: torch.d
     return dict(split_len=split_len, num_warps=4, num_stages=2)
 
 
-def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, query_start: Tensor, split_len: int | None = None,
-                           launch: dict | None = None) -> Tensor:
-    """The Triton path of `paged_attention_reference`: same arguments, same result.
-
-    One program per (query, KV head, key slice) computes all the query heads of its KV
-    head as one [group, keys] tile on the tensor cores, so each key and value is read
-    once per query, not once per query head; a second kernel merges the slices.
-    `split_len` (keys per program, a multiple of 16) and `launch` (num_warps, num_stages)
-    override `paged_launch`. Launches: the two kernels and four small torch ops that
-    place each query (no host sync)."""
-    n_queries, n_heads, head_dim = q.shape
-    n_kv_heads, block_size = k_pool.shape[2], k_pool.shape[1]
+def check_paged_args(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                     seq_lens: Tensor, query_start: Tensor) -> None:
+    """Refuse, by name, what the paged kernels cannot take."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_kv_heads = k_pool.shape[2]
     if k_pool.shape[3] != head_dim or v_pool.shape != k_pool.shape or n_heads % n_kv_heads:
         raise ValueError(f"q {tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
                          f"{tuple(v_pool.shape)} must be [Nq, H, Dh] and [NB, bs, G, Dh] with "
@@ -396,6 +393,23 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
                     ("query_start", query_start)):
         if t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {t.dtype}; convert with .to(torch.int32)")
+
+
+def paged_decode_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                        seq_lens: Tensor, query_start: Tensor, split_len: int | None = None,
+                        launch: dict | None = None) -> Tensor:
+    """The split-key (flash-decoding) path of `paged_attention_reference`: same arguments,
+    same result, for any query counts; fast when each sequence brings a few queries.
+
+    One program per (query, KV head, key slice) computes all the query heads of its KV
+    head as one [group, keys] tile on the tensor cores, so each key and value is read
+    once per query, not once per query head; a second kernel merges the slices.
+    `split_len` (keys per program, a multiple of 16) and `launch` (num_warps, num_stages)
+    override `paged_launch`. Launches: the two kernels and four small torch ops that
+    place each query (no host sync)."""
+    check_paged_args(q, k_pool, v_pool, block_tables, seq_lens, query_start)
+    n_queries, n_heads, head_dim = q.shape
+    n_kv_heads, block_size = k_pool.shape[2], k_pool.shape[1]
     # Per query: its sequence and its position (on the device, no host sync).
     query_ids = torch.arange(n_queries, device=q.device)  # [Nq]
     query_seq = torch.searchsorted(query_start[1:], query_ids.to(torch.int32), right=True)  # [Nq]
@@ -433,6 +447,111 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
 
 
 # ---------------------------------------------------------------------------------------
+# Prefill over a paged cache: query blocks of a chunk, keys through the block table
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _paged_prefill_kernel(
+    # pointers
+    q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
+    # sizes
+    group_size, head_dim, block_size, scale_log2,
+    # strides (q and o share theirs)
+    stride_qn, stride_qh, stride_qd, stride_pb, stride_ps, stride_pg, stride_pd, stride_tb,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # ---- which sequence, which query head, which block of the sequence's new queries --
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_begin = tl.load(query_start_ptr + seq)
+    n_new = tl.load(query_start_ptr + seq + 1) - q_begin
+    if block * BLOCK_M >= n_new:
+        return
+    n_keys = tl.load(seq_lens_ptr + seq)  # the new tokens' keys included
+    first = n_keys - n_new + block * BLOCK_M  # position of this block's first query
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_new
+    positions = n_keys - n_new + rows  # [BLOCK_M] each query's position: it sees keys 0..it
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < head_dim
+    q_offsets = ((q_begin + rows).to(tl.int64)[:, None] * stride_qn + head * stride_qh
+                 + ds[None, :] * stride_qd)
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # ---- online softmax: keys before the block unmasked, then the diagonal -----------
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_tb
+    kv_base = (head // group_size) * stride_pg + ds[None, :] * stride_pd
+    diagonal = first // BLOCK_N * BLOCK_N  # key blocks before it are seen by every row
+    for n0 in range(0, diagonal, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        pages = tl.load(table + cols // block_size).to(tl.int64)
+        kv_offsets = (pages * stride_pb + (cols % block_size) * stride_ps)[:, None] + kv_base
+        m, l, acc = _online_softmax_step(q, k_pool_ptr, v_pool_ptr, kv_offsets, d_ok[None, :],
+                                         positions, cols, n_keys, m, l, acc, scale_log2,
+                                         PRECISION, False)
+    for n0 in range(diagonal, tl.minimum(first + BLOCK_M, n_keys), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_keys
+        pages = tl.load(table + cols // block_size, mask=col_ok, other=0).to(tl.int64)
+        kv_offsets = (pages * stride_pb + (cols % block_size) * stride_ps)[:, None] + kv_base
+        m, l, acc = _online_softmax_step(q, k_pool_ptr, v_pool_ptr, kv_offsets,
+                                         col_ok[:, None] & d_ok[None, :], positions, cols,
+                                         n_keys, m, l, acc, scale_log2, PRECISION, True)
+    # ---- normalise and store ----------------------------------------------------------
+    l = tl.where(row_ok, l, 1.0)
+    tl.store(o_ptr + q_offsets, (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_prefill_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                         seq_lens: Tensor, query_start: Tensor, max_query_len: int | None = None,
+                         launch: dict | None = None) -> Tensor:
+    """The flash path of `paged_attention_reference`: same arguments, same result, for any
+    query counts; fast when sequences bring chunks of many queries (the engine's prefill).
+
+    One program per (block of a sequence's new queries, query head, sequence) runs the
+    online softmax of the varlen kernel above, reading each key block once per query
+    block through the block table instead of once per query as the split kernel does.
+    `max_query_len` (the most new queries of one sequence, when the caller knows it)
+    saves the one host sync of reading it from query_start; `launch` overrides
+    `varlen_launch`'s tiles. Launches one kernel."""
+    check_paged_args(q, k_pool, v_pool, block_tables, seq_lens, query_start)
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    longest_chunk = longest(query_start, max_query_len)
+    config = dict(varlen_launch(longest_chunk, head_dim, q.dtype, q.device), **(launch or {}))
+    out = torch.empty_like(q)
+    if longest_chunk:
+        grid = (triton.cdiv(longest_chunk, config["BLOCK_M"]), n_heads, query_start.shape[0] - 1)
+        _paged_prefill_kernel[grid](
+            q, k_pool, v_pool, out, block_tables, seq_lens, query_start,
+            n_heads // k_pool.shape[2], head_dim, k_pool.shape[1], LOG2E / math.sqrt(head_dim),
+            q.stride(0), q.stride(1), q.stride(2), *k_pool.stride(), block_tables.stride(0),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config)
+    return out
+
+
+FLASH_MIN_QUERIES = 16  # from this many new queries in one sequence, paged_prefill_triton
+
+
+def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                           seq_lens: Tensor, query_start: Tensor, max_query_len: int | None = None
+                           ) -> Tensor:
+    """The Triton path of `paged_attention_reference`: the split-key decode kernel when
+    every sequence brings fewer than FLASH_MIN_QUERIES new queries (decoding, speculative
+    checks), the flash kernel when one brings a chunk (prefill, mixed steps).
+    `max_query_len` says which without a host sync; left out, it is read from query_start."""
+    chunk = longest(query_start, max_query_len)
+    if chunk >= FLASH_MIN_QUERIES:
+        return paged_prefill_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start, chunk)
+    return paged_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start)
+
+
+# ---------------------------------------------------------------------------------------
 # The switch: one name per operation, the backend picked per call
 # ---------------------------------------------------------------------------------------
 
@@ -445,7 +564,10 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
 
 
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                    seq_lens: Tensor, query_start: Tensor, backend: str = "auto") -> Tensor:
+                    seq_lens: Tensor, query_start: Tensor, backend: str = "auto",
+                    max_query_len: int | None = None) -> Tensor:
     """Attention of new queries over a paged KV cache; `backend` as in kernels.backend."""
-    fn = paged_attention_triton if use_triton(backend, q, k_pool) else paged_attention_reference
-    return fn(q, k_pool, v_pool, block_tables, seq_lens, query_start)
+    if use_triton(backend, q, k_pool):
+        return paged_attention_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start,
+                                      max_query_len)
+    return paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start)

@@ -256,17 +256,16 @@ def dispatch_launch(n_slots: int, device: torch.device) -> dict:
     """The launch for `n_slots` slots. Few slots (decoding) read whole weight matrices for
     a handful of rows: 16-row blocks, deep pipelines to keep bytes in flight; many slots
     (prefill, training) need 128-row tiles for the tensor cores. The interpreter gets
-    small tiles: it runs the test shapes. The GPU entries were the fastest of a first
-    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths; the
-    latest sweep (benchmarks/results/kernels_gpu.json, "sweep") found 128-row tiles
-    about 15% faster at 256 tokens, a lead not yet taken into this table."""
+    small tiles: it runs the test shapes. The GPU entries come from
+    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths
+    (benchmarks/results/kernels_gpu.json, "sweep"): from 512 slots (256 tokens) the
+    128 x 128 tiles with 8 warps were about 15% faster than 64 x 64, and at 8,192 slots
+    as fast as the 32-deep reduction step used before."""
     if device.type != "cuda":
         return dispatch_config(16 if n_slots <= 1024 else 64, 64, 64, 4, 2)
     if n_slots <= 128:
         return dispatch_config(16, 128, 64, 4, 4)
-    if n_slots <= 4096:
-        return dispatch_config(64, 64, 64, 4, 4)
-    return dispatch_config(128, 128, 32, 8, 4)
+    return dispatch_config(128, 128, 64, 8, 3)
 
 
 def dispatch_and_combine_triton(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,

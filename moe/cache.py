@@ -126,6 +126,7 @@ class PagedKVCache:
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
         self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
         self.layout: dict[str, Tensor] = {}
+        self.max_query_len = 0
         self.groups: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]] = []
 
     @staticmethod
@@ -187,6 +188,7 @@ class PagedKVCache:
                            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
                            query_start=starts.to(device),
                            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+        self.max_query_len = max(query_lens)  # picks the Triton kernel without a host sync
         self.groups = self._group_by_query_length(seq_ids, query_lens, tables, starts)
 
     def _group_by_query_length(self, seq_ids: list[int], query_lens: list[int], tables: Tensor,
@@ -224,7 +226,8 @@ class PagedKVCache:
         if use_triton(self.kernel_backend, q, k_pool):
             out = paged_attention_triton(q[0].transpose(0, 1), k_pool, v_pool,
                                          self.layout["block_tables"], self.layout["seq_lens"],
-                                         self.layout["query_start"])  # [N, H, Dh]
+                                         self.layout["query_start"],
+                                         self.max_query_len)  # [N, H, Dh]
         else:
             queries = q[0].transpose(0, 1)  # [N, H, Dh]
             out = torch.empty_like(queries)

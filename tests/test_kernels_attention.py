@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("triton", reason="triton does not import here; the kernels cannot run")
 
 from kernels.attention import (paged_attention, paged_attention_reference,  # noqa: E402
-                               paged_attention_triton, varlen_causal_attention,
+                               paged_attention_triton, paged_decode_triton,
+                               paged_prefill_triton, varlen_causal_attention,
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
 from moe import cache as cache_module  # noqa: E402
 from moe.cache import PagedKVCache  # noqa: E402
@@ -72,12 +73,41 @@ def paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size, seed=0):
 def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_heads, split_len):
     head_dim = 24 if n_kv_heads == 2 else 16
     args = paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size)
-    out = paged_attention_triton(*args, split_len=split_len)
+    out = paged_decode_triton(*args, split_len=split_len)
     expect = paged_attention_reference(*args)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     # and the serving engine's own reference in moe/cache.py
     torch.testing.assert_close(out, cache_module.paged_attention_batched(*args),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_lens,query_lens,block_size", [
+    ([20], [20], 4),  # a whole prompt in one chunk
+    ([100, 9, 61], [37, 1, 18], 5),  # chunks part-way through, beside a decode; odd blocks
+    ([64, 40, 0], [16, 40, 0], 16),  # block-aligned chunk, a whole prompt, an idle sequence
+], ids=["prompt", "chunks", "aligned"])
+@pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["MQA", "GQA"])
+@pytest.mark.parametrize("launch", [None, dict(BLOCK_M=16, BLOCK_N=16)], ids=["table", "16x16"])
+def test_paged_prefill_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_heads,
+                                               launch):
+    head_dim = 24 if n_kv_heads == 2 else 16
+    args = paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size, seed=1)
+    out = paged_prefill_triton(*args, launch=launch)
+    torch.testing.assert_close(out, paged_attention_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_lens,kernel", [([1, 15], "decode"), ([1, 16], "prefill")])
+def test_paged_entry_point_sends_chunks_to_the_flash_kernel(monkeypatch, query_lens, kernel):
+    import kernels.attention as attention
+    calls = []
+    for name in ("decode", "prefill"):
+        original = getattr(attention, f"paged_{name}_triton")
+        monkeypatch.setattr(attention, f"paged_{name}_triton",
+                            lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
+    args = paged_setup([30, 40], query_lens, 1, 16, 4)
+    out = paged_attention_triton(*args)  # max_query_len read from query_start
+    assert calls == [kernel]
+    torch.testing.assert_close(out, paged_attention_reference(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_switch_functions_pick_the_kernel_only_when_asked():
@@ -112,28 +142,31 @@ def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_head
     torch.testing.assert_close(logits, expect, rtol=1e-4, atol=1e-4)
 
 
-def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatch):
+@pytest.mark.parametrize("first,length", [((9, 6), 11), ((20, 17), 24)],
+                         ids=["short-prompts", "chunks-through-flash"])
+def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatch, first, length):
     paged_calls = count_calls(monkeypatch, cache_module, "paged_attention_triton")
     model = make_model(n_kv_heads=2, kernel_backend="triton").to(DEVICE)
-    tokens = torch.randint(0, 259, (2, 11), device=DEVICE)
-    cache = PagedKVCache(model.cfg, num_blocks=8, block_size=4, device=DEVICE)
+    tokens = torch.randint(0, 259, (2, length), device=DEVICE)
+    a, b = first
+    cache = PagedKVCache(model.cfg, num_blocks=16, block_size=4, device=DEVICE)
     for seq in (0, 1):
-        cache.reserve(seq, 11)
+        cache.reserve(seq, length)
     with torch.no_grad():
-        full = model(tokens).logits  # [2, 11, V]
-        cache.set_layout([0, 1], [9, 6], [9, 6])  # ragged prefill of 9 and 6 tokens
-        step = torch.cat([tokens[0, :9], tokens[1, :6]])[None]  # [1, 15]
-        positions = torch.cat([torch.arange(9), torch.arange(6)])[None].to(DEVICE)
-        prefill = model(step, positions, cache).logits[0]  # [15, V]
-        cache.set_layout([0, 1], [2, 5], [11, 11])  # then 2 and 5 more
-        step = torch.cat([tokens[0, 9:], tokens[1, 6:]])[None]
-        positions = torch.cat([torch.arange(9, 11), torch.arange(6, 11)])[None].to(DEVICE)
-        decode = model(step, positions, cache).logits[0]  # [7, V]
+        full = model(tokens).logits  # [2, T, V]
+        cache.set_layout([0, 1], [a, b], [a, b])  # ragged prefill of a and b tokens
+        step = torch.cat([tokens[0, :a], tokens[1, :b]])[None]  # [1, a + b]
+        positions = torch.cat([torch.arange(a), torch.arange(b)])[None].to(DEVICE)
+        prefill = model(step, positions, cache).logits[0]  # [a + b, V]
+        cache.set_layout([0, 1], [length - a, length - b], [length, length])  # the rest
+        step = torch.cat([tokens[0, a:], tokens[1, b:]])[None]
+        positions = torch.cat([torch.arange(a, length), torch.arange(b, length)])[None].to(DEVICE)
+        rest = model(step, positions, cache).logits[0]  # [2T - a - b, V]
     assert paged_calls
-    torch.testing.assert_close(prefill[:9], full[0, :9], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(prefill[9:], full[1, :6], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(decode[:2], full[0, 9:], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(decode[2:], full[1, 6:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefill[:a], full[0, :a], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefill[a:], full[1, :b], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rest[:length - a], full[0, a:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rest[length - a:], full[1, b:], rtol=1e-4, atol=1e-4)
 
 
 def test_half_precision_kernels_match_the_float32_reference():
@@ -144,7 +177,7 @@ def test_half_precision_kernels_match_the_float32_reference():
     torch.testing.assert_close(out.float(), varlen_causal_attention_reference(q, k, v, cu_seqlens),
                                rtol=1e-2, atol=1e-2)
     q, k_pool, v_pool, *layout = paged_setup([37, 5], [1, 5], 2, 16, 4)
-    out = paged_attention_triton(q.half(), k_pool.half(), v_pool.half(), *layout, split_len=16)
+    out = paged_decode_triton(q.half(), k_pool.half(), v_pool.half(), *layout, split_len=16)
     torch.testing.assert_close(out.float(), paged_attention_reference(q, k_pool, v_pool, *layout),
                                rtol=1e-2, atol=1e-2)
 
@@ -161,5 +194,10 @@ def test_half_precision_kernels_are_within_rounding_of_a_float64_reference(dtype
     q, k_pool, v_pool, *layout = (t.to(dtype) if t.is_floating_point() else t for t in
                                   paged_setup([700, 37, 5], [1, 1, 5], n_kv_heads, 64, 16, seed=4))
     out = paged_attention_triton(q, k_pool, v_pool, *layout)
+    expect = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), *layout)
+    assert out.dtype == dtype and relative_error(out, expect) < 1e-2
+    q, k_pool, v_pool, *layout = (t.to(dtype) if t.is_floating_point() else t for t in
+                                  paged_setup([700, 300, 5], [200, 1, 5], n_kv_heads, 64, 16, seed=5))
+    out = paged_prefill_triton(q, k_pool, v_pool, *layout)
     expect = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), *layout)
     assert out.dtype == dtype and relative_error(out, expect) < 1e-2
