@@ -273,10 +273,10 @@ def varlen_causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
 @triton.jit
 def _paged_split_kernel(
     # pointers
-    q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, query_seq_ptr, query_pos_ptr,
+    q_ptr, k_pool_ptr, v_pool_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     m_ptr, l_ptr, acc_ptr,
     # sizes
-    group_size, head_dim, block_size, split_len, scale_log2,
+    n_seqs, group_size, head_dim, block_size, split_len, scale_log2,
     # strides
     stride_qn, stride_qh, stride_qd, stride_pb, stride_ps, stride_pg, stride_pd, stride_tb,
     stride_mn, stride_mh, stride_an, stride_ah, stride_as,
@@ -288,8 +288,17 @@ def _paged_split_kernel(
     query = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(query_seq_ptr + query).to(tl.int64)
-    n_keys = tl.load(query_pos_ptr + query) + 1  # causal: keys 0 .. own position
+    # the query's sequence: the last b with query_start[b] <= query (binary search)
+    lo = 0
+    hi = n_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        right = tl.load(query_start_ptr + mid) <= query
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    seq = lo.to(tl.int64)
+    # causal: it sees keys 0 .. its own position, counted back from the sequence's end
+    n_keys = tl.load(seq_lens_ptr + seq) - tl.load(query_start_ptr + seq + 1) + query + 1
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_keys)
     group = tl.arange(0, BLOCK_G)
@@ -405,15 +414,11 @@ def paged_decode_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables:
     head as one [group, keys] tile on the tensor cores, so each key and value is read
     once per query, not once per query head; a second kernel merges the slices.
     `split_len` (keys per program, a multiple of 16) and `launch` (num_warps, num_stages)
-    override `paged_launch`. Launches: the two kernels and four small torch ops that
-    place each query (no host sync)."""
+    override `paged_launch`. Launches: the two kernels (each query finds its sequence by
+    a binary search over query_start in the kernel; no host sync)."""
     check_paged_args(q, k_pool, v_pool, block_tables, seq_lens, query_start)
     n_queries, n_heads, head_dim = q.shape
     n_kv_heads, block_size = k_pool.shape[2], k_pool.shape[1]
-    # Per query: its sequence and its position (on the device, no host sync).
-    query_ids = torch.arange(n_queries, device=q.device)  # [Nq]
-    query_seq = torch.searchsorted(query_start[1:], query_ids.to(torch.int32), right=True)  # [Nq]
-    query_pos = (seq_lens[query_seq] - query_start[query_seq + 1] + query_ids).to(torch.int32)
     max_keys = block_tables.shape[1] * block_size
     config = paged_launch(max_keys, n_queries, n_kv_heads, q.device)
     config.update(launch or {})
@@ -432,8 +437,8 @@ def paged_decode_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables:
     group = n_heads // n_kv_heads
     if n_queries:
         _paged_split_kernel[(n_queries, n_kv_heads, n_splits)](
-            q, k_pool, v_pool, block_tables, query_seq, query_pos, m, l, acc,
-            group, head_dim, block_size, split_len, LOG2E / math.sqrt(head_dim),
+            q, k_pool, v_pool, block_tables, seq_lens, query_start, m, l, acc,
+            seq_lens.shape[0], group, head_dim, block_size, split_len, LOG2E / math.sqrt(head_dim),
             q.stride(0), q.stride(1), q.stride(2), *k_pool.stride(), block_tables.stride(0),
             m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
             BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,

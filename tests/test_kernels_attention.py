@@ -67,7 +67,8 @@ def paged_setup(seq_lens, query_lens, n_kv_heads, head_dim, block_size, seed=0):
     ([37, 5, 80], [1, 5, 1], 16),  # decode beside a whole prompt
     ([19, 3, 33], [4, 3, 2], 5),  # a few queries each (speculative check), odd block size
     ([600, 70], [1, 3], 16),  # long enough for 64-key steps in the default split
-], ids=["first-token", "decode", "verify", "long"])
+    ([37, 12, 9, 5, 80], [1, 0, 0, 5, 1], 16),  # sequences with no query in the step
+], ids=["first-token", "decode", "verify", "long", "idle"])
 @pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["MQA", "GQA"])
 @pytest.mark.parametrize("split_len", [None, 16], ids=["auto-split", "split16"])
 def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_heads, split_len):

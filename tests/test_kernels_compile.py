@@ -39,7 +39,7 @@ def kernel_signatures(dt: str, precision: str):
          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, PRECISION=precision, STORE_LSE=False)),
         (attention._paged_split_kernel,
          dict(q_ptr=f"*{dt}", k_pool_ptr=f"*{dt}", v_pool_ptr=f"*{dt}", block_tables_ptr="*i32",
-              query_seq_ptr="*i64", query_pos_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
+              seq_lens_ptr="*i32", query_start_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
               acc_ptr="*fp32", scale_log2="fp32"),
          dict(BLOCK_G=16, BLOCK_N=64, BLOCK_D=128, PRECISION=precision)),
         (attention._paged_prefill_kernel,
