@@ -257,10 +257,11 @@ def dispatch_launch(n_slots: int, device: torch.device) -> dict:
     a handful of rows: 16-row blocks, deep pipelines to keep bytes in flight; many slots
     (prefill, training) need 128-row tiles for the tensor cores. The interpreter gets
     small tiles: it runs the test shapes. The GPU entries come from
-    `python benchmarks/bench_kernels.py --sweep` on an H200 at Mixtral's widths
-    (benchmarks/results/kernels_gpu.json, "sweep"): from 512 slots (256 tokens) the
-    128 x 128 tiles with 8 warps were about 15% faster than 64 x 64, and at 8,192 slots
-    as fast as the 32-deep reduction step used before."""
+    `python benchmarks/bench_kernels.py --sweep` at Mixtral's widths (the "sweep" keys of
+    benchmarks/results/kernels_gpu_h200.json and kernels_gpu.json, H100): from 512 slots
+    (256 tokens) 128 x 128 tiles with 8 warps were 6-15% faster than 64-row tiles on
+    both cards, and at 8,192 slots as fast as the 32-deep reduction step used before;
+    at 32 slots no variant beat 16-row tiles by more than the spread."""
     if device.type != "cuda":
         return dispatch_config(16 if n_slots <= 1024 else 64, 64, 64, 4, 2)
     if n_slots <= 128:
