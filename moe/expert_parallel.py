@@ -55,11 +55,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kernels.backend import needs_grad, use_triton
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton, expert_counts
-from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
+from kernels.moe_dispatch import expert_counts
 from moe.model import Transformer
-from moe.moe_layer import MoELayer, RoutingStats, expert_capacity, route, swiglu
+from moe.moe_layer import MoELayer, RoutingStats, expert_capacity, route, run_experts, swiglu
 
 EXPERT_FLAG = "is_expert_shard"  # attribute set on the w_in / w_out parameters we slice
 
@@ -209,12 +207,9 @@ class ExpertParallelMoE(MoELayer):
         if rows.shape[0] == 0:  # still in the graph: zero grads, and the backward exchanges run
             return swiglu(rows, self.w_in[0], self.w_out[0])  # [0, D]
         unit = torch.ones(rows.shape[0], 1, device=rows.device, dtype=rows.dtype)  # [R, 1]
-        dispatch = dispatch_and_combine
-        if use_triton(self.kernel_backend, rows, self.w_in, has_backward=True):
-            dispatch = (dispatch_and_combine_trainable
-                        if needs_grad(rows, self.w_in, self.w_out) else dispatch_and_combine_triton)
-        out, _ = dispatch(rows, local_ids[:, None], unit, self.w_in, self.w_out, None)
-        return out
+        out, _ = run_experts(rows, local_ids[:, None], unit, self.w_in, self.w_out, None,
+                             self.kernel_backend)
+        return out.to(rows.dtype)  # the exchange and combine stay in the rows' dtype
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,25 @@ def swiglu(x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     return (F.silu(gate) * up) @ w_out
 
 
+def run_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor,
+                capacity: int | None, backend: str) -> tuple[Tensor, Tensor]:
+    """The one place that decides how experts run: x [N, D] through experts expert_ids
+    [N, K] with weights [N, K] -> (y [N, D], dropped slots). Under autocast the experts run
+    in its dtype, as nn.Linear would: bf16 operands on the tensor cores with fp32
+    accumulators, rather than fp32 through FMA units. The kernel is picked per call by
+    `backend` (kernels.backend): the Triton forward, its trainable pair when a gradient
+    is needed, or the PyTorch reference."""
+    dtype = (torch.get_autocast_dtype(x.device.type)
+             if torch.is_autocast_enabled(x.device.type) else x.dtype)
+    x, weights = x.to(dtype), weights.to(dtype)
+    w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+    dispatch = dispatch_and_combine  # kernels/moe_dispatch.py
+    if use_triton(backend, x, w_in, has_backward=True):
+        dispatch = (dispatch_and_combine_trainable  # kernels/moe_dispatch_backward.py
+                    if needs_grad(x, weights, w_in, w_out) else dispatch_and_combine_triton)
+    return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
+
+
 class DenseFFN(nn.Module):
     """The dense SwiGLU feed-forward used by non-MoE layers (the same math as one expert)."""
 
@@ -128,18 +147,8 @@ class MoELayer(nn.Module):
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
         capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
-        # Under autocast the experts run in its dtype, as nn.Linear would: bf16 operands on
-        # the tensor cores with fp32 accumulators, rather than fp32 through FMA units.
-        dtype = (torch.get_autocast_dtype(x.device.type)
-                 if torch.is_autocast_enabled(x.device.type) else x.dtype)
-        x, weights = x.to(dtype), weights.to(dtype)
-        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
-        dispatch = dispatch_and_combine  # kernels/moe_dispatch.py
-        if use_triton(self.kernel_backend, x, w_in, has_backward=True):
-            dispatch = (dispatch_and_combine_trainable  # kernels/moe_dispatch_backward.py
-                        if needs_grad(x, weights, w_in, w_out)
-                        else dispatch_and_combine_triton)
-        y, dropped = dispatch(x, expert_ids, weights, w_in, w_out, capacity)
+        y, dropped = run_experts(x, expert_ids, weights, self.w_in, self.w_out, capacity,
+                                 self.kernel_backend)
         tokens_per_expert = expert_counts(expert_ids, logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

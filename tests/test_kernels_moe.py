@@ -117,6 +117,22 @@ def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weig
     torch.testing.assert_close(y.float(), expect.detach(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_run_experts_under_autocast_computes_in_its_dtype(backend):
+    # the one entry point MoELayer and expert parallelism both run their experts through
+    from moe.moe_layer import run_experts
+    gen = torch.Generator().manual_seed(3)
+    x, w_in, w_out = (torch.randn(*shape, generator=gen).to(DEVICE) * 0.3
+                      for shape in ((11, 32), (4, 32, 48), (4, 24, 32)))
+    ids = torch.randint(0, 4, (11, 2), generator=gen).to(DEVICE)
+    weights = torch.rand(11, 2, generator=gen).to(DEVICE)
+    expect, _ = run_experts(x, ids, weights, w_in, w_out, None, "torch")
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y, _ = run_experts(x, ids, weights, w_in, w_out, None, backend)
+    assert expect.dtype == torch.float32 and y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+
+
 def test_backend_resolution_and_environment_override(monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"
