@@ -20,8 +20,8 @@
     python generate.py bench --arrival poisson            # rate: 90% of static capacity
 
 Without --ckpt, `bench` uses a randomly initialised model of --config (speed does not
-depend on the weights when EOS is ignored). The logic lives in moe/generation.py,
-moe/engine.py, moe/static_batching.py and moe/bench.py.
+depend on the weights when EOS is ignored). The logic lives in moe/serving/generation.py,
+moe/serving/engine.py, moe/serving/static_batching.py and moe/serving/bench.py.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from moe.checkpoint import load_model
+from moe.io.checkpoint import load_model
 from moe.config import load_model_config
-from moe.engine import Engine, EngineConfig
-from moe.generation import stream
-from moe.model import Transformer
-from moe.sampling import SamplingParams, visible_text
-from moe.text import TextTokenizer, load_tokenizer, text_pieces
+from moe.serving.engine import Engine, EngineConfig
+from moe.serving.generation import stream
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams, visible_text
+from moe.serving.text import TextTokenizer, load_tokenizer, text_pieces
 
 FROM_TOKENIZER = {"eos_id", "decode"}  # SamplingParams fields the tokenizer sets
 SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - FROM_TOKENIZER
@@ -87,7 +87,7 @@ def build_model(args) -> tuple[Transformer, str]:
 # ---------------------------------------------------------------------------------------
 
 def load_text_tokenizer(path: str, model: Transformer, bos: bool) -> TextTokenizer:
-    """The checkpoint's tokenizer (see moe/text.py), checked against the model; named on stderr."""
+    """The checkpoint's tokenizer (see moe/serving/text.py), checked against the model; named on stderr."""
     tokenizer = load_tokenizer(path)
     problem = tokenizer.vocab_problem(model.cfg.vocab_size)
     if problem:
@@ -113,7 +113,7 @@ def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams)
 
 def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams) -> None:
     """Print the completion decoded speculatively, then the run's statistics on stderr."""
-    from moe.speculative import PromptLookupProposer, speculative_generate
+    from moe.serving.speculative import PromptLookupProposer, speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
     proposer = None if draft is not None else PromptLookupProposer()
     out, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
@@ -147,7 +147,7 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
                tokenizer: TextTokenizer, bos: bool, draft: Transformer | None = None,
                gamma: int = 4) -> None:
     if draft is not None:
-        from moe.speculative_engine import SpeculativeEngine
+        from moe.serving.speculative_engine import SpeculativeEngine
         engine = SpeculativeEngine(model, draft, gamma, engine_config)
     else:
         engine = Engine(model, engine_config)
@@ -235,7 +235,7 @@ def main_generate(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 
 def main_bench(argv: list[str]) -> None:
-    from moe import bench
+    from moe.serving import bench
 
     parser = argparse.ArgumentParser(prog="generate.py bench", description=bench.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,9 +13,9 @@ On several processes (docs/distributed.md; rank 0 logs and writes, checkpoints l
     .venv/bin/torchrun --nproc-per-node 2 train.py --expert-parallel 2           # experts split
 
 Writes RUN/metrics.jsonl (one line per log step and per evaluation), RUN/ckpt/step_*/ and
-RUN/ckpt/latest (load with moe.checkpoint.load_model(RUN)), and PNGs when matplotlib is
-installed (the `plots` extra). The loop's pieces live in moe/training.py, the
-distributed plumbing in moe/distributed.py.
+RUN/ckpt/latest (load with moe.io.checkpoint.load_model(RUN)), and PNGs when matplotlib is
+installed (the `plots` extra). The loop's pieces live in moe/training/loop.py, the
+distributed plumbing in moe/parallel/distributed.py.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from moe import distributed
-from moe.checkpoint import load_model
+from moe.parallel import distributed
+from moe.io.checkpoint import load_model
 from moe.config import load_setup
-from moe.data import get_batch, prepare
-from moe.generation import generate
-from moe.model import Transformer, count_parameters
-from moe.hardware import preset_for_device
-from moe.sampling import SamplingParams
+from moe.training.data import get_batch, prepare
+from moe.serving.generation import generate
+from moe.model.transformer import Transformer, count_parameters
+from moe.cost.hardware import preset_for_device
+from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
-from moe.training import evaluate, make_optimizer, read_checkpoint, set_rng_state, train_step
+from moe.training.loop import evaluate, make_optimizer, read_checkpoint, set_rng_state, train_step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     whole = distributed.full_model(trained, ranks)  # rank 0: the plain model; gathered if split
     if main:
-        from moe.plots import write_plots
+        from moe.training.plots import write_plots
         write_plots(run)
         sample = generate(whole.eval(), encode(args.sample, bos=True), SamplingParams(max_new_tokens=120))
         print(f"sample: {args.sample!r} -> {decode(sample)!r}", flush=True)

@@ -11,10 +11,10 @@ token exchanges). Modes are interleaved, repeat by repeat, in a rotating order, 
 busy machine slows them alike; the medians and their ratios are reported.
 
 Each measurement is a fresh launch of this file as a worker (under torchrun for 2 ranks)
-that trains with train.py's own pieces (moe.distributed.init / parallelize /
-gradient_clipper, moe.training.train_step) on synthetic tokens: warm-up steps, then
+that trains with train.py's own pieces (moe.parallel.distributed.init / parallelize /
+gradient_clipper, moe.training.loop.train_step) on synthetic tokens: warm-up steps, then
 timed steps between barriers. For expert parallel the worker also reads
-moe.expert_parallel's byte counter: per rank and step, the forward dispatch should equal
+moe.parallel.expert_parallel's byte counter: per rank and step, the forward dispatch should equal
 tokens x K x d_model x 4 bytes (float32) per MoE layer, dropless.
 
 Writes benchmarks/results/distributed_cpu.json.
@@ -43,11 +43,11 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from moe import distributed
+    from moe.parallel import distributed
     from moe.config import load_setup
-    from moe.data import get_batch
-    from moe.model import Transformer
-    from moe.training import make_optimizer, train_step
+    from moe.training.data import get_batch
+    from moe.model.transformer import Transformer
+    from moe.training.loop import make_optimizer, train_step
 
     setup = load_setup(args.config, args.set + ["train.device=\"cpu\""])
     model_cfg, cfg = setup["model"], setup["train"]

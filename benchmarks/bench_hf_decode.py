@@ -1,12 +1,12 @@
 """Greedy decode speed on a Hugging Face Mixtral checkpoint: ours against transformers.
 
-Why: a user who brings a Mixtral-format checkpoint (moe/hf.py) can run it with either
+Why: a user who brings a Mixtral-format checkpoint (moe/io/hf.py) can run it with either
 library; this measures what running it here buys, on identical weights and identical
 tokens. One tiny randomly initialised MixtralForCausalLM is saved with save_pretrained and
 loaded by both sides; each side decodes the same prompts greedily with its KV cache:
 
-    ours:          moe.checkpoint.load_model(folder), then moe.generation.prefill and
-                   decode_step over the contiguous moe.cache.KVCache, argmax per step
+    ours:          moe.io.checkpoint.load_model(folder), then moe.serving.generation.prefill and
+                   decode_step over the contiguous moe.serving.cache.KVCache, argmax per step
     transformers:  MixtralForCausalLM.generate(do_sample=False), its default cache
 
 The generated tokens must be identical (asserted) before any time counts. Repeats are
@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from moe.cache import KVCache
-from moe.checkpoint import load_model
-from moe.generation import decode_step, generate, prefill
-from moe.model import Transformer
-from moe.sampling import SamplingParams
+from moe.serving.cache import KVCache
+from moe.io.checkpoint import load_model
+from moe.serving.generation import decode_step, generate, prefill
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams
 
 MIXTRAL = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,

@@ -61,8 +61,8 @@ from kernels.moe_dispatch import (dispatch_and_combine, dispatch_and_combine_tri
                                   dispatch_config, dispatch_launch)
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
-from moe.hardware import measure_hardware
-from moe.model import Transformer, count_parameters, model_loss
+from moe.cost.hardware import measure_hardware
+from moe.model.transformer import Transformer, count_parameters, model_loss
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,11 +103,11 @@ def graphed(fn):
 
 
 def measure_ceilings(device: torch.device) -> dict:
-    """What this device reaches (moe.hardware.measure_hardware: a large copy, counting bytes
+    """What this device reaches (moe.cost.hardware.measure_hardware: a large copy, counting bytes
     read and written; a square matmul in bf16, float32 on CPU), as the rows' shares use it."""
     reached = measure_hardware(str(device))
     return dict(copy_gb_per_s=reached.bandwidth / 1e9, matmul_tflops=reached.peak_flops / 1e12,
-                measured_by="moe.hardware.measure_hardware")
+                measured_by="moe.cost.hardware.measure_hardware")
 
 
 def errors(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> dict:

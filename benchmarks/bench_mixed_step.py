@@ -1,5 +1,5 @@
 """A mixed engine step on CPU: one prefill chunk beside many decodes, attended through the
-paged cache's reference path (moe/cache.py), padded as one batch against grouped by
+paged cache's reference path (moe/serving/cache.py), padded as one batch against grouped by
 query length.
 
 Why: padding every sequence to the longest query and the widest table turns a 240-token
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench_kernels import timed  # benchmarks/ is on the path when this runs as a script
-from moe.cache import PagedKVCache, paged_attention_batched
+from moe.serving.cache import PagedKVCache, paged_attention_batched
 from moe.config import load_model_config
 
 

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe.cache import KVCache  # noqa: E402
-from moe.checkpoint import load_model  # noqa: E402
-from moe.generation import generate, prefill  # noqa: E402
-from moe.sampling import SamplingParams  # noqa: E402
-from moe.speculative import PromptLookupProposer, SpeculativeStats, speculative_generate  # noqa: E402
+from moe.serving.cache import KVCache  # noqa: E402
+from moe.io.checkpoint import load_model  # noqa: E402
+from moe.serving.generation import generate, prefill  # noqa: E402
+from moe.serving.sampling import SamplingParams  # noqa: E402
+from moe.serving.speculative import PromptLookupProposer, SpeculativeStats, speculative_generate  # noqa: E402
 from moe.tokenizer import encode  # noqa: E402
 
 

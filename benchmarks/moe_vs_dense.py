@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from moe.config import load_setup
-from moe.data import get_batch, prepare
-from moe.model import Transformer, count_parameters
-from moe.training import evaluate, make_optimizer, train_step
+from moe.training.data import get_batch, prepare
+from moe.model.transformer import Transformer, count_parameters
+from moe.training.loop import evaluate, make_optimizer, train_step
 
 
 def main() -> None:

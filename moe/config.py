@@ -122,7 +122,7 @@ def _require(ok: bool, key: str, message: str, section: str = "model") -> None:
 
 @dataclass
 class TrainConfig:
-    """How to train: optimiser, schedule, batch, evaluation, checkpoints (see moe/training.py)."""
+    """How to train: optimiser, schedule, batch, evaluation, checkpoints (see moe/training/loop.py)."""
 
     max_steps: int = 2000  # optimiser steps
     batch_size: int = 16  # sequences per micro-batch
@@ -143,7 +143,7 @@ class TrainConfig:
     seed: int = 0  # seeds the model init and the data order
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
     compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2 fully_shard); moe/distributed.py
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2 fully_shard); moe/parallel/distributed.py
     distill_from: str | None = None  # target checkpoint or run folder: train on KL to its distribution
     distill_weight: float = 1.0  # weight of the distillation KL against the plain cross-entropy
     distill_temperature: float = 1.0  # softening temperature of both distributions
@@ -172,7 +172,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """What to train on (see moe/data.py)."""
+    """What to train on (see moe/training/data.py)."""
 
     source: str = "stdlib"  # "stdlib" | "tasks" (synthetic mix) | a text file, folder or glob
     val_fraction: float = 0.05  # share of files (or task examples) held out for validation

@@ -19,7 +19,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import pytest  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
-from moe.model import Transformer  # noqa: E402
+from moe.model.transformer import Transformer  # noqa: E402
 
 needs_compiled_triton = pytest.mark.skipif(
     not COMPILED, reason="bfloat16 dots run only compiled on a CUDA GPU (benchmarks/gpu_check.sh); "

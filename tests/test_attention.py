@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe.attention import apply_rope, rope_angles
-from moe.cache import KVCache
+from moe.model.attention import apply_rope, rope_angles
+from moe.serving.cache import KVCache
 
 
 def test_changing_a_future_token_never_changes_past_logits(make_model):

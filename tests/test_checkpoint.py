@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CheckpointError, load_model, save_model, write_directory_atomically
+from moe.io.checkpoint import load_model, save_model
+from moe.io.files import CheckpointError, write_directory_atomically
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moe.config import load_model_config
-from moe.cost import (Layout, decode_flops_per_token, estimate, expected_experts_hit,
+from moe.cost.estimate import (Layout, decode_flops_per_token, estimate, expected_experts_hit,
                       kv_bytes_per_token, main, roofline_output_tokens_per_s, roofline_shares)
-from moe.hardware import PRESETS, measure_hardware
+from moe.cost.hardware import PRESETS, measure_hardware
 
 GPT4 = load_model_config("configs/gpt4.toml")
 LLAMA = load_model_config("configs/llama2-70b.toml")

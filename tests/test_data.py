@@ -1,4 +1,4 @@
-"""moe.data: preparation is deterministic and cached, the split is by file, batches are a
+"""moe.training.data: preparation is deterministic and cached, the split is by file, batches are a
 function of (seed, index), and the synthetic tasks are right and scored on answers only."""
 
 import re
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe.config import ConfigError, DataConfig
-from moe.data import (TASKS, get_batch, is_validation_file, make_example, prepare, source_files,
+from moe.training.data import (TASKS, get_batch, is_validation_file, make_example, prepare, source_files,
                       task_batch)
 from moe.tokenizer import BOS, EOS, decode
 

@@ -1,7 +1,7 @@
 """train.py under torchrun on CPU (Gloo, 2 processes started by the test): data parallel
 and expert parallel equal one process with the same global batch, checkpoints written by
 2 ranks (experts gathered) load and generate in one process, and resume under 2 ranks
-equals the uninterrupted run. moe/expert_parallel.py's own layer-level tests are in
+equals the uninterrupted run. moe/parallel/expert_parallel.py's own layer-level tests are in
 tests/test_expert_parallel.py."""
 
 import ast
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import distributed
-from moe.checkpoint import load_model
+from moe.parallel import distributed
+from moe.io.checkpoint import load_model
 from moe.config import ConfigError, TrainConfig, load_setup
-from moe.data import get_batch, prepare
-from moe.generation import generate
-from moe.model import Transformer
-from moe.sampling import SamplingParams
+from moe.training.data import get_batch, prepare
+from moe.serving.generation import generate
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
-from moe.training import make_optimizer, train_step
+from moe.training.loop import make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3

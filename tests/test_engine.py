@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from moe.engine import Engine, EngineConfig
-from moe.generation import generate
-from moe.sampling import SamplingParams
+from moe.serving.engine import Engine, EngineConfig
+from moe.serving.generation import generate
+from moe.serving.sampling import SamplingParams
 
 
 def workload(n, seed=0):
@@ -43,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     from tests.conftest import tiny_config
-    from moe.model import Transformer
+    from moe.model.transformer import Transformer
     torch.manual_seed(3)
     return Transformer(tiny_config()).eval().double()
 
@@ -149,8 +149,8 @@ def test_metrics_are_recorded_per_step_and_per_token(model, alone):
 
 
 def test_static_batching_equals_each_request_generated_alone(model, alone):
-    from moe.engine import Request
-    from moe.static_batching import run_static_batch
+    from moe.serving.engine import Request
+    from moe.serving.static_batching import run_static_batch
     prompts, params, expected = alone
     requests = [Request(i, p, s) for i, (p, s) in enumerate(zip(prompts, params))]
     live = []
@@ -163,7 +163,7 @@ def test_static_batching_equals_each_request_generated_alone(model, alone):
 
 
 def test_the_kv_pool_is_sized_from_a_memory_budget(model):
-    from moe.cache import PagedKVCache
+    from moe.serving.cache import PagedKVCache
     block = PagedKVCache.bytes_per_block(model.cfg, 4, torch.float64)
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_bytes=7 * block + block // 2))
     assert engine.cache.num_blocks == 7

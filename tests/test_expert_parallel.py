@@ -16,13 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe.config import TrainConfig, load_model_config
-from moe.expert_parallel import (apply_expert_parallel, clip_grad_norm, full_optimizer_state_dict,
+from moe.parallel.expert_parallel import (apply_expert_parallel, clip_grad_norm, full_optimizer_state_dict,
                                  full_state_dict, gather_expert_tensor, is_expert_parameter,
                                  load_full_optimizer_state_dict, load_full_state_dict,
                                  reduce_gradients)
-from moe.model import Transformer, model_loss
-from moe.moe_layer import expert_capacity
-from moe.training import make_optimizer
+from moe.model.transformer import Transformer, model_loss
+from moe.model.moe_layer import expert_capacity
+from moe.training.loop import make_optimizer
 
 BATCH, TIME = 2, 8  # per rank: N = 16 tokens
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.checkpoint import save_model
-from moe.generation import generate
-from moe.sampling import SamplingParams
+from moe.io.checkpoint import save_model
+from moe.serving.generation import generate
+from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
 from tests.conftest import tiny_config
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from moe.model import Transformer
+    from moe.model.transformer import Transformer
     torch.manual_seed(5)
     model = Transformer(tiny_config()).eval()
     path = save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe.generation import generate
-from moe.sampling import SamplingParams
+from moe.serving.generation import generate
+from moe.serving.sampling import SamplingParams
 
 
 def greedy_by_full_forwards(model, prompt, n):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.checkpoint import CheckpointError, load_model
-from moe.generation import generate
-from moe.hf import load_hf, save_hf
-from moe.sampling import SamplingParams
+from moe.io.checkpoint import load_model
+from moe.io.files import CheckpointError
+from moe.serving.generation import generate
+from moe.io.hf import load_hf, save_hf
+from moe.serving.sampling import SamplingParams
 
 VOCAB = 96
 NO_TRANSFORMERS = "transformers is not installed (pip install -e '.[dev]')"

@@ -12,8 +12,8 @@ from kernels.attention import (paged_attention, paged_attention_reference,  # no
                                paged_attention_triton, paged_decode_triton,
                                paged_prefill_triton, varlen_causal_attention,
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
-from moe import cache as cache_module  # noqa: E402
-from moe.cache import PagedKVCache  # noqa: E402
+from moe.serving import cache as cache_module  # noqa: E402
+from moe.serving.cache import PagedKVCache  # noqa: E402
 from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
 H = 4
@@ -77,7 +77,7 @@ def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_he
     out = paged_decode_triton(*args, split_len=split_len)
     expect = paged_attention_reference(*args)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
-    # and the serving engine's own reference in moe/cache.py
+    # and the serving engine's own reference in moe/serving/cache.py
     torch.testing.assert_close(out, cache_module.paged_attention_batched(*args),
                                rtol=1e-5, atol=1e-5)
 
@@ -130,10 +130,10 @@ def count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])
 def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_heads):
-    import moe.attention
-    import moe.moe_layer
-    prefill_calls = count_calls(monkeypatch, moe.attention, "varlen_causal_attention_triton")
-    dispatch_calls = count_calls(monkeypatch, moe.moe_layer, "dispatch_and_combine_triton")
+    import moe.model.attention
+    import moe.model.moe_layer
+    prefill_calls = count_calls(monkeypatch, moe.model.attention, "varlen_causal_attention_triton")
+    dispatch_calls = count_calls(monkeypatch, moe.model.moe_layer, "dispatch_and_combine_triton")
     tokens = torch.randint(0, 259, (2, 13), device=DEVICE)
     with torch.no_grad():
         expect = make_model(n_kv_heads=n_kv_heads, kernel_backend="torch").to(DEVICE)(tokens).logits

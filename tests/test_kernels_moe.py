@@ -11,7 +11,7 @@ from kernels.backend import resolve_backend, use_triton  # noqa: E402
 from kernels.moe_dispatch import (align_slots, dispatch_and_combine,  # noqa: E402
                                   dispatch_and_combine_triton)
 from moe.config import ConfigError, ModelConfig  # noqa: E402
-from moe.moe_layer import MoELayer  # noqa: E402
+from moe.model.moe_layer import MoELayer  # noqa: E402
 from tests.conftest import (DEVICE, needs_compiled_triton, relative_error,  # noqa: E402
                             tiny_config)
 
@@ -77,7 +77,7 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
         monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
     calls = []
-    import moe.moe_layer as moe_layer
+    import moe.model.moe_layer as moe_layer
     for name in ("dispatch_and_combine_triton", "dispatch_and_combine_trainable"):
         original = getattr(moe_layer, name)
         monkeypatch.setattr(moe_layer, name, lambda *args, name=name, original=original:
@@ -97,7 +97,7 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
 
 def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weights(monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
-    import moe.moe_layer as moe_layer
+    import moe.model.moe_layer as moe_layer
     seen = []
     original = moe_layer.dispatch_and_combine_trainable
     monkeypatch.setattr(moe_layer, "dispatch_and_combine_trainable", lambda x, ids, w, w_in, w_out, c:
@@ -120,7 +120,7 @@ def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weig
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_run_experts_under_autocast_computes_in_its_dtype(backend):
     # the one entry point MoELayer and expert parallelism both run their experts through
-    from moe.moe_layer import run_experts
+    from moe.model.moe_layer import run_experts
     gen = torch.Generator().manual_seed(3)
     x, w_in, w_out = (torch.randn(*shape, generator=gen).to(DEVICE) * 0.3
                       for shape in ((11, 32), (4, 32, 48), (4, 24, 32)))

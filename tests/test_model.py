@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, load_model_config
-from moe.model import Transformer, count_parameters, model_loss
+from moe.model.transformer import Transformer, count_parameters, model_loss
 from tests.conftest import tiny_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

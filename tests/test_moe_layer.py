@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.moe_dispatch import dispatch_and_combine
-from moe.moe_layer import (DenseFFN, MoELayer, RoutingStats, expert_capacity, load_balancing_loss,
+from moe.model.moe_layer import (DenseFFN, MoELayer, RoutingStats, expert_capacity, load_balancing_loss,
                            route, router_z_loss, swiglu)
 from tests.conftest import tiny_config
 

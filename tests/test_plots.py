@@ -1,12 +1,12 @@
-"""moe.plots: PNGs from a run's metrics.jsonl, or one line and nothing without matplotlib."""
+"""moe.training.plots: PNGs from a run's metrics.jsonl, or one line and nothing without matplotlib."""
 
 import builtins
 import json
 
 import pytest
 
-from moe.data import TASKS
-from moe.plots import write_plots
+from moe.training.data import TASKS
+from moe.training.plots import write_plots
 
 
 def _run(tmp_path, with_tasks: bool):

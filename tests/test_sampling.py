@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moe.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
+from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
 from moe.tokenizer import EOS, encode
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from moe.engine import EngineConfig
-from moe.generation import generate
-from moe.sampling import SamplingParams, warp_probs
-from moe.speculative import PromptLookupProposer, speculative_generate, verify, verify_greedy
-from moe.speculative_engine import SpeculativeEngine
+from moe.serving.engine import EngineConfig
+from moe.serving.generation import generate
+from moe.serving.sampling import SamplingParams, warp_probs
+from moe.serving.speculative import PromptLookupProposer, speculative_generate, verify, verify_greedy
+from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)

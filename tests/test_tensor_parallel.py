@@ -1,8 +1,8 @@
-"""Tensor parallelism (moe/tensor_parallel.py) on 2 Gloo ranks equals one process.
+"""Tensor parallelism (moe/parallel/tensor_parallel.py) on 2 Gloo ranks equals one process.
 
 Each scenario builds the same model on both ranks, splits it, and saves what it produced:
 the logits of one forward pass, greedy and seeded sampled generations through the KV cache
-(moe.generation.generate), the bytes all-reduced and the shapes this rank holds. The
+(moe.serving.generation.generate), the bytes all-reduced and the shapes this rank holds. The
 single-process model, built from the same seed, must give the same logits within fp32
 tolerance and the same tokens exactly.
 """
@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe.cache import KVCache
+from moe.serving.cache import KVCache
 from moe.config import load_model_config
-from moe.generation import generate
-from moe.model import Transformer, count_parameters
-from moe.sampling import SamplingParams
-from moe.tensor_parallel import apply_tensor_parallel
+from moe.serving.generation import generate
+from moe.model.transformer import Transformer, count_parameters
+from moe.serving.sampling import SamplingParams
+from moe.parallel.tensor_parallel import apply_tensor_parallel
 
 WORLD, BATCH, TIME, D_MODEL = 2, 2, 8, 32
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"

@@ -1,5 +1,5 @@
 """Text for generation: a Mixtral folder's own tokenizer.json drives generate.py (prompt ids,
-output text, stop strings, its EOS) and gives the same text as decoding moe.generation's
+output text, stop strings, its EOS) and gives the same text as decoding moe.serving.generation's
 greedy tokens with it; our byte-level tokenizer otherwise, or when `tokenizers` is missing;
 streaming never shows half a character or the start of a stop string."""
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import generate as cli
-from moe.checkpoint import load_model
-from moe.generation import generate, stream
-from moe.hf import save_hf
-from moe.model import Transformer
-from moe.sampling import SamplingParams, visible_text
-from moe.text import load_tokenizer, text_pieces
+from moe.io.checkpoint import load_model
+from moe.serving.generation import generate, stream
+from moe.io.hf import save_hf
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams, visible_text
+from moe.serving.text import load_tokenizer, text_pieces
 from moe.tokenizer import decode, encode
 from tests.conftest import tiny_config
 

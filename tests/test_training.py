@@ -1,4 +1,4 @@
-"""moe.training and train.py: the schedule, accumulation, learning, routing health,
+"""moe.training.loop and train.py: the schedule, accumulation, learning, routing health,
 checkpoints that survive a kill, and resume equal to a run never stopped."""
 
 import json
@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.checkpoint import CheckpointError, load_model
+from moe.io.checkpoint import load_model
+from moe.io.files import CheckpointError
 from moe.config import TrainConfig
-from moe.model import Transformer, model_loss
-from moe.training import (distillation_loss, lr_at, make_optimizer, routing_metrics, save_checkpoint,
+from moe.model.transformer import Transformer, model_loss
+from moe.training.loop import (distillation_loss, lr_at, make_optimizer, routing_metrics, save_checkpoint,
                           train_step)
 from tests.conftest import tiny_config
 
@@ -90,9 +91,9 @@ def test_corrupt_latest_checkpoint_is_refused_and_the_previous_loads(tmp_path):
 
 KILLER = """
 import os, signal, sys
-import moe.training, train
+import moe.training.loop, train
 mode, at = sys.argv[1], int(sys.argv[2])
-real_step, real_write = train.train_step, moe.training.write_model
+real_step, real_write = train.train_step, moe.training.loop.write_model
 def step(model, optimizer, micro, cfg, index, *rest):
     if mode == "step" and index == at:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -101,7 +102,7 @@ def write(model, folder, metadata):
     real_write(model, folder, metadata)
     if mode == "save" and int(metadata["step"]) == at:
         os.kill(os.getpid(), signal.SIGKILL)  # weights written, directory not yet renamed
-train.train_step, moe.training.write_model = step, write
+train.train_step, moe.training.loop.write_model = step, write
 train.main(sys.argv[3:])
 """
 
@@ -163,7 +164,7 @@ def test_distillation_pulls_the_draft_towards_the_target():
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    from moe.training import load_checkpoint
+    from moe.training.loop import load_checkpoint
     model = Transformer(tiny_config())
     with pytest.raises(CheckpointError, match="no checkpoint to resume"):
         load_checkpoint(tmp_path, model, make_optimizer(model, TrainConfig()), torch.device("cpu"))

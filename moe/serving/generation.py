@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from moe.cache import KVCache
-from moe.model import Transformer
-from moe.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
 
 
 @torch.no_grad()

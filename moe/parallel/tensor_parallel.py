@@ -36,7 +36,7 @@ refused.
 The embedding, the norms, the routers and the LM head are replicated (small next to the
 attention and expert matrices; the logits come out whole on every rank with no gather).
 
-The KV cache: moe/cache.py sizes a cache from the model's config, so `model.cfg` becomes
+The KV cache: moe/serving/cache.py sizes a cache from the model's config, so `model.cfg` becomes
 this rank's config (n_heads = H / P, n_kv_heads the KV heads kept, d_expert = F / P,
 d_ff / P; the full one is `plan.full_cfg`). Every cache built from `model.cfg` (generate,
 the engine's paged cache) then holds only this rank's heads, without a change to the
@@ -66,11 +66,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe.attention import Attention
+from moe.model.attention import Attention
 from moe.config import ModelConfig
-from moe.expert_parallel import ExpertParallelMoE, check_same_model
-from moe.model import Transformer
-from moe.moe_layer import DenseFFN, MoELayer, RoutingStats
+from moe.parallel.expert_parallel import ExpertParallelMoE, check_same_model
+from moe.model.transformer import Transformer
+from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats
 
 
 # ---------------------------------------------------------------------------------------

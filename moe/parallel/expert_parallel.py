@@ -56,8 +56,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kernels.moe_dispatch import expert_counts
-from moe.model import Transformer
-from moe.moe_layer import MoELayer, RoutingStats, expert_capacity, route, run_experts, swiglu
+from moe.model.transformer import Transformer
+from moe.model.moe_layer import MoELayer, RoutingStats, expert_capacity, route, run_experts, swiglu
 
 EXPERT_FLAG = "is_expert_shard"  # attribute set on the w_in / w_out parameters we slice
 

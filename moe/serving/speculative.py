@@ -19,7 +19,7 @@ proposal passes while the argmaxes agree, and the residual is the target's argma
 output equals plain greedy decoding of the target. A proposer without probabilities
 (prompt lookup) is a one-hot q on its guess.
 
-Rolling back costs nothing: moe.cache.KVCache is written by position and a query at
+Rolling back costs nothing: moe.serving.cache.KVCache is written by position and a query at
 position p reads slots 0..p only, so both caches just remember how many of their slots
 agree with the sequence and overwrite the rest on the next forward. The same fact lets a
 batch of sequences of different lengths run as one padded forward: row b feeds its own
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moe.cache import KVCache
-from moe.model import Transformer
-from moe.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
 
 
 @dataclass

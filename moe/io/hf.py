@@ -31,7 +31,7 @@ tensors; on export, dense layers (moe_every != 1 has no Mixtral form).
 
 Loading is lazy: every file is memory-mapped (safetensors), each tensor is read once and
 copied into its final place, so a model larger than half the RAM still loads.
-A folder's tokenizer.json is read by moe/text.py.
+A folder's tokenizer.json is read by moe/serving/text.py.
 
 Shapes: V vocab, D d_model, E experts, K experts per token, F expert hidden width.
 """
@@ -48,9 +48,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe import tokenizer as byte_tokenizer
-from moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, write_directory_atomically
+from moe.io.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, write_directory_atomically
 from moe.config import BYTE_VOCAB_SIZE, ModelConfig
-from moe.model import Transformer
+from moe.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old exports stored; recomputed here

@@ -87,7 +87,7 @@ class Attention(nn.Module):
 
     With a cache, the cache does the attending: it stores the new K/V at their positions
     and attends over everything the sequence has stored so far. Any object with
-    `attend(layer, q, k, v, positions) -> [B, H, T, Dh]` can serve (moe/cache.py).
+    `attend(layer, q, k, v, positions) -> [B, H, T, Dh]` can serve (moe/serving/cache.py).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moe.checkpoint import write_directory_atomically
+from moe.io.files import write_directory_atomically
 from moe.config import ConfigError, DataConfig
 from moe.tokenizer import BOS, EOS, PAD, encode
 

@@ -14,7 +14,7 @@ Randomness is per request: each request may carry a `seed`, and the engine gives
 Stopping: on the tokenizer's EOS id (unless `ignore_eos`), on a stop string in the generated
 text, or after `max_new_tokens`. With our byte-level tokenizer (`decode` None) a stop string
 can only complete on the token just appended, and the check is exact on bytes; with another
-tokenizer (`decode` given, see moe/text.py) a token may complete one mid-token, so the text
+tokenizer (`decode` given, see moe/serving/text.py) a token may complete one mid-token, so the text
 of all generated tokens is searched. `check_stop` looks at every token appended in a step,
 so it also serves speculative decoding, which appends several at once.
 

@@ -13,18 +13,18 @@ Three ways to split the work (train.parallel, train.py --expert-parallel):
 - "fsdp": FSDP2 `fully_shard` per block, then the root: parameters, gradients and
   optimiser moments are sharded over the ranks and gathered block by block for the
   forward and backward. For models whose weights and moments do not fit one device.
-- expert parallel (moe/expert_parallel.py): the experts of each MoE layer are split
+- expert parallel (moe/parallel/expert_parallel.py): the experts of each MoE layer are split
   over groups of D ranks and tokens travel to their experts with all_to_all; everything
   else is replicated as in DDP.
 
 Batches: rank r's micro-batch i at step s is batch index (s * grad_accum + i) * W + r
-of moe.data.get_batch (W ranks), so a step consumes W * grad_accum batches of
+of moe.training.data.get_batch (W ranks), so a step consumes W * grad_accum batches of
 train.batch_size sequences, every rank a different one, and one process (W = 1) reads
 exactly the batches it always did. Two ranks with batch B each therefore see the same
 data as one process with grad_accum = 2 and batch B.
 
 Checkpoints are written once, by rank 0, in the one-process format: the full model
-(moe.checkpoint.load_model and generate.py read it in one process) and the optimiser
+(moe.io.checkpoint.load_model and generate.py read it in one process) and the optimiser
 state keyed by parameter index as a plain optimizer.state_dict() would hold it, with
 full (unsharded) moments. So a run saved at one world size resumes at any other, with
 any of the three modes. Every rank resumes from the same files (on several nodes the
@@ -49,8 +49,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from moe.config import ConfigError, TrainConfig
-from moe.model import Transformer
-from moe.training import save_checkpoint
+from moe.model.transformer import Transformer
+from moe.training.loop import save_checkpoint
 
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -65,7 +65,7 @@ class Ranks:
     device: torch.device = torch.device("cpu")
     parallel: str = "none"  # "none" (one process) | "ddp" | "fsdp" | "expert"
     expert_parallel: int = 1  # D, ranks that share one MoE layer's experts
-    plan: object | None = None  # moe.expert_parallel's plan, once the model is split
+    plan: object | None = None  # moe.parallel.expert_parallel's plan, once the model is split
 
     @property
     def is_main(self) -> bool:
@@ -126,7 +126,7 @@ def barrier(ranks: Ranks) -> None:
 
 
 def batch_index(step: int, micro: int, grad_accum: int, ranks: Ranks) -> int:
-    """Index (for moe.data.get_batch) of this rank's micro-batch `micro` of step `step`."""
+    """Index (for moe.training.data.get_batch) of this rank's micro-batch `micro` of step `step`."""
     return (step * grad_accum + micro) * ranks.world_size + ranks.rank
 
 
@@ -145,7 +145,7 @@ def parallelize(model: Transformer, ranks: Ranks) -> nn.Module:
         fully_shard(model)
         return model
     if ranks.parallel == "expert":
-        from moe.expert_parallel import apply_expert_parallel
+        from moe.parallel.expert_parallel import apply_expert_parallel
         ranks.plan = apply_expert_parallel(model, ranks.expert_parallel)
         return model
     device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
@@ -158,7 +158,7 @@ def gradient_clipper(model: Transformer, ranks: Ranks):
     function that reduces the gradients inside their groups, then clips by the global norm."""
     if ranks.parallel != "expert":
         return None
-    from moe.expert_parallel import clip_grad_norm, reduce_gradients
+    from moe.parallel.expert_parallel import clip_grad_norm, reduce_gradients
 
     def clip(max_norm: float) -> torch.Tensor:
         reduce_gradients(model, ranks.plan)
@@ -211,7 +211,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ranks:
         optimizer_state = get_optimizer_state_dict(plain, optimizer, options=FULL_ON_CPU)
         return model_state, (_keyed_by_index(optimizer_state, names) if ranks.is_main else {})
     if ranks.parallel == "expert":
-        from moe.expert_parallel import full_optimizer_state_dict, full_state_dict
+        from moe.parallel.expert_parallel import full_optimizer_state_dict, full_state_dict
         optimizer_state = full_optimizer_state_dict(optimizer, ranks.plan) if optimizer is not None else {}
         return full_state_dict(plain, ranks.plan), optimizer_state
     return plain.state_dict(), optimizer.state_dict() if optimizer is not None else {}
@@ -232,7 +232,7 @@ def full_model(model: nn.Module, ranks: Ranks) -> Transformer | None:
 
 
 def save_checkpoint_once(run: Path, model: nn.Module, optimizer, step: int, keep: int, ranks: Ranks) -> None:
-    """moe.training.save_checkpoint, written by rank 0 only from the full state; the other
+    """moe.training.loop.save_checkpoint, written by rank 0 only from the full state; the other
     ranks wait at a barrier, so none goes on (or reads it) before it is complete."""
     if not ranks.distributed:
         save_checkpoint(run, model, optimizer, step, keep)
@@ -256,7 +256,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, ranks: Ranks)
         named = _keyed_by_name(state, _optimizer_names(plain, optimizer))
         set_optimizer_state_dict(plain, optimizer, named, options=StateDictOptions(full_state_dict=True))
     elif ranks.parallel == "expert":
-        from moe.expert_parallel import load_full_optimizer_state_dict
+        from moe.parallel.expert_parallel import load_full_optimizer_state_dict
         load_full_optimizer_state_dict(optimizer, ranks.plan, state)
     else:
         optimizer.load_state_dict(state)

@@ -3,7 +3,7 @@
 Why resumable to the bit: a run that is killed (SIGKILL, a preempted machine) and resumed
 should be the run that was never stopped, or every comparison between runs carries an
 invisible asterisk. Everything a step depends on is saved with the weights: optimiser
-moments, the step (which fixes the learning rate and, through moe.data, the batches) and
+moments, the step (which fixes the learning rate and, through moe.training.data, the batches) and
 the random generators. On CPU in float32 a resumed run's losses equal the uninterrupted
 run's exactly (tests/test_training.py kills a real subprocess to check it).
 
@@ -14,7 +14,7 @@ index (1 = even, 1/E = one expert takes all), experts that got no token, the rou
 mean entropy, dropped slots and the two router losses.
 
 Checkpoint layout: `RUN/ckpt/step_000100/` holds config.json + model.safetensors (what
-moe.checkpoint.load_model reads) and train_state.pt; `RUN/ckpt/latest` names the newest
+moe.io.checkpoint.load_model reads) and train_state.pt; `RUN/ckpt/latest` names the newest
 complete one. Each directory is written atomically, then `latest` is replaced
 atomically, then checkpoints beyond the newest K are deleted, so a kill at any instant
 leaves `latest` pointing at a complete checkpoint.
@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe.checkpoint import CheckpointError, load_model, write_directory_atomically, write_model
+from moe.io.checkpoint import load_model, write_model
+from moe.io.files import CheckpointError, write_directory_atomically
 from moe.config import TrainConfig
-from moe.data import TASKS, Corpus, get_batch, task_batch
-from moe.model import Transformer, model_loss
+from moe.training.data import TASKS, Corpus, get_batch, task_batch
+from moe.model.transformer import Transformer, model_loss
 from moe.tokenizer import PAD
 
 STATE_FILE = "train_state.pt"
@@ -90,7 +91,7 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, dev
     averaged over them (so 2 micro-batches of B equal one batch of 2B). Under DDP the
     gradients are all-reduced once, in the last micro-batch's backward. `clip_gradients`
     (max_norm -> global norm) replaces clip_grad_norm_ where gradients need more than that
-    (expert parallel: moe.distributed.gradient_clipper)."""
+    (expert parallel: moe.parallel.distributed.gradient_clipper)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     model.train()
@@ -222,7 +223,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int,
                     optimizer_state: dict | None = None) -> Path:
     """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`.
-    `optimizer_state` replaces optimizer.state_dict() (moe.distributed passes the full one)."""
+    `optimizer_state` replaces optimizer.state_dict() (moe.parallel.distributed passes the full one)."""
     ckpt = run / "ckpt"
     name = f"step_{step:06d}"
     state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,

@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from moe.engine import Engine, EngineConfig, Request
-from moe.model import Transformer
-from moe.sampling import SamplingParams
-from moe.static_batching import run_static_batch
+from moe.serving.engine import Engine, EngineConfig, Request
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams
+from moe.serving.static_batching import run_static_batch
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Pictures of a run, drawn from its metrics.jsonl: loss curves, where tokens go.
 
 Why from the metrics file and not from the live run: a picture of a finished, resumed or
-running job is then one call away (`python -m moe.plots runs/tiny`), and the training loop
+running job is then one call away (`python -m moe.training.plots runs/tiny`), and the training loop
 keeps no plotting state. matplotlib is an optional extra (`pip install -e ".[plots]"`);
 without it this prints one line and draws nothing.
 
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from moe.data import TASKS
+from moe.training.data import TASKS
 
 
 def write_plots(run: str | Path) -> list[Path]:

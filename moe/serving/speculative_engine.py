@@ -5,14 +5,14 @@ and each request keeps its own number of accepted tokens.
 Why a subclass of the engine: scheduling, preemption, prefill chunks and retiring are the
 same; only a step changes. One step:
 
-    schedule   as the plain engine (moe/engine.py); a request that is decoding (one pending
+    schedule   as the plain engine (moe/serving/engine.py); a request that is decoding (one pending
                token) may take γ_b more tokens, when its KV blocks and length limits allow
     propose    the draft, with its own paged cache under the same request ids, catches up on
                the tokens it has not seen and samples γ_b tokens per request; each of its
                forwards is one ragged row of just the requests still proposing
     verify     one target forward over all scheduled tokens: prefill chunks, plain decodes,
                and (last token + proposals) of speculating requests; each speculating
-               request runs the accept/reject rule of moe/speculative.py on its γ_b + 1 rows
+               request runs the accept/reject rule of moe/serving/speculative.py on its γ_b + 1 rows
     roll back  a request's cached length grows by 1 + accepted only; its rejected slots are
                simply overwritten later (paged slots are written by position too)
 
@@ -28,11 +28,11 @@ import time
 
 import torch
 
-from moe.cache import PagedKVCache
-from moe.engine import Engine, EngineConfig, Request
-from moe.model import Transformer
-from moe.sampling import check_stop, sample, warp_probs
-from moe.speculative import SpeculativeStats, verify, verify_greedy
+from moe.serving.cache import PagedKVCache
+from moe.serving.engine import Engine, EngineConfig, Request
+from moe.model.transformer import Transformer
+from moe.serving.sampling import check_stop, sample, warp_probs
+from moe.serving.speculative import SpeculativeStats, verify, verify_greedy
 
 
 class SpeculativeEngine(Engine):

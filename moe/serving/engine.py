@@ -1,7 +1,7 @@
 """Continuous batching: many requests share every forward pass, joining and leaving per step.
 
 Why: decoding one sequence reads every active weight to produce one token, so the GPU is
-mostly waiting on memory. Batching shares that read. Static batching (moe/static_batching.py)
+mostly waiting on memory. Batching shares that read. Static batching (moe/serving/static_batching.py)
 fixes a batch and waits for its longest member, so slots idle as short requests finish.
 Iteration-level scheduling (Orca, vLLM) decides the batch afresh at every step: finished
 requests leave at once, their KV blocks go back to the pool, and waiting ones take the slots.
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe.cache import PagedKVCache
+from moe.serving.cache import PagedKVCache
 from moe.config import ModelConfig
-from moe.model import Transformer
-from moe.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
+from moe.model.transformer import Transformer
+from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
 
 
 @dataclass

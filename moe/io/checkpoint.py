@@ -2,13 +2,8 @@
 
 Why this format: safetensors holds tensors only (no pickled code runs on load) and can be
 memory-mapped; the config beside it in plain JSON says how to rebuild the model before
-the weights arrive, so a checkpoint is readable without this codebase.
-
-Why atomic: a run killed halfway through a save must never leave a checkpoint that looks
-complete but is not. Everything is written into a temporary sibling directory, each file
-is flushed to disk (fsync), and only then is the directory renamed into place; a rename
-within one filesystem is atomic, so a reader sees the old checkpoint or the new one,
-never half of one.
+the weights arrive, so a checkpoint is readable without this codebase. Saving goes
+through moe/io/files.py, atomically: a kill leaves the old checkpoint or the new one.
 
 Loading checks every tensor name and shape against the model the config builds and says
 which tensor is missing, unexpected or the wrong shape.
@@ -18,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,22 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig, from_dict
-from moe.model import Transformer
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from moe.io.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, write_directory_atomically
+from moe.io.hf import is_hf_folder, load_hf
+from moe.model.transformer import Transformer
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -52,31 +31,6 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     return {name: tensor.contiguous() for name, tensor in state.items()}
-
-
-def write_directory_atomically(path: str | Path, write) -> Path:
-    """Call `write(tmp_dir)` to fill a fresh temporary directory, fsync it, rename it to
-    `path`. An existing `path` is replaced: moved aside first, deleted after the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def write_model(model: Transformer, folder: Path, metadata: dict[str, str] | None = None) -> None:
@@ -121,8 +75,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     """Build the model from `path/config.json` and fill it from `path/model.safetensors`,
     refusing any tensor whose name or shape does not match. `path` may also be a training
     run folder (its latest checkpoint loads). A Hugging Face Mixtral folder
-    (its config.json names a model_type) loads through moe.hf.load_hf."""
-    from moe.hf import is_hf_folder, load_hf  # imported here: moe.hf imports this module
+    (its config.json names a model_type) loads through moe.io.hf.load_hf."""
     path = resolve_checkpoint(path)
     if is_hf_folder(path):
         return load_hf(path, device, dtype)

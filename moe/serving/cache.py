@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kernels.attention import paged_attention_triton
 from kernels.backend import use_triton
-from moe.attention import masked_attention
+from moe.model.attention import masked_attention
 from moe.config import ModelConfig
 
 

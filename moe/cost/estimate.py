@@ -9,10 +9,10 @@ experts its batch touches: with top-K of E under uniform routing, T tokens hit
 E(1 - (1 - K/E)^T) experts per layer on average (exact: each expert is missed by one
 token with probability 1 - K/E). The roofline takes the slower of the two limits.
 
-    python -m moe.cost configs/llama2-70b.toml --hardware A100-80GB --tensor 2
-    python -m moe.cost configs/gpt4.toml --hardware H100 --tensor 8 --pipeline 16 --batch 64
-    python -m moe.cost configs/tiny.toml --hardware measure          # this machine
-    python -m moe.cost --measured benchmarks/results/generation_all.json
+    python -m moe.cost.estimate configs/llama2-70b.toml --hardware A100-80GB --tensor 2
+    python -m moe.cost.estimate configs/gpt4.toml --hardware H100 --tensor 8 --pipeline 16 --batch 64
+    python -m moe.cost.estimate configs/tiny.toml --hardware measure          # this machine
+    python -m moe.cost.estimate --measured benchmarks/results/generation_all.json
 
 Units are decimal (1 GB = 1e9 bytes, 1 KB = 1e3 bytes, 1 TFLOP/s = 1e12 FLOP/s); a name
 that says GiB or KiB is binary. Parallel layout (our model of it): tensor parallel splits
@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moe.config import ModelConfig, from_dict, load_model_config
-from moe.hardware import PRESETS, Hardware, hardware_for, measure_hardware, preset_for_device
-from moe.model import count_parameters
+from moe.cost.hardware import PRESETS, Hardware, hardware_for, measure_hardware, preset_for_device
+from moe.model.transformer import count_parameters
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                "int8": 1, "fp8": 1}
@@ -260,7 +260,7 @@ def roofline_shares(report: dict, hw: Hardware | None = None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe.cost", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moe.cost.estimate", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="configs/NAME.toml (need not be buildable)")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. model.n_kv_heads=64")
     parser.add_argument("--hardware", help=f"{', '.join(PRESETS)} or measure (default A100-80GB; "

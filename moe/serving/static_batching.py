@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from moe.cache import KVCache
-from moe.engine import Request
-from moe.generation import decode_step, prefill
-from moe.model import Transformer
-from moe.sampling import check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.serving.engine import Request
+from moe.serving.generation import decode_step, prefill
+from moe.model.transformer import Transformer
+from moe.serving.sampling import check_stop, make_generator, sample, warp_probs
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe.attention import Attention, rope_angles
+from moe.model.attention import Attention, rope_angles
 from moe.config import ModelConfig
-from moe.moe_layer import DenseFFN, MoELayer, RoutingStats, load_balancing_loss, router_z_loss
+from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats, load_balancing_loss, router_z_loss
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
                 param.normal_(0.0, self.cfg.init_std)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache=None) -> ModelOutput:
-        """tokens [B, T]; positions [B, T] (default 0..T-1); cache: see moe/cache.py."""
+        """tokens [B, T]; positions [B, T] (default 0..T-1); cache: see moe/serving/cache.py."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         if positions is None:

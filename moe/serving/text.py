@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe import tokenizer as byte_tokenizer
-from moe.checkpoint import CONFIG_FILE
-from moe.sampling import SamplingParams, visible_text
+from moe.io.files import CONFIG_FILE
+from moe.serving.sampling import SamplingParams, visible_text
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTES = "bytes"  # the source of our byte-level tokenizer
@@ -46,7 +46,7 @@ class TextTokenizer:
 
     def sampling_params(self, params: SamplingParams, prompt: Sequence[int] = ()) -> SamplingParams:
         """`params` stopping on this tokenizer's EOS and checking stop strings on its text
-        (ours keeps the exact byte check of moe/sampling.py). The generated ids are decoded
+        (ours keeps the exact byte check of moe/serving/sampling.py). The generated ids are decoded
         after the prompt's last few tokens: a SentencePiece decoder drops the space that
         starts a text, so "▁sat" alone reads "sat" but reads " sat" after "the cat"."""
         if self.source == BYTES:
