@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from bench_kernels import timed  # benchmarks/ is on the path when this runs as a script
-from moe.serving.cache import PagedKVCache, paged_attention_batched
+from kernels.attention import paged_attention_batched
+from moe.serving.cache import PagedKVCache
 from moe.config import load_model_config
 
 
@@ -55,8 +56,8 @@ def main() -> None:
 
     def padded():  # the old plan: every sequence padded to the longest query and table
         return paged_attention_batched(q[0].transpose(0, 1), cache.k[0], cache.v[0],
-                                       layout["block_tables"], layout["seq_lens"],
-                                       layout["query_start"])
+                                       layout.block_tables, layout.seq_lens,
+                                       layout.query_start)
 
     def grouped():  # the cache's reference path (writes k, v first: included in its time)
         return cache.attend(0, q, k, k, None)[0].transpose(0, 1)

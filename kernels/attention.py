@@ -43,8 +43,9 @@ keep a running max and sum per query row, the "online softmax") in two settings.
    block found through the block table (`paged_prefill_triton`).
 
 Each function has a plain-PyTorch reference with the same signature (`*_reference`), its
-specification; `varlen_causal_attention` and `paged_attention` pick one per call through
-`kernels.backend`.
+specification, and the paged one a batched form (`paged_attention_batched`, grouped by
+query length in `paged_attention_grouped`) that the engine runs off CUDA. Which one runs
+is decided in one place, kernels/ops.py.
 
 Shapes: N packed tokens, B sequences, H query heads, G KV heads, Dh head_dim,
 NB pool blocks, bs block_size, MB blocks per table row, Nq queries, SP key splits.
@@ -54,12 +55,13 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.backend import KERNEL_DTYPES, use_triton
+from kernels.backend import KERNEL_DTYPES
 from kernels.triton_import import tl, triton
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): folded into the scale
@@ -102,6 +104,101 @@ def paged_attention_reference(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_t
             q[start:end].transpose(0, 1), keys.transpose(0, 1).to(q.dtype),
             values.transpose(0, 1).to(q.dtype), attn_mask=mask, enable_gqa=True)
         out[start:end] = seq.transpose(0, 1)
+    return out
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, H, T, Dh], k and v [B, G, S, Dh], mask [B, T, S] (True = may attend): the
+    contiguous cache's attention, and the padded form of every reference below."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+
+
+def ragged_plan(seq_lens: Tensor, query_start: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each of the N queries sits in a padded [B, Q] grid, and what it may read of a
+    padded [B, width] key row: (seq_of [N], index [N], mask [B, Q, width]). The same for
+    every layer, so a step computes it once."""
+    query_lens = (query_start[1:] - query_start[:-1]).long()  # [B]
+    n_tokens = int(query_start[-1])
+    seq_of = torch.repeat_interleave(torch.arange(len(query_lens), device=seq_lens.device), query_lens)  # [N]
+    index = torch.arange(n_tokens, device=seq_lens.device) - query_start[seq_of].long()  # [N]
+    query_pos = seq_lens[seq_of].long() - query_lens[seq_of] + index  # [N]
+    padded_pos = torch.zeros(len(query_lens), int(query_lens.max()), dtype=torch.long,
+                             device=seq_lens.device)  # [B, Q]; padding queries sit at 0: finite, dropped
+    padded_pos[seq_of, index] = query_pos
+    slots = torch.arange(width, device=seq_lens.device)  # [S]
+    return seq_of, index, slots[None, None, :] <= padded_pos[:, :, None]  # mask [B, Q, S]
+
+
+def paged_attention_planned(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                            plan: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """`paged_attention_batched` with the layout already worked out by `ragged_plan`."""
+    seq_of, index, mask = plan
+    padded_q = q.new_zeros(mask.shape[0], mask.shape[1], *q.shape[1:])  # [B, Q, H, Dh]
+    padded_q[seq_of, index] = q
+    keys = k_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    values = v_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
+    out = masked_attention(padded_q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                           values.transpose(1, 2).to(q.dtype), mask)  # [B, H, Q, Dh]
+    return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
+
+
+def paged_attention_batched(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
+                            seq_lens: Tensor, query_start: Tensor) -> Tensor:
+    """`paged_attention_reference` without a loop over sequences: gather every sequence's
+    blocks into a padded [B, MB * bs] key row and run one masked attention."""
+    plan = ragged_plan(seq_lens, query_start, block_tables.shape[1] * k_pool.shape[1])
+    return paged_attention_planned(q, k_pool, v_pool, block_tables, plan)
+
+
+@dataclass
+class PagedLayout:
+    """One ragged step over a paged cache, as the attention needs it: what each sequence
+    may read (block_tables int32 [B, MB], seq_lens int32 [B], query_start int32 [B + 1]),
+    the longest chunk (picks the Triton kernel without a host sync) and, for the reference
+    path, one padded attention per query length (`groups`: query indices [Nq_g], block
+    tables [B_g, MB_g], ragged_plan). Built once per step by `paged_layout`, used by
+    every layer."""
+    block_tables: Tensor
+    seq_lens: Tensor
+    query_start: Tensor
+    max_query_len: int
+    groups: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]]
+
+
+def paged_layout(tables: list[list[int]], query_lens: list[int], seq_lens: list[int],
+                 block_size: int, device: torch.device | str) -> PagedLayout:
+    """The layout of a step in which sequence b holds blocks tables[b], brings query_lens[b]
+    new tokens and then holds seq_lens[b] tokens. The reference groups make a 240-token
+    prefill chunk beside 15 decodes cost a 240 x 240 and a 15 x 1 x S score grid, not
+    16 x 240 x 240."""
+    width = max(len(t) for t in tables)
+    block_tables = torch.zeros(len(tables), width, dtype=torch.int32)  # [B, MB]; padding -> block 0
+    for b, table in enumerate(tables):
+        block_tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    by_length: dict[int, list[int]] = {}
+    for b, n_new in enumerate(query_lens):
+        if n_new:  # a sequence with no new token has nothing to attend
+            by_length.setdefault(n_new, []).append(b)
+    groups = []
+    for n_new, members in by_length.items():
+        index = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + n_new) for b in members])
+        group_width = max(len(tables[b]) for b in members)
+        group_starts = torch.arange(0, (len(members) + 1) * n_new, n_new, dtype=torch.int32,
+                                    device=device)  # [B_g + 1]
+        groups.append((index.to(device), block_tables[members, :group_width].to(device),
+                       ragged_plan(lens[members], group_starts, group_width * block_size)))
+    return PagedLayout(block_tables.to(device), lens, starts.to(device), max(query_lens, default=0),
+                       groups)
+
+
+def paged_attention_grouped(q: Tensor, k_pool: Tensor, v_pool: Tensor, layout: PagedLayout) -> Tensor:
+    """The reference path the engine runs off CUDA: `paged_attention_planned` once per
+    query length of the step (`layout.groups`). q [N, H, Dh] -> [N, H, Dh]."""
+    out = torch.empty_like(q)
+    for index, tables, plan in layout.groups:
+        out[index] = paged_attention_planned(q[index], k_pool, v_pool, tables, plan)
     return out
 
 
@@ -556,25 +653,3 @@ def paged_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tabl
     if chunk >= FLASH_MIN_QUERIES:
         return paged_prefill_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start, chunk)
     return paged_decode_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start)
-
-
-# ---------------------------------------------------------------------------------------
-# The switch: one name per operation, the backend picked per call
-# ---------------------------------------------------------------------------------------
-
-def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                            backend: str = "auto") -> Tensor:
-    """Causal attention over packed ragged sequences; `backend` as in kernels.backend."""
-    if use_triton(backend, q, k, v):
-        return varlen_causal_attention_triton(q, k, v, cu_seqlens)
-    return varlen_causal_attention_reference(q, k, v, cu_seqlens)
-
-
-def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                    seq_lens: Tensor, query_start: Tensor, backend: str = "auto",
-                    max_query_len: int | None = None) -> Tensor:
-    """Attention of new queries over a paged KV cache; `backend` as in kernels.backend."""
-    if use_triton(backend, q, k_pool):
-        return paged_attention_triton(q, k_pool, v_pool, block_tables, seq_lens, query_start,
-                                      max_query_len)
-    return paged_attention_reference(q, k_pool, v_pool, block_tables, seq_lens, query_start)

@@ -25,8 +25,7 @@ the first `capacity` slots of each expert and first choices win the places.
     combine: y[n] = sum over choices j of out[j * N + n]        # token order, deterministic
 
 `dispatch_and_combine` (the reference, one batched matmul per expert) and
-`dispatch_and_combine_triton` share one signature; `moe.model.moe_layer.MoELayer` picks one
-through `kernels.backend`.
+`dispatch_and_combine_triton` share one signature; `kernels.ops.expert_dispatch` picks one.
 
 Shapes: N tokens, D d_model, F expert hidden width, E experts, K experts per token,
 S = N * K slots, P padded slot rows.

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("triton", reason="triton does not import here; the kernels cannot run")
 
-from kernels.attention import (paged_attention, paged_attention_reference,  # noqa: E402
-                               paged_attention_triton, paged_decode_triton,
-                               paged_prefill_triton, varlen_causal_attention,
-                               varlen_causal_attention_reference, varlen_causal_attention_triton)
-from moe.serving import cache as cache_module  # noqa: E402
+import kernels.ops as ops  # noqa: E402
+from kernels.attention import (paged_attention_batched, paged_attention_reference,  # noqa: E402
+                               paged_attention_triton, paged_decode_triton, paged_layout,
+                               paged_prefill_triton, varlen_causal_attention_reference,
+                               varlen_causal_attention_triton)
 from moe.serving.cache import PagedKVCache  # noqa: E402
 from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_paged_kernel_equals_reference(seq_lens, query_lens, block_size, n_kv_he
     expect = paged_attention_reference(*args)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     # and the serving engine's own reference in moe/serving/cache.py
-    torch.testing.assert_close(out, cache_module.paged_attention_batched(*args),
+    torch.testing.assert_close(out, paged_attention_batched(*args),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -111,13 +111,20 @@ def test_paged_entry_point_sends_chunks_to_the_flash_kernel(monkeypatch, query_l
     torch.testing.assert_close(out, paged_attention_reference(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_switch_functions_pick_the_kernel_only_when_asked():
+def test_entry_points_pick_the_kernel_only_when_asked(monkeypatch):
+    varlen_calls = count_calls(monkeypatch, ops, "varlen_causal_attention_triton")
+    paged_calls = count_calls(monkeypatch, ops, "paged_attention_triton")
     q, k, v, cu_seqlens = packed([5, 3], 1, 16)
-    torch.testing.assert_close(varlen_causal_attention(q, k, v, cu_seqlens, backend="triton"),
-                               varlen_causal_attention(q, k, v, cu_seqlens, backend="torch"))
-    args = paged_setup([7], [2], 1, 16, 4)
-    torch.testing.assert_close(paged_attention(*args, backend="triton"),
-                               paged_attention(*args, backend="torch"))
+    expect = ops.varlen_attention(q, k, v, cu_seqlens, "torch")
+    assert not varlen_calls
+    torch.testing.assert_close(ops.varlen_attention(q, k, v, cu_seqlens, "triton"), expect)
+    assert varlen_calls == [1]
+    q, k_pool, v_pool, tables, seq_lens, query_start = paged_setup([7, 12], [2, 1], 1, 16, 4)
+    layout = paged_layout([row.tolist() for row in tables.cpu()], [2, 1], [7, 12], 4, DEVICE)
+    expect = ops.paged_attention(q, k_pool, v_pool, layout, "torch")
+    assert not paged_calls
+    torch.testing.assert_close(ops.paged_attention(q, k_pool, v_pool, layout, "triton"), expect)
+    assert paged_calls == [1]
 
 
 def count_calls(monkeypatch, module, name):
@@ -130,10 +137,8 @@ def count_calls(monkeypatch, module, name):
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])
 def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_heads):
-    import moe.model.attention
-    import moe.model.moe_layer
-    prefill_calls = count_calls(monkeypatch, moe.model.attention, "varlen_causal_attention_triton")
-    dispatch_calls = count_calls(monkeypatch, moe.model.moe_layer, "dispatch_and_combine_triton")
+    prefill_calls = count_calls(monkeypatch, ops, "varlen_causal_attention_triton")
+    dispatch_calls = count_calls(monkeypatch, ops, "dispatch_and_combine_triton")
     tokens = torch.randint(0, 259, (2, 13), device=DEVICE)
     with torch.no_grad():
         expect = make_model(n_kv_heads=n_kv_heads, kernel_backend="torch").to(DEVICE)(tokens).logits
@@ -146,7 +151,7 @@ def test_model_logits_with_triton_equal_torch(make_model, monkeypatch, n_kv_head
 @pytest.mark.parametrize("first,length", [((9, 6), 11), ((20, 17), 24)],
                          ids=["short-prompts", "chunks-through-flash"])
 def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatch, first, length):
-    paged_calls = count_calls(monkeypatch, cache_module, "paged_attention_triton")
+    paged_calls = count_calls(monkeypatch, ops, "paged_attention_triton")
     model = make_model(n_kv_heads=2, kernel_backend="triton").to(DEVICE)
     tokens = torch.randint(0, 259, (2, length), device=DEVICE)
     a, b = first

@@ -77,10 +77,10 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
         monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
     calls = []
-    import moe.model.moe_layer as moe_layer
+    import kernels.ops as ops
     for name in ("dispatch_and_combine_triton", "dispatch_and_combine_trainable"):
-        original = getattr(moe_layer, name)
-        monkeypatch.setattr(moe_layer, name, lambda *args, name=name, original=original:
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, name=name, original=original:
                             calls.append(name) or original(*args))
     torch.manual_seed(0)
     layer = MoELayer(tiny_config(kernel_backend="triton")).to(DEVICE)
@@ -97,10 +97,10 @@ def test_moe_layer_runs_the_forward_kernel_without_grad_and_the_trainable_one_wi
 
 def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weights(monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
-    import moe.model.moe_layer as moe_layer
+    import kernels.ops as ops
     seen = []
-    original = moe_layer.dispatch_and_combine_trainable
-    monkeypatch.setattr(moe_layer, "dispatch_and_combine_trainable", lambda x, ids, w, w_in, w_out, c:
+    original = ops.dispatch_and_combine_trainable
+    monkeypatch.setattr(ops, "dispatch_and_combine_trainable", lambda x, ids, w, w_in, w_out, c:
                         seen.append((x.dtype, w.dtype, w_in.dtype, w_out.dtype))
                         or original(x, ids, w, w_in, w_out, c))
     torch.manual_seed(0)
@@ -118,17 +118,17 @@ def test_under_autocast_the_experts_run_in_half_precision_and_train_float32_weig
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_run_experts_under_autocast_computes_in_its_dtype(backend):
+def test_expert_dispatch_under_autocast_computes_in_its_dtype(backend):
     # the one entry point MoELayer and expert parallelism both run their experts through
-    from moe.model.moe_layer import run_experts
+    from kernels.ops import expert_dispatch
     gen = torch.Generator().manual_seed(3)
     x, w_in, w_out = (torch.randn(*shape, generator=gen).to(DEVICE) * 0.3
                       for shape in ((11, 32), (4, 32, 48), (4, 24, 32)))
     ids = torch.randint(0, 4, (11, 2), generator=gen).to(DEVICE)
     weights = torch.rand(11, 2, generator=gen).to(DEVICE)
-    expect, _ = run_experts(x, ids, weights, w_in, w_out, None, "torch")
+    expect, _ = expert_dispatch(x, ids, weights, w_in, w_out, None, "torch")
     with torch.autocast(DEVICE.type, dtype=torch.float16):
-        y, _ = run_experts(x, ids, weights, w_in, w_out, None, backend)
+        y, _ = expert_dispatch(x, ids, weights, w_in, w_out, None, backend)
     assert expect.dtype == torch.float32 and y.dtype == torch.float16
     torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
 

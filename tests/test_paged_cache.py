@@ -61,8 +61,7 @@ def test_multi_query_blocks_hold_n_heads_times_more_tokens_in_the_same_memory():
 
 
 def test_batched_paged_attention_equals_causal_attention_per_sequence():
-    from moe.model.attention import masked_attention
-    from moe.serving.cache import paged_attention_batched
+    from kernels.attention import masked_attention, paged_attention_batched
     torch.manual_seed(0)
     n_blocks, bs, G, H, Dh = 9, 3, 2, 4, 8
     k_pool, v_pool = torch.randn(n_blocks, bs, G, Dh), torch.randn(n_blocks, bs, G, Dh)

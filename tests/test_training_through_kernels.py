@@ -10,8 +10,7 @@ pytest.importorskip("triton", reason="triton does not import here; the kernels c
 
 import kernels.attention_backward  # noqa: E402
 import kernels.moe_dispatch_backward  # noqa: E402
-import moe.model.attention  # noqa: E402
-import moe.model.moe_layer  # noqa: E402
+import kernels.ops  # noqa: E402
 from moe.model.transformer import model_loss  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 
@@ -41,8 +40,8 @@ def train(make_model, backend, steps, n_kv_heads):
 @pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["MQA", "GQA"])
 def test_training_steps_with_triton_match_torch(make_model, monkeypatch, n_kv_heads):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)  # the test picks the backend
-    attention_calls = count_calls(monkeypatch, moe.model.attention, "varlen_causal_attention_trainable")
-    dispatch_calls = count_calls(monkeypatch, moe.model.moe_layer, "dispatch_and_combine_trainable")
+    attention_calls = count_calls(monkeypatch, kernels.ops, "varlen_causal_attention_trainable")
+    dispatch_calls = count_calls(monkeypatch, kernels.ops, "dispatch_and_combine_trainable")
     backward_calls = count_calls(monkeypatch, kernels.attention_backward,
                                  "varlen_attention_backward")
     dispatch_backward_calls = count_calls(monkeypatch, kernels.moe_dispatch_backward,

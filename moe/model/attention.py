@@ -19,13 +19,10 @@ Dh head_dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from kernels.attention import varlen_causal_attention_triton
-from kernels.attention_backward import varlen_causal_attention_trainable
-from kernels.backend import needs_grad, use_triton
+from kernels.ops import causal_attention
 from moe.config import ModelConfig
 
 
@@ -50,35 +47,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# The attention product, with and without a mask
-# ---------------------------------------------------------------------------------------
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
-    """q [B, H, T, Dh], k and v [B, G, T, Dh] -> [B, H, T, Dh]; token t sees tokens <= t."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                          enable_gqa=True)
-
-
-def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """`causal_attention` through the Triton varlen kernel (kernels/attention.py): the B
-    rows become B packed sequences of equal length T; with its Triton backward
-    (kernels/attention_backward.py) when autograd needs gradients."""
-    batch, length = q.shape[0], q.shape[2]
-    cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32,
-                              device=q.device)  # [B + 1]
-    attend = (varlen_causal_attention_trainable if needs_grad(q, k, v)
-              else varlen_causal_attention_triton)
-    out = attend(rearrange(q, "b h t d -> (b t) h d"), rearrange(k, "b g t d -> (b t) g d"),
-                 rearrange(v, "b g t d -> (b t) g d"), cu_seqlens, length)  # no host sync
-    return rearrange(out, "(b t) h d -> b h t d", b=batch)  # [B, H, T, Dh]
-
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B, H, T, Dh], k and v [B, G, S, Dh], mask [B, T, S] (True = may attend)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
-
-
-# ---------------------------------------------------------------------------------------
 # The attention layer
 # ---------------------------------------------------------------------------------------
 
@@ -88,6 +56,7 @@ class Attention(nn.Module):
     With a cache, the cache does the attending: it stores the new K/V at their positions
     and attends over everything the sequence has stored so far. Any object with
     `attend(layer, q, k, v, positions) -> [B, H, T, Dh]` can serve (moe/serving/cache.py).
+    Which attention kernel runs is decided in kernels/ops.py.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -107,11 +76,9 @@ class Attention(nn.Module):
         k = rearrange(self.wk(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         v = rearrange(self.wv(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
+        if cache is not None:  # the cache stores K/V and runs the paged or masked attention
             out = cache.attend(self.layer, q, k, v, positions)
-        elif (use_triton(self.kernel_backend, q, k, v, has_backward=True)
-              and not (self.training and self.dropout)):
-            out = packed_causal_attention(q, k, v)
         else:
-            out = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+            out = causal_attention(q, k, v, self.kernel_backend,
+                                   self.dropout if self.training else 0.0)  # kernels/ops.py
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))  # [B, T, D]

@@ -10,7 +10,7 @@ single weight makes it the constant 1.0, and then the task loss sends no gradien
 router at all.
 
 Dispatch (kernels/moe_dispatch.py: the reference and a Triton kernel, picked by
-`kernel_backend`) groups the N x K (token, expert) slots by expert with one stable sort,
+`kernel_backend` in kernels/ops.py) groups the N x K (token, expert) slots by expert with one stable sort,
 so each expert sees its tokens as one contiguous run and runs one batched matmul; the outputs,
 scaled by their routing weights, are added back in token order. Slots are ordered
 choice-major (every token's first choice before any second choice) before the sort, so
@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.backend import needs_grad, use_triton
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton, expert_counts
-from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
+from kernels.moe_dispatch import expert_counts
+from kernels.ops import expert_dispatch
 from moe.config import ModelConfig
 
 
@@ -42,25 +41,6 @@ def swiglu(x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     """SwiGLU MLP: x [N, D], w_in [D, 2F] (gate | up), w_out [F, D] -> [N, D]."""
     gate, up = (x @ w_in).chunk(2, dim=-1)  # 2 x [N, F]
     return (F.silu(gate) * up) @ w_out
-
-
-def run_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor,
-                capacity: int | None, backend: str) -> tuple[Tensor, Tensor]:
-    """The one place that decides how experts run: x [N, D] through experts expert_ids
-    [N, K] with weights [N, K] -> (y [N, D], dropped slots). Under autocast the experts run
-    in its dtype, as nn.Linear would: bf16 operands on the tensor cores with fp32
-    accumulators, rather than fp32 through FMA units. The kernel is picked per call by
-    `backend` (kernels.backend): the Triton forward, its trainable pair when a gradient
-    is needed, or the PyTorch reference."""
-    dtype = (torch.get_autocast_dtype(x.device.type)
-             if torch.is_autocast_enabled(x.device.type) else x.dtype)
-    x, weights = x.to(dtype), weights.to(dtype)
-    w_in, w_out = w_in.to(dtype), w_out.to(dtype)
-    dispatch = dispatch_and_combine  # kernels/moe_dispatch.py
-    if use_triton(backend, x, w_in, has_backward=True):
-        dispatch = (dispatch_and_combine_trainable  # kernels/moe_dispatch_backward.py
-                    if needs_grad(x, weights, w_in, w_out) else dispatch_and_combine_triton)
-    return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
 
 
 class DenseFFN(nn.Module):
@@ -147,8 +127,8 @@ class MoELayer(nn.Module):
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
         capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
-        y, dropped = run_experts(x, expert_ids, weights, self.w_in, self.w_out, capacity,
-                                 self.kernel_backend)
+        y, dropped = expert_dispatch(x, expert_ids, weights, self.w_in, self.w_out, capacity,
+                                     self.kernel_backend)  # kernels/ops.py
         tokens_per_expert = expert_counts(expert_ids, logits.shape[-1])
         stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

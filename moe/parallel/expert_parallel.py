@@ -56,8 +56,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kernels.moe_dispatch import expert_counts
+from kernels.ops import expert_dispatch
+from moe.model.moe_layer import MoELayer, RoutingStats, expert_capacity, route, swiglu
 from moe.model.transformer import Transformer
-from moe.model.moe_layer import MoELayer, RoutingStats, expert_capacity, route, run_experts, swiglu
 
 EXPERT_FLAG = "is_expert_shard"  # attribute set on the w_in / w_out parameters we slice
 
@@ -207,8 +208,8 @@ class ExpertParallelMoE(MoELayer):
         if rows.shape[0] == 0:  # still in the graph: zero grads, and the backward exchanges run
             return swiglu(rows, self.w_in[0], self.w_out[0])  # [0, D]
         unit = torch.ones(rows.shape[0], 1, device=rows.device, dtype=rows.dtype)  # [R, 1]
-        out, _ = run_experts(rows, local_ids[:, None], unit, self.w_in, self.w_out, None,
-                             self.kernel_backend)
+        out, _ = expert_dispatch(rows, local_ids[:, None], unit, self.w_in, self.w_out, None,
+                                 self.kernel_backend)
         return out.to(rows.dtype)  # the exchange and combine stay in the rows' dtype
 
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.attention import paged_attention_triton
-from kernels.backend import use_triton
-from moe.model.attention import masked_attention
+from kernels.attention import PagedLayout, paged_layout
+from kernels.ops import masked_attention, paged_attention
 from moe.config import ModelConfig
 
 
@@ -49,7 +48,7 @@ class KVCache:
         slots = torch.arange(end, device=q.device)  # [S]
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
         keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # [B, G, S, Dh]
-        return masked_attention(q, keys.to(q.dtype), values.to(q.dtype), mask)
+        return masked_attention(q, keys, values, mask)  # kernels/ops.py
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,47 +70,6 @@ class KVCache:
 # More shapes: N new tokens in the step, NB blocks in the pool, bs block_size, MB blocks
 # per table row.
 
-def ragged_plan(seq_lens: Tensor, query_start: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Where each of the N queries sits in a padded [B, Q] grid, and what it may read of a
-    padded [B, width] key row: (seq_of [N], index [N], mask [B, Q, width]). The same for
-    every layer, so a step computes it once."""
-    query_lens = (query_start[1:] - query_start[:-1]).long()  # [B]
-    n_tokens = int(query_start[-1])
-    seq_of = torch.repeat_interleave(torch.arange(len(query_lens), device=seq_lens.device), query_lens)  # [N]
-    index = torch.arange(n_tokens, device=seq_lens.device) - query_start[seq_of].long()  # [N]
-    query_pos = seq_lens[seq_of].long() - query_lens[seq_of] + index  # [N]
-    padded_pos = torch.zeros(len(query_lens), int(query_lens.max()), dtype=torch.long,
-                             device=seq_lens.device)  # [B, Q]; padding queries sit at 0: finite, dropped
-    padded_pos[seq_of, index] = query_pos
-    slots = torch.arange(width, device=seq_lens.device)  # [S]
-    return seq_of, index, slots[None, None, :] <= padded_pos[:, :, None]  # mask [B, Q, S]
-
-
-def paged_attention_planned(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                            plan: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """`paged_attention_batched` with the layout already worked out by `ragged_plan`."""
-    seq_of, index, mask = plan
-    padded_q = q.new_zeros(mask.shape[0], mask.shape[1], *q.shape[1:])  # [B, Q, H, Dh]
-    padded_q[seq_of, index] = q
-    keys = k_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
-    values = v_pool[block_tables.long()].flatten(1, 2)  # [B, MB * bs, G, Dh]
-    out = masked_attention(padded_q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                           values.transpose(1, 2).to(q.dtype), mask)  # [B, H, Q, Dh]
-    return out.transpose(1, 2)[seq_of, index]  # [N, H, Dh]
-
-
-def paged_attention_batched(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor,
-                            seq_lens: Tensor, query_start: Tensor) -> Tensor:
-    """q [N, H, Dh]; k_pool, v_pool [NB, bs, G, Dh]; block_tables int32 [B, MB]; seq_lens int32
-    [B] (keys stored, the new ones included); query_start int32 [B + 1]. The queries of
-    sequence b are its last query_start[b+1] - query_start[b] tokens, causal among
-    themselves. Returns [N, H, Dh]. Plain PyTorch without a loop over sequences: gather
-    every sequence's blocks into a padded [B, MB * bs] key row and run one masked attention
-    (kernels/attention.py holds the per-sequence specification and the Triton kernel)."""
-    plan = ragged_plan(seq_lens, query_start, block_tables.shape[1] * k_pool.shape[1])
-    return paged_attention_planned(q, k_pool, v_pool, block_tables, plan)
-
-
 class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -125,9 +83,8 @@ class PagedKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
         self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
-        self.layout: dict[str, Tensor] = {}
-        self.max_query_len = 0
-        self.groups: list[tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]] = []
+        self.layout: PagedLayout | None = None  # the step set by set_layout
+        self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -174,63 +131,21 @@ class PagedKVCache:
     def set_layout(self, seq_ids: list[int], query_lens: list[int], seq_lens: list[int]) -> None:
         """Describe the next forward: sequence b brings query_lens[b] new tokens and will
         then hold seq_lens[b] tokens (blocks already reserved)."""
-        device = self.k.device
-        width = max(len(self.tables[s]) for s in seq_ids)
-        tables = torch.zeros(len(seq_ids), width, dtype=torch.int32)  # [B, MB]; padding -> block 0
-        slots = []
-        for b, (seq, n_new, n_all) in enumerate(zip(seq_ids, query_lens, seq_lens)):
-            table = self.tables[seq]
-            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(n_all - n_new, n_all)]
-        starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        self.layout = dict(block_tables=tables.to(device),
-                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                           query_start=starts.to(device),
-                           slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
-        self.max_query_len = max(query_lens)  # picks the Triton kernel without a host sync
-        self.groups = self._group_by_query_length(seq_ids, query_lens, tables, starts)
-
-    def _group_by_query_length(self, seq_ids: list[int], query_lens: list[int], tables: Tensor,
-                               starts: Tensor) -> list[tuple[Tensor, Tensor, tuple]]:
-        """The reference path's plan: one padded masked attention per query length, each
-        only as wide as its own sequences' tables. A 240-token prefill chunk beside 15
-        decodes then costs a 240 x 240 and a 15 x 1 x S score grid, not 16 x 240 x 240.
-        Each group: (its query indices [Nq_g], block tables [B_g, MB_g], ragged_plan)."""
-        device = self.k.device
-        by_length: dict[int, list[int]] = {}
-        for b, n_new in enumerate(query_lens):
-            if n_new:  # a sequence with no new token has nothing to attend
-                by_length.setdefault(n_new, []).append(b)
-        groups = []
-        for n_new, members in by_length.items():
-            index = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + n_new) for b in members])
-            width = max(len(self.tables[seq_ids[b]]) for b in members)
-            sub_tables = tables[members, :width].to(device)  # [B_g, MB_g]
-            seq_lens = self.layout["seq_lens"][members]  # [B_g]
-            query_start = torch.arange(0, (len(members) + 1) * n_new, n_new, dtype=torch.int32,
-                                       device=device)  # [B_g + 1]
-            groups.append((index.to(device), sub_tables,
-                           ragged_plan(seq_lens, query_start, width * self.block_size)))
-        return groups
+        tables = [self.tables[s] for s in seq_ids]
+        slots = [table[p // self.block_size] * self.block_size + p % self.block_size
+                 for table, n_new, n_all in zip(tables, query_lens, seq_lens)
+                 for p in range(n_all - n_new, n_all)]
+        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.k.device)  # [N]
+        self.layout = paged_layout(tables, query_lens, seq_lens, self.block_size, self.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""
-        if q.shape[0] != 1 or q.shape[2] != self.layout["slot_mapping"].shape[0]:
-            raise ValueError(f"a paged step runs one ragged row of {self.layout['slot_mapping'].shape[0]}"
+        if q.shape[0] != 1 or q.shape[2] != self.slot_mapping.shape[0]:
+            raise ValueError(f"a paged step runs one ragged row of {self.slot_mapping.shape[0]}"
                              f" tokens, got q of shape {tuple(q.shape)}; call set_layout first")
         k_pool, v_pool = self.k[layer], self.v[layer]  # [NB, bs, G, Dh]
-        slots = self.layout["slot_mapping"]
-        k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
-        v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
-        if use_triton(self.kernel_backend, q, k_pool):
-            out = paged_attention_triton(q[0].transpose(0, 1), k_pool, v_pool,
-                                         self.layout["block_tables"], self.layout["seq_lens"],
-                                         self.layout["query_start"],
-                                         self.max_query_len)  # [N, H, Dh]
-        else:
-            queries = q[0].transpose(0, 1)  # [N, H, Dh]
-            out = torch.empty_like(queries)
-            for index, tables, plan in self.groups:
-                out[index] = paged_attention_planned(queries[index], k_pool, v_pool, tables, plan)
+        k_pool.view(-1, *k_pool.shape[2:])[self.slot_mapping] = k[0].transpose(0, 1).to(k_pool.dtype)
+        v_pool.view(-1, *v_pool.shape[2:])[self.slot_mapping] = v[0].transpose(0, 1).to(v_pool.dtype)
+        out = paged_attention(q[0].transpose(0, 1), k_pool, v_pool, self.layout,
+                              self.kernel_backend)  # [N, H, Dh], kernels/ops.py
         return out.transpose(0, 1)[None]  # [1, H, N, Dh]
