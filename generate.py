@@ -39,11 +39,11 @@ from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, visible_text
+from moe.serving.sampling import SamplingParams
+from moe.serving.stopping import Detokenizer, visible_text
 from moe.serving.text import TextTokenizer, load_tokenizer, text_pieces
 
-FROM_TOKENIZER = {"eos_id", "decode"}  # SamplingParams fields the tokenizer sets
-SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - FROM_TOKENIZER
+SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
 SETTING_TYPES = dict(temperature=(int, float), top_k=(int,), top_p=(int, float), max_new_tokens=(int,),
                      seed=(int,), ignore_eos=(bool,))
 
@@ -103,22 +103,24 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str, bos: bool) -> list[int]
     return ([tokenizer.bos_id] if bos else []) + tokenizer.encode(prompt)
 
 
-def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams) -> None:
+def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams,
+                  detok: Detokenizer) -> None:
     """Print text as tokens arrive, holding back what may yet change or start a stop string."""
-    for piece in text_pieces(stream(model, prompt, params), params):
+    for piece in text_pieces(stream(model, prompt, params, detok), params, detok):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams) -> None:
+def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams,
+                     detok: Detokenizer) -> None:
     """Print the completion decoded speculatively, then the run's statistics on stderr."""
     from moe.serving.speculative import PromptLookupProposer, speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
     proposer = None if draft is not None else PromptLookupProposer()
     out, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
-                                      gamma=args.speculate, adaptive=args.adaptive)
-    sys.stdout.write(visible_text(out[0], params) + "\n")
+                                      gamma=args.speculate, adaptive=args.adaptive, detok=detok)
+    sys.stdout.write(visible_text(out[0], params, detok) + "\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
 
 
@@ -163,7 +165,7 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
             results.append(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
             continue
         ids = encode_prompt(tokenizer, prompt, bos)
-        requests[number] = engine.add_request(ids, tokenizer.sampling_params(params, ids))
+        requests[number] = engine.add_request(ids, params, detok=tokenizer.detokenizer(ids))
     engine.run()
     for number, r in requests.items():
         result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
@@ -212,14 +214,14 @@ def main_generate(argv: list[str]) -> None:
     tokenizer = load_text_tokenizer(args.ckpt, model, args.bos)
     if args.prompt is not None:
         prompt = encode_prompt(tokenizer, args.prompt, args.bos)
-        params = tokenizer.sampling_params(SamplingParams(
-            args.temperature, args.top_k, args.top_p, args.max_new_tokens, tuple(args.stop),
-            args.seed, args.ignore_eos), prompt)
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                                tuple(args.stop), args.seed, args.ignore_eos)
+        detok = tokenizer.detokenizer(prompt)
         try:
             if args.draft or args.prompt_lookup:
-                speculate_prompt(model, args, prompt, params)
+                speculate_prompt(model, args, prompt, params, detok)
             else:
-                stream_prompt(model, prompt, params)
+                stream_prompt(model, prompt, params, detok)
         except ValueError as error:
             sys.exit(f"error: {error}")
     else:

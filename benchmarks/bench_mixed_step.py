@@ -21,6 +21,7 @@ import torch
 
 from bench_kernels import timed  # benchmarks/ is on the path when this runs as a script
 from kernels.attention import paged_attention_batched
+from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from moe.config import load_model_config
 
@@ -40,15 +41,16 @@ def main() -> None:
     block_size = 16
     context = max(args.chunk, cfg.max_seq_len)
     decode_lens = torch.randint(args.chunk // 4, context, (args.decodes,), generator=gen).tolist()
-    cache = PagedKVCache(cfg, num_blocks=(args.decodes + 1) * (-(-context // block_size)),
-                         block_size=block_size)
+    num_blocks = (args.decodes + 1) * (-(-context // block_size))
+    cache = PagedKVCache(cfg, num_blocks=num_blocks, block_size=block_size)
+    blocks = BlockManager(num_blocks, block_size)
     cache.k.normal_(generator=gen)
     cache.v.normal_(generator=gen)
     seq_lens = [args.chunk] + decode_lens
     query_lens = [args.chunk] + [1] * args.decodes
     for seq, length in enumerate(seq_lens):
-        cache.reserve(seq, length)
-    cache.set_layout(list(range(len(seq_lens))), query_lens, seq_lens)
+        blocks.reserve(seq, length)
+    cache.set_layout(blocks, list(range(len(seq_lens))), query_lens, seq_lens)
     n = sum(query_lens)
     q = torch.randn(1, cfg.n_heads, n, cfg.head_dim, generator=gen)
     k = torch.randn(1, cfg.n_kv_heads, n, cfg.head_dim, generator=gen)

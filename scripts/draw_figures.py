@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # the project's packages, also from a checkout th
 from kernels.moe_dispatch import align_slots, expert_counts  # noqa: E402
 from moe.config import ModelConfig  # noqa: E402
 from moe.model.moe_layer import expert_capacity, route  # noqa: E402
+from moe.serving.blocks import BlockManager  # noqa: E402
 from moe.serving.cache import PagedKVCache  # noqa: E402
 from moe.serving.speculative import verify  # noqa: E402
 
@@ -203,28 +204,27 @@ def tiny_config() -> ModelConfig:
                        experts_per_token=2, max_seq_len=64)
 
 
-def replay_block_history(cache: PagedKVCache, history: list[tuple[str, int, int]]) -> dict:
-    """Run `history` on the cache's block bookkeeping and snapshot it. The only place that
-    touches the block API (reserve, release, tables, free_blocks, num_blocks, block_size):
-    adapt this function if that API moves (e.g. to a separate block manager)."""
+def replay_block_history(blocks: BlockManager, history: list[tuple[str, int, int]]) -> dict:
+    """Run `history` on the block manager and snapshot it. The only place that touches
+    the block API (reserve, release, tables, free_blocks, num_blocks, block_size)."""
     lengths: dict[int, int] = {}  # tokens each live sequence holds
     released: dict[int, list[int]] = {}  # sequence -> the blocks it gave back
     for op, seq, n_tokens in history:
         if op == "reserve":
-            cache.reserve(seq, n_tokens)
+            blocks.reserve(seq, n_tokens)
             lengths[seq] = n_tokens
         else:
-            released[seq] = list(cache.tables[seq])
-            cache.release(seq)
+            released[seq] = list(blocks.tables[seq])
+            blocks.release(seq)
             lengths.pop(seq)
-    return dict(tables={s: list(t) for s, t in cache.tables.items()}, lengths=lengths,
-                released=released, free=list(cache.free_blocks), num_blocks=cache.num_blocks,
-                block_size=cache.block_size)
+    return dict(tables={s: list(t) for s, t in blocks.tables.items()}, lengths=lengths,
+                released=released, free=list(blocks.free_blocks), num_blocks=blocks.num_blocks,
+                block_size=blocks.block_size)
 
 
-def paged_example() -> tuple[PagedKVCache, dict]:
-    cache = PagedKVCache(tiny_config(), NUM_BLOCKS, BLOCK_SIZE)
-    return cache, replay_block_history(cache, BLOCK_HISTORY)
+def paged_example() -> tuple[BlockManager, dict]:
+    blocks = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+    return blocks, replay_block_history(blocks, BLOCK_HISTORY)
 
 
 def block_owners(snap: dict) -> dict[int, tuple[int, int]]:
@@ -257,7 +257,7 @@ def draw_block_table(path: Path) -> Path:
     table_y, pool_y = 2.6, 6.6
     fig, ax = canvas(width, pool_y + 3.8)
     ax.text(0.3, 0.6, f"Block tables: {len(seqs)} sequences in a pool of {snap['num_blocks']} blocks "
-            f"of {bs} tokens (PagedKVCache)", fontsize=11, weight="bold", va="center")
+            f"of {bs} tokens (BlockManager)", fontsize=11, weight="bold", va="center")
     ax.text(0.3, table_y + bh / 2, "tables", va="center", fontsize=9, weight="bold")
 
     # the tables side by side: logical block i of a sequence -> physical block table[i]
@@ -308,8 +308,9 @@ def step_layout() -> tuple[dict, dict]:
     """The block tables above, then `set_layout` for one mixed step; what it recorded, as
     lists. The one place that reads the step's layout (cache.layout, a PagedLayout, and
     cache.slot_mapping): adapt it if they move."""
-    cache, snap = paged_example()
-    cache.set_layout(STEP["seq_ids"], STEP["query_lens"], STEP["seq_lens"])
+    blocks, snap = paged_example()
+    cache = PagedKVCache(tiny_config(), NUM_BLOCKS, BLOCK_SIZE)
+    cache.set_layout(blocks, STEP["seq_ids"], STEP["query_lens"], STEP["seq_lens"])
     layout = dict(query_start=cache.layout.query_start.tolist(),  # [B + 1]
                   seq_lens=cache.layout.seq_lens.tolist(),  # [B]
                   block_tables=cache.layout.block_tables.tolist(),  # [B, MB]

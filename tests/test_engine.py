@@ -65,7 +65,7 @@ def test_continuous_batching_equals_each_request_generated_alone(model, alone, c
     requests = serve(engine, prompts, params)
     assert [r.output for r in requests] == expected
     assert all(r.status == "finished" for r in requests)
-    assert engine.cache.used_blocks == 0 and max(engine.batch_sizes) > 1
+    assert engine.blocks.used_blocks == 0 and max(engine.batch_sizes) > 1
 
 
 def test_forced_preemption_recomputes_and_still_equals_generation_alone(model, alone):
@@ -76,7 +76,7 @@ def test_forced_preemption_recomputes_and_still_equals_generation_alone(model, a
     requests = serve(engine, prompts, params, arrive_every=1)
     assert engine.preemptions > 0
     assert [r.output for r in requests] == expected
-    assert engine.cache.used_blocks == 0
+    assert engine.blocks.used_blocks == 0
 
 
 def test_chunked_prefill_equals_unchunked(model):
@@ -149,7 +149,7 @@ def test_metrics_are_recorded_per_step_and_per_token(model, alone):
 
 
 def test_static_batching_equals_each_request_generated_alone(model, alone):
-    from moe.serving.engine import Request
+    from moe.serving.requests import Request
     from moe.serving.static_batching import run_static_batch
     prompts, params, expected = alone
     requests = [Request(i, p, s) for i, (p, s) in enumerate(zip(prompts, params))]
@@ -166,7 +166,7 @@ def test_the_kv_pool_is_sized_from_a_memory_budget(model):
     from moe.serving.cache import PagedKVCache
     block = PagedKVCache.bytes_per_block(model.cfg, 4, torch.float64)
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_bytes=7 * block + block // 2))
-    assert engine.cache.num_blocks == 7
+    assert engine.blocks.num_blocks == 7
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         Engine(model, EngineConfig(block_size=4, kv_cache_bytes=block - 1))
 
@@ -188,4 +188,4 @@ def test_random_schedules_equal_generation_alone(model, alone, seed):
     engine = Engine(model, config)
     requests = serve(engine, prompts, params, arrive_every=pick(1, 4))
     assert [r.output for r in requests] == expected
-    assert engine.cache.used_blocks == 0
+    assert engine.blocks.used_blocks == 0

@@ -13,6 +13,7 @@ from kernels.attention import (paged_attention_batched, paged_attention_referenc
                                paged_attention_triton, paged_decode_triton, paged_layout,
                                paged_prefill_triton, varlen_causal_attention_reference,
                                varlen_causal_attention_triton)
+from moe.serving.blocks import BlockManager  # noqa: E402
 from moe.serving.cache import PagedKVCache  # noqa: E402
 from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
 
@@ -156,15 +157,16 @@ def test_paged_cache_step_with_triton_equals_full_forward(make_model, monkeypatc
     tokens = torch.randint(0, 259, (2, length), device=DEVICE)
     a, b = first
     cache = PagedKVCache(model.cfg, num_blocks=16, block_size=4, device=DEVICE)
+    blocks = BlockManager(num_blocks=16, block_size=4)
     for seq in (0, 1):
-        cache.reserve(seq, length)
+        blocks.reserve(seq, length)
     with torch.no_grad():
         full = model(tokens).logits  # [2, T, V]
-        cache.set_layout([0, 1], [a, b], [a, b])  # ragged prefill of a and b tokens
+        cache.set_layout(blocks, [0, 1], [a, b], [a, b])  # ragged prefill of a and b tokens
         step = torch.cat([tokens[0, :a], tokens[1, :b]])[None]  # [1, a + b]
         positions = torch.cat([torch.arange(a), torch.arange(b)])[None].to(DEVICE)
         prefill = model(step, positions, cache).logits[0]  # [a + b, V]
-        cache.set_layout([0, 1], [length - a, length - b], [length, length])  # the rest
+        cache.set_layout(blocks, [0, 1], [length - a, length - b], [length, length])  # the rest
         step = torch.cat([tokens[0, a:], tokens[1, b:]])[None]
         positions = torch.cat([torch.arange(a, length), torch.arange(b, length)])[None].to(DEVICE)
         rest = model(step, positions, cache).logits[0]  # [2T - a - b, V]

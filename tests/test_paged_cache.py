@@ -1,18 +1,20 @@
 import pytest
 import torch
 
+from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from tests.conftest import tiny_config
 
 
-def run_step(model, cache, seqs):
+def run_step(model, cache, blocks, seqs):
     """seqs: list of (seq_id, all tokens so far, number of new tokens at the end)."""
     tokens, positions = [], []
     for seq, all_tokens, n_new in seqs:
-        cache.reserve(seq, len(all_tokens))
+        blocks.reserve(seq, len(all_tokens))
         tokens += all_tokens[-n_new:]
         positions += range(len(all_tokens) - n_new, len(all_tokens))
-    cache.set_layout([s for s, _, _ in seqs], [n for _, _, n in seqs], [len(t) for _, t, _ in seqs])
+    cache.set_layout(blocks, [s for s, _, _ in seqs], [n for _, _, n in seqs],
+                     [len(t) for _, t, _ in seqs])
     return model(torch.tensor([tokens]), torch.tensor([positions]), cache).logits[0]  # [N, V]
 
 
@@ -20,35 +22,36 @@ def run_step(model, cache, seqs):
 def test_ragged_prefill_and_decode_through_pages_equal_full_forwards(make_model):
     model = make_model(seed=2).double()
     cache = PagedKVCache(model.cfg, num_blocks=12, block_size=3, dtype=torch.float64)
+    blocks = BlockManager(num_blocks=12, block_size=3)
     a = torch.randint(0, 259, (11,)).tolist()
     b = torch.randint(0, 259, (5,)).tolist()
     c = torch.randint(0, 259, (8,)).tolist()
     full = {name: model(torch.tensor([seq])).logits[0] for name, seq in [("a", a), ("b", b), ("c", c)]}
     # step 1: a in a chunk of 4, b whole; step 2: a 5 more, b decodes one, c whole;
     # step 3: a its last 2, b and c decode one each
-    out = run_step(model, cache, [(0, a[:4], 4), (1, b[:4], 4)])
+    out = run_step(model, cache, blocks, [(0, a[:4], 4), (1, b[:4], 4)])
     torch.testing.assert_close(out[:4], full["a"][:4])
     torch.testing.assert_close(out[4:], full["b"][:4])
-    out = run_step(model, cache, [(0, a[:9], 5), (1, b, 1), (2, c[:7], 7)])
+    out = run_step(model, cache, blocks, [(0, a[:9], 5), (1, b, 1), (2, c[:7], 7)])
     torch.testing.assert_close(out[:5], full["a"][4:9])
     torch.testing.assert_close(out[5], full["b"][4])
     torch.testing.assert_close(out[6:], full["c"][:7])
-    out = run_step(model, cache, [(0, a, 2), (2, c, 1)])
+    out = run_step(model, cache, blocks, [(0, a, 2), (2, c, 1)])
     torch.testing.assert_close(out[:2], full["a"][9:])
     torch.testing.assert_close(out[2], full["c"][7])
 
 
 def test_blocks_are_taken_as_sequences_grow_and_returned_on_release():
-    cache = PagedKVCache(tiny_config(), num_blocks=5, block_size=4)
-    cache.reserve(0, 5)
-    cache.reserve(1, 4)
-    assert cache.used_blocks == 3 and cache.can_hold(1, 12) and not cache.can_hold(1, 13)
-    cache.reserve(0, 8)
-    assert len(cache.tables[0]) == 2 and cache.used_blocks == 3
+    blocks = BlockManager(num_blocks=5, block_size=4)
+    blocks.reserve(0, 5)
+    blocks.reserve(1, 4)
+    assert blocks.used_blocks == 3 and blocks.can_hold(1, 12) and not blocks.can_hold(1, 13)
+    blocks.reserve(0, 8)
+    assert len(blocks.tables[0]) == 2 and blocks.used_blocks == 3
     with pytest.raises(RuntimeError, match="preempt"):
-        cache.reserve(1, 20)
-    cache.release(0)
-    assert cache.used_blocks == 1 and 0 not in cache.tables
+        blocks.reserve(1, 20)
+    blocks.release(0)
+    assert blocks.used_blocks == 1 and 0 not in blocks.tables
 
 
 def test_multi_query_blocks_hold_n_heads_times_more_tokens_in_the_same_memory():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
+from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.stopping import Detokenizer, check_stop, visible_text
 from moe.tokenizer import EOS, encode
 
 
@@ -93,15 +94,16 @@ def test_stop_string_completing_anywhere_in_the_new_tokens():
 
 
 def test_stop_on_the_tokenizers_own_eos_id():
-    params = SamplingParams(eos_id=7)
-    assert check_stop([5, 7, 9], params, n_new=3) == ("eos", 2)
-    assert check_stop([EOS], params) == (None, 1)  # our byte EOS is an ordinary id here
-    assert check_stop([EOS], SamplingParams(eos_id=None)) == (None, 1)
+    params, detok = SamplingParams(), Detokenizer(eos_id=7)
+    assert check_stop([5, 7, 9], params, n_new=3, detok=detok) == ("eos", 2)
+    assert check_stop([EOS], params, detok=detok) == (None, 1)  # our byte EOS is an ordinary id here
+    assert check_stop([EOS], params, detok=Detokenizer(eos_id=None)) == (None, 1)
 
 
 def test_stop_string_completing_inside_a_token_of_another_tokenizer():
     words = ["ab", "c\n\nd", "e"]  # a tokenizer whose tokens are these strings
-    params = SamplingParams(stop=("\n\n",), decode=lambda ids: "".join(words[i] for i in ids))
-    assert check_stop([0], params) == (None, 1)
-    assert check_stop([0, 1, 2], params, n_new=3) == ("stop", 2)
-    assert visible_text([0, 1], params) == "abc"
+    params = SamplingParams(stop=("\n\n",))
+    detok = Detokenizer(decode=lambda ids: "".join(words[i] for i in ids))
+    assert check_stop([0], params, detok=detok) == (None, 1)
+    assert check_stop([0, 1, 2], params, n_new=3, detok=detok) == ("stop", 2)
+    assert visible_text([0, 1], params, detok) == "abc"

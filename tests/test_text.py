@@ -15,7 +15,8 @@ from moe.io.checkpoint import load_model
 from moe.serving.generation import generate, stream
 from moe.io.hf import save_hf
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, visible_text
+from moe.serving.sampling import SamplingParams
+from moe.serving.stopping import Detokenizer, visible_text
 from moe.serving.text import load_tokenizer, text_pieces
 from moe.tokenizer import decode, encode
 from tests.conftest import tiny_config
@@ -99,9 +100,9 @@ def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral
     folder, tok = mixtral
     prompts = []
 
-    def recording_stream(model, prompt, params):
+    def recording_stream(model, prompt, params, detok):
         prompts.append(prompt)
-        return stream(model, prompt, params)
+        return stream(model, prompt, params, detok)
 
     monkeypatch.setattr(cli, "stream", recording_stream)
     out, err = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--bos", "--max-new-tokens", 20,
@@ -148,8 +149,8 @@ def test_generated_text_keeps_the_space_it_has_after_the_prompt(mixtral):
     prompt = tok.encode(PROMPT, add_special_tokens=False).ids
     generated = tok.encode(PROMPT + " sat on", add_special_tokens=False).ids[len(prompt):]
     assert tok.decode(generated) == "sat on"  # alone, a SentencePiece decoder drops the space
-    params = load_tokenizer(folder).sampling_params(SamplingParams(), prompt)
-    assert visible_text(generated, params) == " sat on"
+    detok = load_tokenizer(folder).detokenizer(prompt)
+    assert visible_text(generated, SamplingParams(), detok) == " sat on"
 
 
 def test_bos_is_refused_when_the_tokenizer_has_none(mixtral, tmp_path):
@@ -207,8 +208,8 @@ def test_tokenizer_json_is_used_when_tokenizers_is_installed(tmp_path):
 # Streaming
 # ---------------------------------------------------------------------------------------
 
-def pieces_and_shown(tokens, params):
-    pieces = list(text_pieces(tokens, params))
+def pieces_and_shown(tokens, params, detok=Detokenizer()):
+    pieces = list(text_pieces(tokens, params, detok))
     return pieces, ["".join(pieces[:i + 1]) for i in range(len(pieces))]
 
 
@@ -222,7 +223,8 @@ def test_streamed_bytes_never_show_half_a_character():
 
 def test_streamed_text_never_shows_the_start_of_a_stop_string():
     words = ["hel", "lo w", "orld\n", "\nbye"]  # a tokenizer whose tokens are these strings
-    params = SamplingParams(stop=("\n\n",), decode=lambda ids: "".join(words[i] for i in ids))
-    pieces, shown = pieces_and_shown(range(len(words)), params)
-    assert "".join(pieces) == visible_text(list(range(len(words))), params) == "hello world"
+    params = SamplingParams(stop=("\n\n",))
+    detok = Detokenizer(decode=lambda ids: "".join(words[i] for i in ids))
+    pieces, shown = pieces_and_shown(range(len(words)), params, detok)
+    assert "".join(pieces) == visible_text(list(range(len(words))), params, detok) == "hello world"
     assert not any(s.endswith("\n") for s in shown)

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from moe.serving.engine import Engine, EngineConfig, Request
+from moe.serving.engine import Engine, EngineConfig
+from moe.serving.requests import Request
 from moe.model.transformer import Transformer
 from moe.serving.sampling import SamplingParams
 from moe.serving.static_batching import run_static_batch
@@ -88,7 +89,7 @@ def run_continuous(model: Transformer, workload: Workload, config: EngineConfig,
             engine.step()
         elif pending:
             _wait_until(clock, pending[0].arrival_time)
-    pool = engine.cache.num_blocks
+    pool = engine.blocks.num_blocks
     return summarise("continuous", served, start, engine.batch_sizes,
                      statistics.fmean(engine.block_utilisation), engine.preemptions,
                      dict(slots=config.max_num_seqs, kv_pool_tokens=pool * config.block_size))

@@ -24,6 +24,7 @@ from torch import Tensor
 from kernels.attention import PagedLayout, paged_layout
 from kernels.ops import masked_attention, paged_attention
 from moe.config import ModelConfig
+from moe.serving.blocks import BlockManager
 
 
 class KVCache:
@@ -71,18 +72,19 @@ class KVCache:
 # per table row.
 
 class PagedKVCache:
+    """The pool's K/V tensors for every layer; which blocks belong to whom is the block
+    manager's (moe/serving/blocks.py), passed to `set_layout` each step."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got num_blocks="
                              f"{num_blocks}, block_size={block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kernel_backend = cfg.kernel_backend  # "triton": kernels/attention.py paged kernel
+        self.kernel_backend = cfg.kernel_backend  # which attention runs: kernels/ops.py
         shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
-        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes block 0 first
-        self.tables: dict[int, list[int]] = {}  # sequence id -> its blocks, in token order
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
 
@@ -98,45 +100,18 @@ class PagedKVCache:
         return cls(cfg, budget_bytes // cls.bytes_per_block(cfg, block_size, dtype), block_size,
                    device, dtype)
 
-    # -- block bookkeeping -------------------------------------------------------------
-
-    def blocks_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.block_size)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
-
-    def can_hold(self, seq_id: int, n_tokens: int) -> bool:
-        """Whether sequence `seq_id` can grow to `n_tokens` stored tokens with the free blocks."""
-        have = len(self.tables.get(seq_id, ()))
-        return self.blocks_for(n_tokens) - have <= len(self.free_blocks)
-
-    def reserve(self, seq_id: int, n_tokens: int) -> None:
-        """Grow the block table of `seq_id` to hold `n_tokens` tokens."""
-        if not self.can_hold(seq_id, n_tokens):
-            raise RuntimeError(f"sequence {seq_id} needs {self.blocks_for(n_tokens)} blocks for "
-                               f"{n_tokens} tokens, only {len(self.free_blocks)} free; check "
-                               "can_hold first and preempt a sequence to make room")
-        table = self.tables.setdefault(seq_id, [])
-        while len(table) < self.blocks_for(n_tokens):
-            table.append(self.free_blocks.pop())
-
-    def release(self, seq_id: int) -> None:
-        """Give the blocks of `seq_id` back to the pool (finished or preempted)."""
-        self.free_blocks.extend(reversed(self.tables.pop(seq_id, [])))
-
-    # -- one step ----------------------------------------------------------------------
-
-    def set_layout(self, seq_ids: list[int], query_lens: list[int], seq_lens: list[int]) -> None:
+    def set_layout(self, blocks: BlockManager, seq_ids: list[int], query_lens: list[int],
+                   seq_lens: list[int]) -> None:
         """Describe the next forward: sequence b brings query_lens[b] new tokens and will
-        then hold seq_lens[b] tokens (blocks already reserved)."""
-        tables = [self.tables[s] for s in seq_ids]
-        slots = [table[p // self.block_size] * self.block_size + p % self.block_size
-                 for table, n_new, n_all in zip(tables, query_lens, seq_lens)
-                 for p in range(n_all - n_new, n_all)]
+        then hold seq_lens[b] tokens, in the blocks `blocks` has reserved for it."""
+        if blocks.num_blocks != self.num_blocks or blocks.block_size != self.block_size:
+            raise ValueError(f"block manager of {blocks.num_blocks} x {blocks.block_size} does not "
+                             f"match this pool of {self.num_blocks} x {self.block_size}")
+        slots = [slot for seq, n_new, n_all in zip(seq_ids, query_lens, seq_lens)
+                 for slot in blocks.slots(seq, n_all - n_new, n_all)]
         self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.k.device)  # [N]
-        self.layout = paged_layout(tables, query_lens, seq_lens, self.block_size, self.k.device)
+        self.layout = paged_layout([blocks.tables[s] for s in seq_ids], query_lens, seq_lens,
+                                   self.block_size, self.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""

@@ -6,24 +6,29 @@ fixes a batch and waits for its longest member, so slots idle as short requests 
 Iteration-level scheduling (Orca, vLLM) decides the batch afresh at every step: finished
 requests leave at once, their KV blocks go back to the pool, and waiting ones take the slots.
 
-One `step()`:
+One `step()` is schedule -> run -> postprocess, as in nano-vllm:
 
-    schedule   running requests first, in admission order: each brings its pending tokens
-               (1 when decoding, a chunk of the prompt when prefilling), within the token
-               budget; a request that cannot get the KV blocks it needs preempts the most
-               recently admitted one (its blocks are freed, it goes back to the head of the
-               queue and is recomputed later: prompt + what it had generated). Then, if
-               nothing was preempted, waiting requests are admitted while the token budget,
-               the sequence limit and the free blocks allow.
-    run        the scheduled tokens flattened into one ragged row tokens [1, N] at positions
-               [1, N]; one model forward writes their K/V through the paged cache.
-    sample     every request whose pending tokens are now all cached samples its next
-               token from the logits of its last token (a prefill chunk that is not the
-               last one samples nothing).
-    retire     requests that hit EOS, a stop string, max_new_tokens or the context length
-               finish and release their blocks before the next step.
+    schedule     running requests first, in admission order: each brings its pending tokens
+                 (1 when decoding, a chunk of the prompt when prefilling), within the token
+                 budget; a request that cannot get the KV blocks it needs preempts the most
+                 recently admitted one (its blocks are freed, it goes back to the head of the
+                 queue and is recomputed later: prompt + what it had generated). Then, if
+                 nothing was preempted, waiting requests are admitted while the token budget,
+                 the sequence limit and the free blocks allow. The block manager
+                 (moe/serving/blocks.py) says who owns which blocks.
+      propose    (a hook) tokens to check beside each decode: none here; the speculative
+                 engine (moe/serving/speculative_engine.py) asks its draft
+    run          the scheduled tokens flattened into one ragged row tokens [1, N] at positions
+                 [1, N]; one model forward writes their K/V through the paged cache (which
+                 only stores K/V) and returns logits.
+    postprocess  every request whose pending tokens are now all cached takes its new tokens
+                 (`verify`, a hook: here one sampled token; a prefill chunk that is not the
+                 last takes none), and requests that are finished (moe/serving/stopping.py:
+                 EOS, a stop string, max_new_tokens, the context length) release their
+                 blocks before the next step.
 
-Bad requests are refused with a reason at `add_request`; the engine goes on serving others.
+Bad requests are refused with a reason at `add_request` (moe/serving/requests.py); the
+engine goes on serving others.
 
 Shapes: N tokens in the step, V vocab.
 """
@@ -36,11 +41,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
-from moe.serving.cache import PagedKVCache
-from moe.config import ModelConfig
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, visible_text, warp_probs
+from moe.serving.blocks import BlockManager
+from moe.serving.cache import PagedKVCache
+from moe.serving.generation import timed_forward
+from moe.serving.requests import Request, refusal_reason
+from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
 @dataclass
@@ -61,50 +70,24 @@ class EngineConfig:
 
 
 @dataclass
-class Request:
-    request_id: int
-    prompt: list[int]
-    params: SamplingParams
-    arrival_time: float = 0.0
-    output: list[int] = field(default_factory=list)
-    status: str = "waiting"  # waiting | running | finished | refused
-    finish_reason: str | None = None  # eos | stop | length | refused
-    refusal: str | None = None  # why a refused request was refused
-    num_cached: int = 0  # tokens whose K/V are in the cache
-    preemptions: int = 0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    generator: torch.Generator | None = None
+class Scheduled:
+    """One request's part of a step: `n` pending tokens (prompt chunk or the last sampled
+    token), then any `proposals` to check (speculative decoding, with the draft's
+    probabilities `q`, None when greedy)."""
+    request: Request
+    n: int
+    proposals: list[int] = field(default_factory=list)
+    q: Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt + self.output
+        start = self.request.num_cached
+        return self.request.tokens[start:start + self.n] + self.proposals
 
     @property
-    def text(self) -> str:
-        return visible_text(self.output, self.params)
-
-
-def refusal_reason(cfg: ModelConfig, prompt: list[int], params: SamplingParams,
-                   pool_tokens: int | None = None) -> str | None:
-    """Why a request cannot be served, or None. `pool_tokens`: what the whole KV pool holds."""
-    if not prompt:
-        return "empty prompt: give at least one token"
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        return f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})"
-    problem = params.invalid_reason()
-    if problem:
-        return problem
-    if len(prompt) >= cfg.max_seq_len:
-        return (f"prompt of {len(prompt)} tokens leaves no room to generate within "
-                f"max_seq_len = {cfg.max_seq_len}; shorten it")
-    longest = min(len(prompt) + params.max_new_tokens, cfg.max_seq_len)
-    if pool_tokens is not None and longest > pool_tokens:
-        return (f"request may grow to {longest} tokens but the whole KV pool holds "
-                f"{pool_tokens}; lower max_new_tokens or give the engine more blocks")
-    return None
+    def completes(self) -> bool:
+        """Whether this step caches the request's last pending token (so it takes new ones)."""
+        return self.request.num_cached + self.n == len(self.request.tokens)
 
 
 class Engine:
@@ -122,6 +105,7 @@ class Engine:
             if num_blocks < 1:
                 raise ValueError(f"engine.kv_cache_bytes = {self.config.kv_cache_bytes} holds no block "
                                  f"of {block_bytes} bytes; give more memory or smaller blocks")
+        self.blocks = BlockManager(num_blocks, self.config.block_size)
         self.cache = PagedKVCache(self.cfg, num_blocks, self.config.block_size, self.device, param.dtype)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -131,15 +115,16 @@ class Engine:
         self.preemptions = 0
         self.batch_sizes: list[int] = []  # sequences in each step
         self.block_utilisation: list[float] = []  # used / all blocks, each step
+        self.forward_time_s = 0.0  # model forwards, device synchronised
 
     # -- requests ----------------------------------------------------------------------
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, detok: Detokenizer = BYTES) -> Request:
         params = params or SamplingParams()
         request = Request(next(self.ids), list(prompt), params,
-                          self.clock() if arrival_time is None else arrival_time)
-        pool_tokens = self.cache.num_blocks * self.cache.block_size
+                          self.clock() if arrival_time is None else arrival_time, detok)
+        pool_tokens = self.blocks.num_blocks * self.blocks.block_size
         request.refusal = refusal_reason(self.cfg, request.prompt, params, pool_tokens)
         if request.refusal:
             request.status, request.finish_reason = "refused", "refused"
@@ -159,109 +144,142 @@ class Engine:
             self.step()
             if self.steps == steps:
                 raise RuntimeError(f"no request could be scheduled ({len(self.waiting)} waiting, "
-                                   f"{len(self.running)} running, {len(self.cache.free_blocks)} free "
-                                   "blocks); this is a scheduler bug, please report it")
+                                   f"{len(self.running)} running, {len(self.blocks.free_blocks)} "
+                                   "free blocks); this is a scheduler bug, please report it")
         return self.finished
 
-    # -- one iteration -----------------------------------------------------------------
+    # -- one step: schedule -> run -> postprocess ----------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Request, int]]:
+        """Run one iteration; returns (request, new token) for every token emitted."""
+        scheduled = self.schedule()
+        if not scheduled:
+            return []
+        self.propose(scheduled)
+        logits = self.run_model(scheduled)  # [N, V]
+        return self.postprocess(scheduled, logits)
+
+    # -- schedule ------------------------------------------------------------------------
 
     def _pending(self, request: Request, budget: int) -> int:
         chunk = self.config.prefill_chunk or budget
         return min(len(request.tokens) - request.num_cached, budget, chunk)
 
-    def _preempt(self, request: Request) -> None:
-        self.cache.release(request.request_id)
+    def preempt(self, request: Request) -> None:
+        self.blocks.release(request.request_id)
         self.running.remove(request)
         request.num_cached, request.status = 0, "waiting"
         request.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(request)
 
-    def _schedule(self) -> list[tuple[Request, int]]:
+    def schedule(self) -> list[Scheduled]:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
+        scheduled: list[Scheduled] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._pending(request, budget)
-            while not self.cache.can_hold(request.request_id, request.num_cached + n):
+            while not self.blocks.can_hold(request.request_id, request.num_cached + n):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             if request.status != "running":
                 break
-            self.cache.reserve(request.request_id, request.num_cached + n)
-            scheduled.append((request, n))
+            self.blocks.reserve(request.request_id, request.num_cached + n)
+            scheduled.append(Scheduled(request, n))
             budget -= n
             i += 1
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             n = self._pending(request, budget)
-            if not self.cache.can_hold(request.request_id, request.num_cached + n):
+            if not self.blocks.can_hold(request.request_id, request.num_cached + n):
                 break
             self.waiting.popleft()
             request.status = "running"
             self.running.append(request)
-            self.cache.reserve(request.request_id, request.num_cached + n)
-            scheduled.append((request, n))
+            self.blocks.reserve(request.request_id, request.num_cached + n)
+            scheduled.append(Scheduled(request, n))
             budget -= n
         return scheduled
 
-    @torch.no_grad()
-    def step(self) -> list[tuple[Request, int]]:
-        """Run one iteration; returns (request, new token) for every token sampled."""
-        scheduled = self._schedule()
-        if not scheduled:
-            return []
-        tokens, positions = [], []
-        for request, n in scheduled:
-            tokens += request.tokens[request.num_cached: request.num_cached + n]
-            positions += range(request.num_cached, request.num_cached + n)
-        self.cache.set_layout([r.request_id for r, _ in scheduled], [n for _, n in scheduled],
-                              [r.num_cached + n for r, n in scheduled])
+    def propose(self, scheduled: list[Scheduled]) -> None:
+        """Fill in `proposals` (blocks reserved for them); the plain engine proposes none."""
+
+    # -- run -----------------------------------------------------------------------------
+
+    def run_model(self, scheduled: list[Scheduled]) -> Tensor:
+        """One forward over the step's ragged row -> logits [N, V]."""
+        tokens, positions, query_lens = [], [], []
+        for s in scheduled:
+            new = s.tokens
+            tokens += new
+            positions += range(s.request.num_cached, s.request.num_cached + len(new))
+            query_lens.append(len(new))
+        self.cache.set_layout(self.blocks, [s.request.request_id for s in scheduled], query_lens,
+                              [s.request.num_cached + q for s, q in zip(scheduled, query_lens)])
         self.batch_sizes.append(len(scheduled))
-        self.block_utilisation.append(self.cache.used_blocks / self.cache.num_blocks)
+        self.block_utilisation.append(self.blocks.used_blocks / self.blocks.num_blocks)
         self.steps += 1
-        logits = self.model(torch.tensor([tokens], device=self.device),
-                            torch.tensor([positions], device=self.device), self.cache).logits[0]  # [N, V]
-        ends = torch.tensor([n for _, n in scheduled]).cumsum(0) - 1  # last token of each sequence
-        sampling = []
-        for (request, n), end in zip(scheduled, ends.tolist()):
-            request.num_cached += n
-            if request.num_cached == len(request.tokens):
-                sampling.append((request, end))
-        new_tokens = self._sample(logits, sampling)
-        now = self.clock()
-        for (request, _), token in zip(sampling, new_tokens):
-            request.output.append(token)
-            request.token_times.append(now)
+        logits, seconds = timed_forward(self.model, tokens, positions, self.cache)
+        self.forward_time_s += seconds
+        return logits
+
+    # -- postprocess ---------------------------------------------------------------------
+
+    def postprocess(self, scheduled: list[Scheduled], logits: Tensor) -> list[tuple[Request, int]]:
+        """Cache what ran, take each finishing request's new tokens, retire the finished."""
+        ends = torch.tensor([len(s.tokens) for s in scheduled]).cumsum(0).tolist()
+        completing = [(s, logits[end - len(s.proposals) - 1:end])  # [1 + γ, V] from the last known token
+                      for s, end in zip(scheduled, ends) if s.completes]
+        for s in scheduled:
+            if not s.completes:  # a prefill chunk that is not the last
+                s.request.num_cached += s.n
+        now, emitted = self.clock(), []
+        for (s, _), (new, n_ok) in zip(completing, self.verify(completing)):
+            request = s.request
+            known = len(request.tokens)
+            request.num_cached += s.n + n_ok
+            request.output += new
+            reason, keep = finish_reason(len(request.prompt), request.output, request.params,
+                                         request.detok, self.cfg.max_seq_len, len(new))
+            del request.output[keep:]
             if request.first_token_time is None:
                 request.first_token_time = now
-            reason, _ = check_stop(request.output, request.params)
-            if reason is None and len(request.tokens) >= self.cfg.max_seq_len:
-                reason = "length"
+            kept = request.output[known - len(request.prompt):]
+            for token in kept:
+                request.token_times.append(now)
+                emitted.append((request, token))
+            self.accepted(s, n_ok, len(kept))
             if reason:
-                self._finish(request, reason, now)
-        return [(request, token) for (request, _), token in zip(sampling, new_tokens)]
+                self.finish(request, reason, now)
+        return emitted
 
-    def _sample(self, logits: torch.Tensor, sampling: list[tuple[Request, int]]) -> list[int]:
-        """Greedy rows in one argmax; the others one by one, each with its own generator."""
-        if not sampling:
+    def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
+        """(new tokens, proposals accepted) per completing request, from its rows of logits.
+        No proposals here: one token each; greedy rows in one argmax, the others one by one,
+        each with its own generator."""
+        if not completing:
             return []
-        rows = logits[torch.tensor([end for _, end in sampling], device=logits.device)]  # [S, V]
+        rows = torch.stack([scores[-1] for _, scores in completing])  # [S, V]
         tokens = rows.argmax(dim=-1).tolist()
-        for i, (request, _) in enumerate(sampling):
-            if not request.params.greedy:
-                probs = warp_probs(rows[i:i + 1], request.params)
-                tokens[i] = int(sample(probs, request.generator)[0])
-        return tokens
+        for i, (s, _) in enumerate(completing):
+            if not s.request.params.greedy:
+                probs = warp_probs(rows[i:i + 1], s.request.params)
+                tokens[i] = int(sample(probs, s.request.generator)[0])
+        return [([token], 0) for token in tokens]
 
-    def _finish(self, request: Request, reason: str, now: float) -> None:
-        self.cache.release(request.request_id)
+    def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:
+        """A hook after a request took its new tokens: `n_ok` proposals accepted, `n_kept`
+        tokens kept (the speculative engine's bookkeeping)."""
+
+    def finish(self, request: Request, reason: str, now: float) -> None:
+        self.blocks.release(request.request_id)
         self.running.remove(request)
         request.status, request.finish_reason, request.finish_time = "finished", reason, now
         self.finished.append(request)

@@ -8,19 +8,26 @@ token, and it is what `generate.py --prompt` streams from.
                   logits of the last position -> first new token
     decode_step:  one token per row [B, 1] at its own position -> next logits
 
-Shapes: B batch, T prompt length, V vocab.
+`timed_forward` is the one forward whose time is recorded (the engines' and the
+speculative loops' draft/target times): it synchronises the device before and after, so
+on a GPU it measures the forward, not the launch.
+
+Shapes: B batch, T prompt length, N tokens of a ragged row, V vocab.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from moe.serving.cache import KVCache
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.serving.requests import check_request
+from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
 @torch.no_grad()
@@ -36,17 +43,32 @@ def decode_step(model: Transformer, tokens: Tensor, positions: Tensor, cache) ->
     return model(tokens[:, None], positions[:, None], cache).logits[:, -1]
 
 
-def stream(model: Transformer, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def timed_forward(model: Transformer, tokens: list[int], positions: list[int], cache
+                  ) -> tuple[Tensor, float]:
+    """One ragged row tokens [1, N] at positions [1, N] through `model` with `cache` ->
+    (logits [N, V], seconds), the device synchronised around the forward."""
+    device = next(model.parameters()).device
+    tokens_t = torch.tensor([tokens], device=device)
+    positions_t = torch.tensor([positions], device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    logits = model(tokens_t, positions_t, cache).logits[0]
+    synchronize(device)
+    return logits, time.perf_counter() - start
+
+
+def stream(model: Transformer, prompt: list[int], params: SamplingParams,
+           detok: Detokenizer = BYTES) -> Iterator[int]:
     """Yield the new tokens of one request as they are generated (the finishing one too)."""
     cfg = model.cfg
-    problem = params.invalid_reason()
-    if problem:
-        raise ValueError(problem)
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one token")
-    if len(prompt) >= cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in model.max_seq_len = "
-                         f"{cfg.max_seq_len}; shorten it")
+    check_request(cfg, prompt, params)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     cache = KVCache(cfg, 1, cfg.max_seq_len, device, dtype)
@@ -57,14 +79,15 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams) -> Ite
         token = int(sample(warp_probs(logits, params), generator)[0])
         generated.append(token)
         yield token
-        reason, _ = check_stop(generated, params)
-        position = len(prompt) + len(generated) - 1
-        if reason or position + 1 >= cfg.max_seq_len:
+        reason, _ = finish_reason(len(prompt), generated, params, detok, cfg.max_seq_len)
+        if reason:
             return
+        position = len(prompt) + len(generated) - 1
         logits = decode_step(model, torch.tensor([token], device=device),
                              torch.tensor([position], device=device), cache)
 
 
-def generate(model: Transformer, prompt: list[int], params: SamplingParams) -> list[int]:
+def generate(model: Transformer, prompt: list[int], params: SamplingParams,
+             detok: Detokenizer = BYTES) -> list[int]:
     """The new tokens of one request (see `stream`)."""
-    return list(stream(model, prompt, params))
+    return list(stream(model, prompt, params, detok))

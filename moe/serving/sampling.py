@@ -1,4 +1,4 @@
-"""Sampling: turn the logits of the last position into the next token, and decide when to stop.
+"""Sampling: turn the logits of the last position into the next token.
 
 Why split into `warp_probs` and `sample`: the warped distribution is a value of its own.
 Speculative decoding needs the target's and the draft's probabilities to accept or reject
@@ -11,25 +11,18 @@ ties), so greedy decoding and speculative verification share one code path.
 Randomness is per request: each request may carry a `seed`, and the engine gives it its own
 `torch.Generator`, so a request samples the same tokens whatever else is in the batch.
 
-Stopping: on the tokenizer's EOS id (unless `ignore_eos`), on a stop string in the generated
-text, or after `max_new_tokens`. With our byte-level tokenizer (`decode` None) a stop string
-can only complete on the token just appended, and the check is exact on bytes; with another
-tokenizer (`decode` given, see moe/serving/text.py) a token may complete one mid-token, so the text
-of all generated tokens is searched. `check_stop` looks at every token appended in a step,
-so it also serves speculative decoding, which appends several at once.
+`SamplingParams` holds what a user sets; when a request ends and what text it shows depend
+on the tokenizer too, and live in moe/serving/stopping.py.
 
 Shapes: N rows (requests), V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from moe.tokenizer import EOS, decode_bytes
 
 
 @dataclass
@@ -41,8 +34,6 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends once the text holds one of these
     seed: int | None = None  # per-request generator seed; None = the global generator
     ignore_eos: bool = False  # keep going past EOS (benchmarks with controlled lengths)
-    eos_id: int | None = EOS  # the tokenizer's end-of-sequence id; None = it has none
-    decode: Callable[[list[int]], str] | None = None  # the tokenizer's ids -> text; None = bytes
 
     def invalid_reason(self) -> str | None:
         """Why these settings cannot be used, or None when they can."""
@@ -95,49 +86,3 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed)
     return generator
-
-
-# ---------------------------------------------------------------------------------------
-# Stopping
-# ---------------------------------------------------------------------------------------
-
-def check_stop(generated: list[int], params: SamplingParams, n_new: int = 1) -> tuple[str | None, int]:
-    """Look at the last `n_new` tokens of `generated` in order; return (finish reason, number
-    of tokens to keep). Reasons: "eos", "stop" (a stop string completed), "length";
-    None = keep going (and keep all). The token that finished a request is kept."""
-    for i in range(len(generated) - n_new, len(generated)):
-        if generated[i] == params.eos_id and not params.ignore_eos:
-            return "eos", i + 1
-        if params.stop and completes_stop(generated[: i + 1], params):
-            return "stop", i + 1
-        if i + 1 >= params.max_new_tokens:
-            return "length", i + 1
-    return None, len(generated)
-
-
-def completes_stop(generated: list[int], params: SamplingParams) -> bool:
-    """Whether the text of `generated` holds a stop string (that of generated[:-1] did not)."""
-    if params.decode is None:  # bytes: the stop string ends on the last token
-        longest_stop = max(len(s.encode("utf-8")) for s in params.stop)
-        window = decode_bytes(generated[-2 * longest_stop:])  # room for special ids
-        return any(window.endswith(s.encode("utf-8")) for s in params.stop)
-    text = params.decode(generated)
-    return any(s in text for s in params.stop)
-
-
-def visible_bytes(generated: list[int], params: SamplingParams) -> bytes:
-    """The bytes a user sees with our byte-level tokenizer: special tokens left out, a final
-    stop string cut off."""
-    data = decode_bytes(generated)
-    for s in params.stop:
-        if data.endswith(s.encode("utf-8")):
-            return data[: len(data) - len(s.encode("utf-8"))]
-    return data
-
-
-def visible_text(generated: list[int], params: SamplingParams) -> str:
-    """The text a user sees: special tokens left out, cut before the first stop string."""
-    if params.decode is None:
-        return visible_bytes(generated, params).decode("utf-8", errors="replace")
-    text = params.decode(generated)
-    return text[:min((text.find(s) for s in params.stop if s in text), default=len(text))]

@@ -37,9 +37,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moe.serving.cache import KVCache
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.serving.generation import synchronize
+from moe.serving.requests import check_request
+from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
 @dataclass
@@ -106,11 +109,6 @@ class SpeculativeStats:
                     draft_time_s=self.draft_time_s)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def ragged_forward(model: Transformer, cache: KVCache, rows: list[list[int]],
                    starts: list[int]) -> Tensor:
@@ -146,10 +144,10 @@ class DraftProposer:
         self.stats: SpeculativeStats | None = None
 
     def _forward(self, rows: list[list[int]], starts: list[int]) -> Tensor:
-        _sync(self.cache.k.device)
+        synchronize(self.cache.k.device)
         start = time.perf_counter()
         logits = ragged_forward(self.model, self.cache, rows, starts)
-        _sync(self.cache.k.device)
+        synchronize(self.cache.k.device)
         if self.stats is not None:
             self.stats.draft_forwards += 1
             self.stats.draft_time_s += time.perf_counter() - start
@@ -262,21 +260,19 @@ def verify_greedy(proposals: list[int], best: list[int]) -> tuple[list[int], int
 def speculative_generate(target: Transformer, prompts: list[list[int]], params: SamplingParams,
                          proposer=None, draft: Transformer | None = None, gamma: int = 4,
                          adaptive: bool = False, max_gamma: int = 16,
-                         stats: SpeculativeStats | None = None) -> tuple[list[list[int]], SpeculativeStats]:
+                         stats: SpeculativeStats | None = None, detok: Detokenizer = BYTES
+                         ) -> tuple[list[list[int]], SpeculativeStats]:
     """The new tokens of each prompt, decoded speculatively, and the run's statistics.
     Give a `draft` model or a `proposer` (e.g. PromptLookupProposer()). With `adaptive`, γ
     grows by one after a round where every proposal passed and shrinks by one after a
     rejection (between 1 and `max_gamma`)."""
     cfg = target.cfg
-    problem = params.invalid_reason()
-    if problem:
-        raise ValueError(problem)
     if gamma < 1:
         raise ValueError(f"gamma (tokens proposed per round) must be at least 1, got {gamma}")
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if any(len(p) >= cfg.max_seq_len for p in prompts):
-        raise ValueError(f"a prompt leaves no room in model.max_seq_len = {cfg.max_seq_len}; shorten it")
+    if not prompts:
+        raise ValueError("no prompts: give at least one")
+    for prompt in prompts:
+        check_request(cfg, prompt, params)
     if (draft is None) == (proposer is None):
         raise ValueError("give exactly one of draft= (a model) or proposer= (e.g. PromptLookupProposer())")
     slack = max(max_gamma, gamma) + max(len(p) for p in prompts) + 1  # room for right padding
@@ -304,10 +300,10 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         proposals, q = proposer.propose(rows, gammas, params, generator)
 
         fed = [s[v:] + x for s, v, x in zip(rows, valid, proposals)]
-        _sync(param.device)
+        synchronize(param.device)
         start = time.perf_counter()
         logits = ragged_forward(target, cache, fed, valid)  # [B, W, V]
-        _sync(param.device)
+        synchronize(param.device)
         stats.target_time_s += time.perf_counter() - start
         stats.target_calls += 1
 
@@ -324,10 +320,11 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
             valid[b] = len(rows[b]) + n_ok
             proposer.accepted(b, len(rows[b]) + n_ok)
             outputs[i] += new
-            reason, keep = check_stop(outputs[i], params, len(new))
+            reason, keep = finish_reason(len(prompts[i]), outputs[i], params, detok,
+                                         cfg.max_seq_len, len(new))
             del outputs[i][keep:]
             seqs[i] = list(prompts[i]) + outputs[i]
-            if reason or len(seqs[i]) >= cfg.max_seq_len:
+            if reason:
                 finished.append(b)
         if adaptive:
             gamma = min(gamma + 1, max_gamma) if all_passed else max(gamma - 1, 1)

@@ -21,11 +21,12 @@ import time
 
 import torch
 
-from moe.serving.cache import KVCache
-from moe.serving.engine import Request
-from moe.serving.generation import decode_step, prefill
 from moe.model.transformer import Transformer
-from moe.serving.sampling import check_stop, make_generator, sample, warp_probs
+from moe.serving.cache import KVCache
+from moe.serving.generation import decode_step, prefill
+from moe.serving.requests import Request
+from moe.serving.sampling import make_generator, sample, warp_probs
+from moe.serving.stopping import finish_reason
 
 
 @torch.no_grad()
@@ -60,9 +61,8 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
             request.token_times.append(now)
             if request.first_token_time is None:
                 request.first_token_time = now
-            reason, _ = check_stop(request.output, request.params)
-            if reason is None and len(request.tokens) >= cfg.max_seq_len:
-                reason = "length"
+            reason, _ = finish_reason(len(request.prompt), request.output, request.params,
+                                      request.detok, cfg.max_seq_len)
             if reason:
                 request.status, request.finish_reason, request.finish_time = "finished", reason, now
         if all(r.status == "finished" for r in batch):

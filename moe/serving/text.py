@@ -4,8 +4,8 @@ Why a module of its own: the model only sees ids, but a user types and reads tex
 checkpoint may bring its own tokenizer. Ours is byte-level (moe/tokenizer.py); a Hugging
 Face folder may hold a `tokenizer.json`, read through the optional `tokenizers` package
 (pip install 'gpt4-moe[hf]'). `TextTokenizer` is what generation needs of either: encode,
-decode, the special ids, the vocabulary size, and `sampling_params` to stop on its EOS and
-check stop strings on its text.
+decode, the special ids, the vocabulary size, and `detokenizer`: what a request carries to
+stop on its EOS and check stop strings on its text (moe/serving/stopping.py).
 
 Streaming a general tokenizer: a token is not a fixed piece of text (a byte-level BPE token
 may be half of a UTF-8 character, a SentencePiece token may carry the space before a word),
@@ -16,7 +16,6 @@ character) and less len(longest stop) - 1 characters that may yet start a stop s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import warnings
@@ -26,11 +25,13 @@ from pathlib import Path
 
 from moe import tokenizer as byte_tokenizer
 from moe.io.files import CONFIG_FILE
-from moe.serving.sampling import SamplingParams, visible_text
+from moe.serving.sampling import SamplingParams
+from moe.serving.stopping import BYTES as BYTE_DETOKENIZER
+from moe.serving.stopping import Detokenizer, visible_text
 
 TOKENIZER_FILE = "tokenizer.json"
 BYTES = "bytes"  # the source of our byte-level tokenizer
-CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones (see sampling_params)
+CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones (see detokenizer)
 
 
 @dataclass
@@ -44,16 +45,16 @@ class TextTokenizer:
     vocab_size: int  # ids are in [0, vocab_size)
     source: str  # BYTES or the tokenizer.json it was read from
 
-    def sampling_params(self, params: SamplingParams, prompt: Sequence[int] = ()) -> SamplingParams:
-        """`params` stopping on this tokenizer's EOS and checking stop strings on its text
-        (ours keeps the exact byte check of moe/serving/sampling.py). The generated ids are decoded
-        after the prompt's last few tokens: a SentencePiece decoder drops the space that
-        starts a text, so "▁sat" alone reads "sat" but reads " sat" after "the cat"."""
+    def detokenizer(self, prompt: Sequence[int] = ()) -> Detokenizer:
+        """What a request of `prompt` carries to stop on this tokenizer's EOS and check stop
+        strings on its text (ours keeps the exact byte check of moe/serving/stopping.py). The
+        generated ids are decoded after the prompt's last few tokens: a SentencePiece
+        decoder drops the space that starts a text, so "▁sat" alone reads "sat" but reads
+        " sat" after "the cat"."""
         if self.source == BYTES:
-            return dataclasses.replace(params, eos_id=self.eos_id, decode=None)
+            return Detokenizer(eos_id=self.eos_id)
         context = list(prompt[-CONTEXT_TOKENS:])
-        return dataclasses.replace(params, eos_id=self.eos_id,
-                                   decode=functools.partial(self.decode_after, context))
+        return Detokenizer(eos_id=self.eos_id, decode=functools.partial(self.decode_after, context))
 
     def decode_after(self, context: list[int], ids: Sequence[int]) -> str:
         """The text `ids` add after `context`, as it reads inside the whole text."""
@@ -100,7 +101,8 @@ def load_tokenizer(path: str | Path | None) -> TextTokenizer:
         vocab_size=tok.get_vocab_size(with_added_tokens=True), source=str(file))
 
 
-def text_pieces(tokens: Iterable[int], params: SamplingParams) -> Iterator[str]:
+def text_pieces(tokens: Iterable[int], params: SamplingParams,
+                detok: Detokenizer = BYTE_DETOKENIZER) -> Iterator[str]:
     """The visible text of `tokens` (as generated, one at a time), in pieces as it becomes
     stable; the pieces join to visible_text of all of them. Assumes that more tokens never
     change text already stable, as holds for byte-level and SentencePiece-style decoders."""
@@ -109,9 +111,9 @@ def text_pieces(tokens: Iterable[int], params: SamplingParams) -> Iterator[str]:
     shown = 0
     for token in tokens:
         generated.append(token)
-        text = visible_text(generated, params)
+        text = visible_text(generated, params, detok)
         stable = len(text.rstrip("\ufffd")) - hold
         if stable > shown:
             yield text[shown:stable]
             shown = stable
-    yield visible_text(generated, params)[shown:]
+    yield visible_text(generated, params, detok)[shown:]
