@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from moe.cli import run_main
 from moe.io.checkpoint import load_model
 from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
@@ -46,14 +47,28 @@ from moe.serving.text import TextTokenizer, load_tokenizer, text_pieces
 SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
 SETTING_TYPES = dict(temperature=(int, float), top_k=(int,), top_p=(int, float), max_new_tokens=(int,),
                      seed=(int,), ignore_eos=(bool,))
+ENGINE_DEFAULTS = EngineConfig()  # the engine flags' defaults: EngineConfig's, written there only
+
+
+def mb_to_bytes(mb: float | None) -> int | None:
+    return None if mb is None else int(mb * 2**20)
+
+
+def bytes_to_mb(n: int | None) -> float | None:
+    return None if n is None else n / 2**20
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens per forward")
-    parser.add_argument("--prefill-chunk", type=int, default=None, help="longest prompt piece per step")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
-    parser.add_argument("--kv-cache-mb", type=float, default=None, help="KV pool size as a memory budget")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=ENGINE_DEFAULTS.max_num_batched_tokens,
+                        help="tokens per forward")
+    parser.add_argument("--prefill-chunk", type=int, default=ENGINE_DEFAULTS.prefill_chunk,
+                        help="longest prompt piece per step")
+    parser.add_argument("--block-size", type=int, default=ENGINE_DEFAULTS.block_size,
+                        help="tokens per KV block")
+    parser.add_argument("--num-blocks", type=int, default=ENGINE_DEFAULTS.num_blocks,
+                        help="KV pool size in blocks")
+    parser.add_argument("--kv-cache-mb", type=float, default=bytes_to_mb(ENGINE_DEFAULTS.kv_cache_bytes),
+                        help="KV pool size as a memory budget")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
                         help="weights and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -61,16 +76,34 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_engine_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse, then fill the dtype default for the device: bfloat16 on CUDA (the tensor
-    cores' type, half the bytes per decode step), float32 on CPU."""
+    """Parse, check --device and --threads, then fill the dtype default for the device:
+    bfloat16 on CUDA (the tensor cores' type, half the bytes per decode step), float32 on CPU."""
     args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
 
 
-def megabytes(mb: float | None) -> int | None:
-    return None if mb is None else int(mb * 2**20)
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot use here before weights are loaded onto it (safetensors
+    would report the checkpoint as corrupt)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}, but {torch.cuda.device_count()} CUDA devices are visible; "
+                         "use --device cpu or a visible cuda:N")
+
+
+def engine_settings(args) -> dict:
+    """EngineConfig's fields from the engine flags, all but max_num_seqs (--max-num-seqs or --slots)."""
+    return dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
+                block_size=args.block_size, num_blocks=args.num_blocks,
+                kv_cache_bytes=mb_to_bytes(args.kv_cache_mb))
 
 
 def build_model(args) -> tuple[Transformer, str]:
@@ -200,7 +233,8 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--bos", action="store_true", help="start the prompt with the BOS token")
-    parser.add_argument("--max-num-seqs", type=int, default=8, help="engine batch slots")
+    parser.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS.max_num_seqs,
+                        help="engine batch slots")
     parser.add_argument("--draft", help="speculative decoding: the draft's checkpoint or run folder")
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding without a draft: propose from earlier text")
@@ -208,6 +242,7 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = build_model(args)
@@ -217,16 +252,11 @@ def main_generate(argv: list[str]) -> None:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                 tuple(args.stop), args.seed, args.ignore_eos)
         detok = tokenizer.detokenizer(prompt)
-        try:
-            if args.draft or args.prompt_lookup:
-                speculate_prompt(model, args, prompt, params, detok)
-            else:
-                stream_prompt(model, prompt, params, detok)
-        except ValueError as error:
-            sys.exit(f"error: {error}")
+        if args.draft or args.prompt_lookup:
+            speculate_prompt(model, args, prompt, params, detok)
+        else:
+            stream_prompt(model, prompt, params, detok)
     else:
-        config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, args.prefill_chunk,
-                              args.block_size, args.num_blocks, megabytes(args.kv_cache_mb))
         draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
         serve_file(model, args.prompt_file, args.out, config, tokenizer, args.bos, draft,
                    args.speculate)
@@ -263,9 +293,8 @@ def main_bench(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, source = build_model(args)
-    engine_config = dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
-                         block_size=args.block_size, num_blocks=args.num_blocks,
-                         kv_cache_bytes=megabytes(args.kv_cache_mb))
+    check_workload_args(args, model.cfg.max_seq_len)
+    engine_config = engine_settings(args)
 
     def workload(rate):
         return bench.make_workload(args.n_requests, args.prompt_len, args.output_dist, args.mean_output,
@@ -296,6 +325,21 @@ def main_bench(argv: list[str]) -> None:
     print(f"-> {out}")
 
 
+def check_workload_args(args, max_seq_len: int) -> None:
+    """Refuse workload flags that would otherwise fail deep inside the benchmark, naming the flag."""
+    for key in ("n_requests", "prompt_len", "mean_output", "max_output", "repeats"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if min(args.slots) < 1:
+        raise ValueError(f"--slots must each be at least 1, got {' '.join(map(str, args.slots))}")
+    for key in ("rate", "load"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.prompt_len >= max_seq_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} leaves no room to generate within the model's "
+                         f"max_seq_len = {max_seq_len}; lower --prompt-len")
+
+
 def print_table(results: dict) -> None:
     print(f"model: {results['model_source']}, device {results['device']}, {results['dtype']}, "
           f"{results['threads']} threads")
@@ -315,6 +359,6 @@ def print_table(results: dict) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
-        main_bench(sys.argv[2:])
+        run_main(main_bench, sys.argv[2:])
     else:
-        main_generate(sys.argv[1:])
+        run_main(main_generate, sys.argv[1:])

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from moe.cli import run_main
 from moe.parallel import distributed
 from moe.io.checkpoint import load_model
-from moe.config import load_setup
+from moe.config import BYTE_VOCAB_SIZE, ConfigError, ModelConfig, TrainConfig, load_setup
 from moe.training.data import get_batch, prepare
 from moe.serving.generation import generate
 from moe.model.transformer import Transformer, count_parameters
@@ -38,6 +39,28 @@ from moe.cost.hardware import preset_for_device
 from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
 from moe.training.loop import evaluate, make_optimizer, read_checkpoint, set_rng_state, train_step
+
+
+def check_fits(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse settings that are valid alone but not together, before any data is prepared."""
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len = {cfg.seq_len} exceeds model.max_seq_len = "
+                          f"{model_cfg.max_seq_len}; lower train.seq_len or raise model.max_seq_len")
+    if model_cfg.vocab_size < BYTE_VOCAB_SIZE:
+        raise ConfigError(f"model.vocab_size = {model_cfg.vocab_size} is below the {BYTE_VOCAB_SIZE} ids "
+                          "of the byte tokenizer the data is encoded with (moe/tokenizer.py); set it to "
+                          f"at least {BYTE_VOCAB_SIZE}")
+
+
+def check_teacher(teacher: ModelConfig, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse a distillation target whose logits cannot be compared with the model's."""
+    if teacher.vocab_size != model_cfg.vocab_size:
+        raise ConfigError(f"train.distill_from = {cfg.distill_from} has vocab_size = {teacher.vocab_size} "
+                          f"but model.vocab_size = {model_cfg.vocab_size}; distillation compares the two "
+                          f"distributions id by id, so set model.vocab_size = {teacher.vocab_size}")
+    if teacher.max_seq_len < cfg.seq_len:
+        raise ConfigError(f"train.distill_from = {cfg.distill_from} reads at most {teacher.max_seq_len} "
+                          f"tokens, fewer than train.seq_len = {cfg.seq_len}; lower train.seq_len")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup = load_setup(args.config, args.set)
     model_cfg, cfg, data_cfg = setup["model"], setup["train"], setup["data"]
     run = Path(args.out or f"runs/{Path(args.config).stem}")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        sys.exit(f"train.seq_len = {cfg.seq_len} exceeds model.max_seq_len = {model_cfg.max_seq_len}")
+    check_fits(model_cfg, cfg)
     ranks = distributed.init(cfg, args.expert_parallel)  # one process unless launched by torchrun
     device, main = ranks.device, ranks.is_main
 
@@ -66,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(device)
     teacher = load_model(cfg.distill_from, device=device).eval() if cfg.distill_from else None
+    if teacher is not None:
+        check_teacher(teacher.cfg, model_cfg, cfg)
     metrics_file = run / "metrics.jsonl"
     start = 0
     if args.resume:
@@ -143,4 +167,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, sys.argv[1:])

@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -6,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate as cli
+from moe.cli import run_main
+from moe.config import ConfigError
 from moe.io.checkpoint import save_model
+from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
 from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
@@ -79,3 +84,54 @@ def test_bench_writes_both_modes_in_the_agreed_schema(tmp_path):
             assert set(run[key]) == {"mean", "p50", "p90", "p99"}
             assert run[key]["p50"] <= run[key]["p99"]
     assert results["comparisons"][0]["step_ceiling"] >= 1
+
+
+def run_all(cases: dict[str, list]) -> dict[str, subprocess.CompletedProcess]:
+    """generate.py once per case, all at the same time (each start imports torch)."""
+    running = {name: subprocess.Popen([sys.executable, "generate.py", *map(str, args), "--threads", "1"],
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in cases.items()}
+    done = {}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=120)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return done
+
+
+def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(checkpoint, tmp_path):
+    _, path = checkpoint
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    cases = {  # a piece of the message -> the command line
+        "config.json not found": ["--ckpt", tmp_path / "nonexistent", "--prompt", "hi"],
+        "engine.max_num_batched_tokens must be at least 1":
+            ["--ckpt", path, "--prompt-file", prompts, "--max-num-batched-tokens", 0],
+        "--device 'foo' is not a torch device": ["--ckpt", path, "--prompt", "hi", "--device", "foo"],
+        "config file nope.toml does not exist": ["bench", "--config", "nope.toml"],
+        "--slots must each be at least 1": ["bench", "--set", "model.n_layers=1", "--slots", 0],
+    }
+    for message, result in run_all(cases).items():
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert result.stderr.startswith("error:") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_only_user_errors_lose_their_traceback(capsys):
+    def refuse(argv):
+        raise ConfigError("model.n_layers must be at least 1, got 0")
+
+    def bug(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(refuse, [])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: model.n_layers must be at least 1, got 0\n"
+    with pytest.raises(KeyError):
+        run_main(bug, [])
+
+
+def test_engine_flags_default_to_the_engine_config():
+    parser = argparse.ArgumentParser()
+    cli.add_engine_args(parser)
+    assert EngineConfig(**cli.engine_settings(parser.parse_args([]))) == EngineConfig()

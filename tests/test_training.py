@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.io.checkpoint import load_model
+from moe.io.checkpoint import load_model, save_model
 from moe.io.files import CheckpointError
 from moe.config import TrainConfig
 from moe.model.transformer import Transformer, model_loss
@@ -168,3 +168,26 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     model = Transformer(tiny_config())
     with pytest.raises(CheckpointError, match="no checkpoint to resume"):
         load_checkpoint(tmp_path, model, make_optimizer(model, TrainConfig()), torch.device("cpu"))
+
+
+def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(400)))
+    short = save_model(Transformer(tiny_config(max_seq_len=64)), tmp_path / "short")
+    def small(run):
+        return [f"--set=data.source={json.dumps(str(data))}",
+                f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "--out", tmp_path / run]
+    cases = {  # a piece of the message -> the command line
+        "model.n_kv_heads = 3 does not divide": ["--set", "model.n_kv_heads=3"],
+        "config file nope.toml does not exist": ["--config", "nope.toml"],
+        "no checkpoint to resume": [*small("resume"), "--resume"],
+        "reads at most 64 tokens": [*small("distill"), f"--set=train.distill_from={json.dumps(str(short))}"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = {message: subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for message, args in cases.items()}  # at the same time: each start imports torch
+    for message, process in running.items():
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 2, err
+        assert err.startswith("error:") and message in err and "Traceback" not in err, err

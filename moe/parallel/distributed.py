@@ -76,11 +76,6 @@ class Ranks:
         return self.world_size > 1
 
 
-def is_main() -> bool:
-    """True in the process that logs and writes (rank 0, or the only process)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def init(cfg: TrainConfig, expert_parallel: int = 1) -> Ranks:
     """Read torchrun's environment and join the process group (NCCL on CUDA, Gloo on CPU).
     Without torchrun (no WORLD_SIZE, or 1) nothing is initialised and the run is one process."""

@@ -228,9 +228,3 @@ def get_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
     windows = np.stack([tokens[o:o + seq_len + 1] for o in offsets]).astype(np.int64)  # [B, T+1]
     windows = torch.from_numpy(windows)
     return windows[:, :-1], windows[:, 1:]
-
-
-def window_tasks(task_ids: np.ndarray, seq_len: int, batch_size: int, seed: int, index: int) -> Tensor:
-    """Task id [B, T] of each input token of batch `index` (task mix only)."""
-    offsets = batch_offsets(len(task_ids), seq_len, batch_size, seed, index)
-    return torch.from_numpy(np.stack([task_ids[o:o + seq_len] for o in offsets]).astype(np.int64))
