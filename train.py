@@ -5,6 +5,7 @@
     .venv/bin/python train.py --config configs/tiny.toml --set data.source=tasks   # synthetic task mix
     .venv/bin/python train.py --config configs/draft.toml --set train.distill_from=runs/tiny
     .venv/bin/python train.py --out runs/tiny --resume          # continue where it stopped
+    .venv/bin/python train.py --out runs/tiny --resume-from 200 # continue from an older checkpoint
 
 On several processes (docs/distributed.md; rank 0 logs and writes, checkpoints load in one process):
 
@@ -12,16 +13,21 @@ On several processes (docs/distributed.md; rank 0 logs and writes, checkpoints l
     .venv/bin/torchrun --nproc-per-node 2 train.py --set train.parallel=fsdp     # FSDP2
     .venv/bin/torchrun --nproc-per-node 2 train.py --expert-parallel 2           # experts split
 
-Writes RUN/metrics.jsonl (one line per log step and per evaluation), RUN/ckpt/step_*/ and
-RUN/ckpt/latest (load with moe.io.checkpoint.load_model(RUN)), and PNGs when matplotlib is
-installed (the `plots` extra). The loop's pieces live in moe/training/loop.py, the
-distributed plumbing in moe/parallel/distributed.py.
+Writes RUN/setup.json (what --resume continues), RUN/metrics.jsonl (one line per log step
+and per evaluation), RUN/ckpt/step_*/ and RUN/ckpt/latest (load with
+moe.io.checkpoint.load_model(RUN)), and PNGs when matplotlib is installed (the `plots`
+extra). A fresh run into a folder that holds one is refused unless --overwrite. SIGTERM or
+Ctrl-C saves a checkpoint at the next step boundary and exits; a step whose loss or
+gradient is not finite is skipped, and the run stops after a few in a row. The loop's
+pieces live in moe/training/loop.py, the run folder's rules in
+moe/training/run_folder.py, the distributed plumbing in moe/parallel/distributed.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,13 +38,24 @@ from moe.cli import run_main
 from moe.parallel import distributed
 from moe.io.checkpoint import load_model
 from moe.config import BYTE_VOCAB_SIZE, ConfigError, ModelConfig, TrainConfig, load_setup
-from moe.training.data import get_batch, prepare
-from moe.serving.generation import generate
-from moe.model.transformer import Transformer, count_parameters
+from moe.cost.estimate import training_flops_per_token
 from moe.cost.hardware import preset_for_device
+from moe.model.transformer import Transformer, count_parameters
+from moe.serving.generation import generate
 from moe.serving.sampling import SamplingParams
 from moe.tokenizer import decode, encode
-from moe.training.loop import evaluate, make_optimizer, read_checkpoint, set_rng_state, train_step
+from moe.training.data import Corpus, get_batch, prepare
+from moe.training.loop import (evaluate, make_optimizer, read_checkpoint, set_rng_state,
+                               sweep_leftovers, train_step)
+from moe.training.run_folder import (METRICS_FILE, metrics_up_to, refuse_used, resumed_setup,
+                                     start_fresh, write_text_atomically)
+
+DEFAULT_CONFIG = "configs/tiny.toml"
+MAX_SKIPPED_IN_A_ROW = 5  # steps with a non-finite loss or gradient before the run stops
+
+
+class Diverged(ValueError):
+    """The loss stayed non-finite: the run stops (a user's setting, printed as error:)."""
 
 
 def check_fits(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -50,6 +67,17 @@ def check_fits(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise ConfigError(f"model.vocab_size = {model_cfg.vocab_size} is below the {BYTE_VOCAB_SIZE} ids "
                           "of the byte tokenizer the data is encoded with (moe/tokenizer.py); set it to "
                           f"at least {BYTE_VOCAB_SIZE}")
+
+
+def check_corpus(corpus: Corpus, cfg: TrainConfig, source: str) -> None:
+    """Both splits must hold at least one training window, or the first evaluation fails
+    after a checkpoint was already written."""
+    need = cfg.seq_len + 1
+    for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < need:
+            raise ConfigError(f"data.source = {source!r} gives {len(tokens)} {split} tokens, fewer than "
+                              f"one window of train.seq_len + 1 = {need}; give more text, lower "
+                              "train.seq_len or change data.val_fraction")
 
 
 def check_teacher(teacher: ModelConfig, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -65,19 +93,32 @@ def check_teacher(teacher: ModelConfig, model_cfg: ModelConfig, cfg: TrainConfig
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.toml")
+    parser.add_argument("--config", default=None, help=f"setup TOML (default {DEFAULT_CONFIG}; a "
+                        "resumed run keeps the setup it was started with)")
     parser.add_argument("--out", help="run folder (default runs/<config name>)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN/ckpt/latest")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from RUN/ckpt/latest, with its own setup")
+    parser.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="continue from the checkpoint of this step (implies --resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a folder that already holds a run, replacing it")
     parser.add_argument("--sample", default="def ", help="prompt of the sample printed at the end")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--expert-parallel", type=int, default=1, metavar="D",
                         help="split each MoE layer's experts over D ranks (under torchrun)")
     args = parser.parse_args(argv)
 
-    setup = load_setup(args.config, args.set)
+    args.resume = args.resume or args.resume_from is not None
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; give one")
+    run = Path(args.out or f"runs/{Path(args.config or DEFAULT_CONFIG).stem}")
+    if args.resume:
+        setup = resumed_setup(run, args.config, args.set)
+    else:
+        refuse_used(run, args.overwrite)
+        setup = load_setup(args.config or DEFAULT_CONFIG, args.set)
     model_cfg, cfg, data_cfg = setup["model"], setup["train"], setup["data"]
-    run = Path(args.out or f"runs/{Path(args.config).stem}")
     check_fits(model_cfg, cfg)
     ranks = distributed.init(cfg, args.expert_parallel)  # one process unless launched by torchrun
     device, main = ranks.device, ranks.is_main
@@ -85,24 +126,24 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = prepare(data_cfg, seed=cfg.seed) if main else None
     distributed.barrier(ranks)  # rank 0 prepares the token files once; the others then map them
     corpus = corpus or prepare(data_cfg, seed=cfg.seed)
+    check_corpus(corpus, cfg, data_cfg.source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(device)
     teacher = load_model(cfg.distill_from, device=device).eval() if cfg.distill_from else None
     if teacher is not None:
         check_teacher(teacher.cfg, model_cfg, cfg)
-    metrics_file = run / "metrics.jsonl"
+    metrics_file = run / METRICS_FILE
     start = 0
     if args.resume:
-        state = read_checkpoint(run, model, device)  # full weights, before the model is split
-        start = state["step"]
         if main:
-            rows = [r for r in metrics_file.read_text().splitlines() if json.loads(r)["step"] <= start] \
-                if metrics_file.exists() else []
-            metrics_file.write_text("".join(r + "\n" for r in rows))  # drop what the killed run logged after
+            for path in sweep_leftovers(run):
+                print(f"removed {path}, left by an interrupted save", file=sys.stderr)
+        state = read_checkpoint(run, model, device, args.resume_from)  # full weights, before any split
+        start = state["step"]
+        if main:  # drop what the stopped run logged after its checkpoint, and torn lines
+            write_text_atomically(metrics_file, metrics_up_to(run, start))
     elif main:
-        run.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text("")
-        (run / "setup.json").write_text(json.dumps({k: vars(v) for k, v in setup.items()}, indent=2) + "\n")
+        start_fresh(run, setup, args.overwrite)
     trained = distributed.parallelize(model, ranks)  # model itself, or a DDP wrapper around it
     optimizer = make_optimizer(model, cfg)
     if args.resume:
@@ -112,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     clip_gradients = distributed.gradient_clipper(model, ranks)
 
     params = count_parameters(model_cfg)
+    flops_per_token = training_flops_per_token(model_cfg, cfg.seq_len)
     hardware = preset_for_device(torch.cuda.get_device_name()) if device.type == "cuda" else None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ranks.world_size
     if main:
@@ -125,36 +167,67 @@ def main(argv: list[str] | None = None) -> dict:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    began = time.perf_counter()
-    result = {}
-    for step in range(start, cfg.max_steps):
-        micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
-                           distributed.batch_index(step, i, cfg.grad_accum, ranks))
-                 for i in range(cfg.grad_accum)]
-        stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients)
-        stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl"), ranks)
-        done = step + 1
-        elapsed = time.perf_counter() - began
-        tokens_per_s = (done - start) * tokens_per_step / elapsed
-        row = {"step": done, **{k: v for k, v in stats.items() if k != "routing"},
-               "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
-        if hardware is not None:
-            row["mfu"] = 6 * params.active * tokens_per_s / (hardware.peak_flops * ranks.world_size)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            log({**row, "routing": stats["routing"]})
-        if main and not args.quiet:
-            eta = (cfg.max_steps - done) * elapsed / (done - start)
-            print(f"\rstep {done}/{cfg.max_steps} loss {stats['ce']:.3f} {tokens_per_s:,.0f} tok/s "
-                  f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            result = {"step": done, **evaluate(model, corpus, cfg, device)}  # every rank, same windows
-            log({"step": done, "eval": result})
-            accuracy = f" task accuracy {result['acc_mean']:.3f}" if "acc_mean" in result else ""
-            if main:
-                print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
-                      f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks)
+    stop = {"signal": 0}  # set by SIGTERM / Ctrl-C, acted on at the next step boundary
+
+    def on_signal(signum, frame) -> None:
+        stop["signal"] = signum
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        began = time.perf_counter()
+        training_s = 0.0  # time in training steps only: evaluation and checkpoints left out
+        skipped_in_a_row = 0
+        result = {}
+        for step in range(start, cfg.max_steps):
+            step_began = time.perf_counter()
+            micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
+                               distributed.batch_index(step, i, cfg.grad_accum, ranks))
+                     for i in range(cfg.grad_accum)]
+            stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients)
+            stats["stop"] = float(stop["signal"])  # any rank stopping stops them all, at this step
+            stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl", "stop"), ranks)
+            training_s += time.perf_counter() - step_began
+            done = step + 1
+            elapsed = time.perf_counter() - began
+            tokens_per_s = (done - start) * tokens_per_step / training_s
+            row = {"step": done, **{k: v for k, v in stats.items() if k not in ("routing", "stop")},
+                   "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+            if hardware is not None:
+                row["mfu"] = flops_per_token * tokens_per_s / (hardware.peak_flops * ranks.world_size)
+            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
+            if stats["skipped"] and main:
+                print(f"\nwarning: step {done} skipped: loss {stats['loss']} / gradient norm "
+                      f"{stats['grad_norm']} not finite", file=sys.stderr, flush=True)
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise Diverged(f"the loss or gradient was not finite for {skipped_in_a_row} steps in a row "
+                               f"(steps {done - skipped_in_a_row + 1}..{done}); skipped steps change "
+                               f"no weight and no checkpoint holds a non-finite one; lower train.lr "
+                               f"(now {cfg.lr}) or raise train.warmup_steps and start again, or "
+                               f"resume an earlier checkpoint with --resume-from")
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                log({**row, "routing": stats["routing"]})
+            if main and not args.quiet:
+                eta = (cfg.max_steps - done) * elapsed / (done - start)
+                print(f"\rstep {done}/{cfg.max_steps} loss {stats['ce']:.3f} {tokens_per_s:,.0f} tok/s "
+                      f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                result = {"step": done, **evaluate(model, corpus, cfg, device)}  # every rank, same windows
+                log({"step": done, "eval": result})
+                accuracy = f" task accuracy {result['acc_mean']:.3f}" if "acc_mean" in result else ""
+                if main:
+                    print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
+                          f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stats["stop"]:
+                distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks)
+            if stats["stop"] and done < cfg.max_steps:
+                name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal"
+                if main:
+                    print(f"\nstopped by {name} after step {done}; checkpoint saved in {run / 'ckpt'}; "
+                          f"continue with: train.py --out {run} --resume", file=sys.stderr, flush=True)
+                distributed.shutdown(ranks)
+                sys.exit(128 + (stop["signal"] or signal.SIGTERM))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
     whole = distributed.full_model(trained, ranks)  # rank 0: the plain model; gathered if split
     if main:

@@ -76,3 +76,18 @@ def test_missing_file_and_broken_toml_are_refused(tmp_path):
 def test_override_values_are_parsed_as_toml():
     assert parse_override("model.d_model=64") == ("model", "d_model", 64)
     assert parse_override("model.capacity_factor=none") == ("model", "capacity_factor", "none")
+
+
+def test_config_comments_state_the_parameter_counts_count_parameters_gives():
+    import re
+    from pathlib import Path
+    from moe.config import load_model_config
+    from moe.model.transformer import count_parameters
+    for name in ("tiny", "small"):
+        path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+        first = path.read_text().splitlines()[0]
+        total, active = (float(x) for x in re.search(r"about ([\d.]+)M parameters, ([\d.]+)M active",
+                                                     first).groups())
+        p = count_parameters(load_model_config(path))
+        assert abs(total - p.total / 1e6) / total < 0.05, (name, first)
+        assert abs(active - p.active / 1e6) / active < 0.05, (name, first)

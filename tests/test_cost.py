@@ -149,3 +149,14 @@ def test_measure_reads_this_machines_copy_bandwidth_and_matmul_flops():
     hw = measure_hardware("cpu", seconds=0.05)
     assert 1e8 < hw.bandwidth < 1e13 and 1e8 < hw.peak_flops < 1e14
     assert hw.bytes_per_s == hw.bandwidth and hw.flops == hw.peak_flops  # measured: reached
+
+
+def test_training_flops_count_attention_and_leave_out_the_embedding_lookup():
+    from moe.cost.estimate import training_flops_per_token
+    from tests.conftest import tiny_config
+    cfg = tiny_config()  # d 32, 2 MoE layers, 4 heads of 8, 1 KV head, 4 experts of 24, top-2
+    attention_weights = 32 * 32 + 32 * 8 + 32 * 8 + 32 * 32  # wq, wk, wv, wo
+    moe_weights = 32 * 4 + 2 * 3 * 32 * 24  # router, two active SwiGLU experts
+    matmul = 2 * (attention_weights + moe_weights) + 259 * 32  # + lm_head; the lookup is free
+    scores = 4 * 2 * 4 * 8 * (16 + 1) / 2  # q.k and p.v over the mean causal context
+    assert training_flops_per_token(cfg, 16) == 3 * (2 * matmul + scores) == 143808

@@ -97,6 +97,8 @@ real_step, real_write = train.train_step, moe.training.loop.write_model
 def step(model, optimizer, micro, cfg, index, *rest):
     if mode == "step" and index == at:
         os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "sigterm" and index == at:  # arrives mid-step: acted on at its end
+        os.kill(os.getpid(), signal.SIGTERM)
     return real_step(model, optimizer, micro, cfg, index, *rest)
 def write(model, folder, metadata):
     real_write(model, folder, metadata)
@@ -118,7 +120,7 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
-def test_run_killed_mid_run_or_mid_save_resumes_to_the_same_losses(tmp_path):
+def test_run_killed_mid_run_mid_save_or_by_sigterm_resumes_to_the_same_losses(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
     def args(run):
@@ -134,14 +136,36 @@ def test_run_killed_mid_run_or_mid_save_resumes_to_the_same_losses(tmp_path):
     assert _train(args("whole")) == 0
     expected = _losses(tmp_path / "whole")
     assert [s for s, _, _ in expected] == list(range(1, 9))
-    for mode, at in (("step", 5), ("save", 6)):
+    for mode, at, code, saved in (("step", 5, -9, 4), ("save", 6, -9, 4), ("sigterm", 4, 143, 5)):
         run = tmp_path / mode
-        assert _train(args(mode), killer=(mode, at)) == -9
+        assert _train(args(mode), killer=(mode, at)) == code
         latest = (run / "ckpt" / "latest").read_text().strip()
-        assert latest == "step_000004"  # the interrupted save never became latest
+        assert latest == f"step_{saved:06d}"  # an interrupted save never becomes latest; SIGTERM saves
         load_model(run)
-        assert _train(args(mode) + ["--resume"]) == 0
+        # the README's recipe: only the folder; the setup comes from the run's setup.json
+        assert _train(["--out", str(run), "--resume", "--quiet", "--sample", "a"]) == 0
         assert _losses(run) == expected  # identical, not merely close
+        assert not list((run / "ckpt").glob(".step_*"))  # the interrupted save's leftovers swept
+
+
+def test_a_diverging_run_stops_and_leaves_only_finite_checkpoints(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"{i}\n" for i in range(3000)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "train.py", "--out", str(tmp_path / "run"), "--quiet",
+         *[f"--set={s}" for s in (f"data.source={json.dumps(str(data))}",
+                                  f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                                  "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+                                  "model.d_expert=32", "model.n_experts=4", "train.max_steps=30",
+                                  "train.batch_size=2", "train.seq_len=16", "train.lr=1e4",
+                                  "train.warmup_steps=1", "train.checkpoint_every=2",
+                                  "train.eval_every=10", "train.eval_batches=1")]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not finite for 5 steps in a row" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    model = load_model(tmp_path / "run")  # latest loads, and holds finite weights only
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_distillation_pulls_the_draft_towards_the_target():
@@ -164,23 +188,32 @@ def test_distillation_pulls_the_draft_towards_the_target():
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    from moe.training.loop import load_checkpoint
-    model = Transformer(tiny_config())
+    from moe.training.loop import read_checkpoint
     with pytest.raises(CheckpointError, match="no checkpoint to resume"):
-        load_checkpoint(tmp_path, model, make_optimizer(model, TrainConfig()), torch.device("cpu"))
+        read_checkpoint(tmp_path, Transformer(tiny_config()), torch.device("cpu"))
 
 
 def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(400)))
     short = save_model(Transformer(tiny_config(max_seq_len=64)), tmp_path / "short")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
     def small(run):
         return [f"--set=data.source={json.dumps(str(data))}",
                 f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "--out", tmp_path / run]
     cases = {  # a piece of the message -> the command line
         "model.n_kv_heads = 3 does not divide": ["--set", "model.n_kv_heads=3"],
         "config file nope.toml does not exist": ["--config", "nope.toml"],
-        "no checkpoint to resume": [*small("resume"), "--resume"],
+        "holds no run to resume": [*small("resume"), "--resume"],
+        "already holds a run": [*small("used"), "--set=train.max_steps=1"],
+        "every file it names is empty": [*small("empty")[2:], f"--set=data.source={json.dumps(str(empty))}",
+                                         f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"],
+        "fewer than one window": [*small("window"), "--set=train.seq_len=64",
+                                  "--set=data.val_fraction=0.001"],
+        "is below the 259 ids": [*small("vocab"), "--set=model.vocab_size=100"],
         "reads at most 64 tokens": [*small("distill"), f"--set=train.distill_from={json.dumps(str(short))}"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -92,6 +92,14 @@ def prefill_flops_per_token(cfg: ModelConfig, prompt_len: int) -> float:
     return decode_flops_per_token(cfg, (prompt_len + 1) / 2)
 
 
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """One training token: the forward of a causal window of `seq_len` (the matmul weights
+    at 2 FLOPs each, attention over (seq_len + 1) / 2 keys on average) and a backward of
+    twice that: 3 x (2 x matmul_params + 4 x L x H x Dh x (seq_len + 1) / 2). MFU is this
+    times tokens/s over the device's peak."""
+    return 3 * prefill_flops_per_token(cfg, seq_len)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
     """K and V for every layer and KV head: 2 x L x G x Dh x bytes."""
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per_value

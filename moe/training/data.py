@@ -107,6 +107,9 @@ def prepare(cfg: DataConfig, seed: int = 0) -> Corpus:
         root, files = source_files(cfg.source)
         listing = [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         key = _key([FORMAT_VERSION, str(root.resolve()), listing, cfg.val_fraction])
+        if not any(size for _, size, _ in listing):
+            raise ConfigError(f"data.source = {cfg.source!r}: every file it names is empty "
+                              f"({', '.join(str(f) for f in files[:3])}); give files with text")
         name = "stdlib" if cfg.source == "stdlib" else "text"
         folder = Path(cfg.cache_dir) / f"{name}-{key}"
         if not (folder / "meta.json").is_file():
@@ -132,7 +135,9 @@ def _write_text(tmp: Path, root: Path, files: list[Path], val_fraction: float) -
 
 
 def load_corpus(folder: Path) -> Corpus:
-    def mapped(name: str, dtype) -> np.ndarray:
+    def mapped(name: str, dtype) -> np.ndarray:  # an empty split maps to no tokens
+        if (folder / name).stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
         return np.memmap(folder / name, dtype=dtype, mode="r")
     corpus = Corpus(mapped("train.bin", np.uint16), mapped("val.bin", np.uint16), folder)
     if (folder / "val_examples.npy").is_file():

@@ -16,8 +16,10 @@ mean entropy, dropped slots and the two router losses.
 Checkpoint layout: `RUN/ckpt/step_000100/` holds config.json + model.safetensors (what
 moe.io.checkpoint.load_model reads) and train_state.pt; `RUN/ckpt/latest` names the newest
 complete one. Each directory is written atomically, then `latest` is replaced
-atomically, then checkpoints beyond the newest K are deleted, so a kill at any instant
-leaves `latest` pointing at a complete checkpoint.
+atomically, then checkpoints beyond the newest K (by step number) are deleted, never the
+one `latest` names, so a kill at any instant leaves `latest` pointing at a complete
+checkpoint; what an interrupted save left behind is swept at the next start. Weights
+that are not all finite are never saved. RUN's other files: moe/training/run_folder.py.
 
 Shapes: B batch, T time, V vocab, E experts, K experts per token, N tokens (B*T).
 """
@@ -27,7 +29,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -88,7 +92,8 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, dev
                teacher: Transformer | None = None,
                clip_gradients: Callable[[float], Tensor] | None = None) -> dict:
     """One optimiser step over `micro_batches` [(inputs [B, T], targets [B, T])], gradients
-    averaged over them (so 2 micro-batches of B equal one batch of 2B). Under DDP the
+    averaged over them (so 2 micro-batches of B equal one batch of 2B); a step whose loss
+or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
     gradients are all-reduced once, in the last micro-batch's backward. `clip_gradients`
     (max_norm -> global norm) replaces clip_grad_norm_ where gradients need more than that
     (expert parallel: moe.parallel.distributed.gradient_clipper)."""
@@ -120,7 +125,13 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, dev
     max_norm = cfg.grad_clip or float("inf")
     grad_norm = (clip_gradients(max_norm) if clip_gradients is not None
                  else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    optimizer.step()
+    # A non-finite loss or gradient never reaches the weights: the step is skipped (the
+    # norm is global, so under DDP every rank skips together).
+    totals["skipped"] = not (math.isfinite(totals["loss"]) and bool(torch.isfinite(grad_norm)))
+    if totals["skipped"]:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
     totals["grad_norm"] = grad_norm.item()
     totals["lr"] = optimizer.param_groups[0]["lr"]
     totals["routing"] = routing_metrics([stats for r in routing for stats in r], n_layers=len(routing[0]))
@@ -220,10 +231,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """RUN's complete checkpoints as (step, folder), oldest first, ordered by the step number
+    (a text sort would put step_1000000 before step_999999)."""
+    found = []
+    for path in (run / "ckpt").glob("step_*"):
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_name(run: Path) -> str | None:
+    pointer = run / "ckpt" / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def sweep_leftovers(run: Path) -> list[Path]:
+    """Remove what interrupted saves left in RUN/ckpt (partial `.step_*.tmp-*` folders, old
+    copies `.step_*.old-*`, `.latest.tmp-*` pointers); the paths removed."""
+    leftovers = [p for pattern in (".step_*.tmp-*", ".step_*.old-*", ".latest.tmp-*")
+                 for p in (run / "ckpt").glob(pattern)]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return leftovers
+
+
+def non_finite_weights(model: Transformer) -> int:
+    """How many weights are NaN or infinite."""
+    return sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+
+
 def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int,
                     optimizer_state: dict | None = None) -> Path:
-    """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`.
+    """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`
+    by step number (never the one `latest` names). Weights that are not all finite are
+    refused: a bad checkpoint must never replace or rotate away good ones.
     `optimizer_state` replaces optimizer.state_dict() (moe.parallel.distributed passes the full one)."""
+    bad = non_finite_weights(model)
+    if bad:
+        raise CheckpointError(f"step {step}: {bad} weights are NaN or infinite, so no checkpoint "
+                              f"was written; the last good one is {run / 'ckpt' / str(latest_name(run))}; "
+                              "lower train.lr or raise train.warmup_steps and resume from it")
     ckpt = run / "ckpt"
     name = f"step_{step:06d}"
     state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
@@ -238,30 +290,49 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
     with open(pointer) as f:
         os.fsync(f.fileno())
     os.replace(pointer, ckpt / "latest")
-    for old in sorted(ckpt.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for _, old in checkpoints(run)[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def read_checkpoint(run: Path, model: Transformer, device: torch.device) -> dict:
-    """Fill `model` with the weights of RUN's latest checkpoint; its train state (step,
-    optimizer state dict, rng) for the caller to apply."""
-    if not (run / "ckpt" / "latest").is_file():
+def _read_state(step_dir: Path, model: Transformer, device: torch.device) -> dict:
+    loaded = load_model(step_dir, device=device)  # refuses broken tensors
+    try:
+        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{step_dir / STATE_FILE} cannot be read ({error})") from None
+    model.load_state_dict(loaded.state_dict())
+    return state
+
+
+def read_checkpoint(run: Path, model: Transformer, device: torch.device,
+                    step: int | None = None) -> dict:
+    """Fill `model` with the weights of one of RUN's checkpoints; its train state (step,
+    optimizer state dict, rng) for the caller to apply. `step` picks a checkpoint; without
+    it the one `latest` names, or, when that one is missing or broken, the newest good one
+    (with a warning)."""
+    found = dict(checkpoints(run))
+    if step is not None:
+        if step not in found:
+            steps = ", ".join(str(s) for s in found) or "none"
+            raise CheckpointError(f"{run} has no checkpoint of step {step} (it has: {steps}); "
+                                  "pick one of those with --resume-from")
+        return _read_state(found[step], model, device)
+    latest = latest_name(run)
+    if latest is None and not found:
         raise CheckpointError(f"{run} has no checkpoint to resume ({run / 'ckpt' / 'latest'} is "
                               "missing); start without --resume or give the run folder with --out")
-    loaded = load_model(run, device=device)  # resolves ckpt/latest; refuses broken tensors
-    model.load_state_dict(loaded.state_dict())
-    step_dir = run / "ckpt" / (run / "ckpt" / "latest").read_text().strip()
-    try:
-        return torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{step_dir / STATE_FILE} cannot be read ({error}); "
-                              "delete that checkpoint and point ckpt/latest at an older one") from None
-
-
-def load_checkpoint(run: Path, model: Transformer, optimizer, device: torch.device) -> int:
-    """Restore weights, optimiser and random state from RUN's latest checkpoint; the step."""
-    state = read_checkpoint(run, model, device)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"]
+    order = sorted(found.items(), key=lambda item: (item[1].name != latest, -item[0]))
+    problems = []
+    for _, step_dir in order:
+        try:
+            state = _read_state(step_dir, model, device)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if problems or step_dir.name != latest:
+            print(f"warning: ckpt/latest ({latest}) cannot be loaded ({'; '.join(problems) or 'missing'}); "
+                  f"resuming from {step_dir.name} instead", file=sys.stderr)
+        return state
+    raise CheckpointError(f"no checkpoint of {run} can be loaded: {'; '.join(problems)}")
