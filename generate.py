@@ -357,8 +357,62 @@ def print_table(results: dict) -> None:
               f"static/continuous p50 e2e {c['e2e_p50_ratio']:.2f}x")
 
 
+# ---------------------------------------------------------------------------------------
+# serve: an OpenAI-compatible HTTP server over the engine
+# ---------------------------------------------------------------------------------------
+
+def build_server(argv: list[str]):
+    """(the FastAPI app, its engine loop, host, port) from `generate.py serve` arguments."""
+    from moe.serving.server import EngineLoop, build_app
+    parser = argparse.ArgumentParser(prog="generate.py serve", description="An OpenAI-compatible "
+                                     "server: POST /v1/completions, GET /v1/models, /health, /metrics")
+    parser.add_argument("--ckpt", default=None, help="checkpoint directory or run folder; "
+                        "default: random init of --config (for load tests)")
+    parser.add_argument("--config", default="configs/tiny.toml")
+    parser.add_argument("--set", action="append", default=[], help="config override (random init)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default=None, help="the model id clients send (default: --ckpt)")
+    parser.add_argument("--bos", action="store_true", help="start text prompts with the BOS token")
+    parser.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS.max_num_seqs,
+                        help="sequences running at once")
+    parser.add_argument("--draft", help="speculative decoding: the draft's checkpoint or run folder")
+    parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
+    add_engine_args(parser)
+    args = parse_engine_args(parser, argv)
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65536), got {args.port}")
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, source = build_model(args)
+    tokenizer = load_text_tokenizer(args.ckpt, model, args.bos) if args.ckpt else load_tokenizer(None)
+    if args.draft:
+        from moe.serving.speculative_engine import SpeculativeEngine
+        draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval()
+        engine = SpeculativeEngine(model, draft, args.speculate, config)
+    else:
+        engine = Engine(model, config)
+    loop = EngineLoop(engine)
+    name = args.model_name or (str(args.ckpt) if args.ckpt else Path(args.config).stem)
+    return build_app(loop, tokenizer, name, args.bos), loop, args.host, args.port, source
+
+
+def main_serve(argv: list[str]) -> None:
+    import uvicorn
+    app, loop, host, port, source = build_server(argv)
+    loop.start()
+    print(f"serving {source} on http://{host}:{port}/v1 (POST /v1/completions)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        loop.stop()
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         run_main(main_bench, sys.argv[2:])
+    elif sys.argv[1:2] == ["serve"]:
+        run_main(main_serve, sys.argv[2:])
     else:
         run_main(main_generate, sys.argv[1:])

@@ -189,3 +189,46 @@ def test_random_schedules_equal_generation_alone(model, alone, seed):
     requests = serve(engine, prompts, params, arrive_every=pick(1, 4))
     assert [r.output for r in requests] == expected
     assert engine.blocks.used_blocks == 0
+
+
+def test_malformed_requests_are_refused_and_a_raising_forward_fails_only_its_step(model, alone):
+    prompts, params, expected = alone
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, num_blocks=40))
+    bad = [([1, 2], SamplingParams(seed=1180591620717411303424), "seed"),
+           ([1, 1.5], SamplingParams(), "integers"),
+           ([1], SamplingParams(top_k=2.5), "top_k"),
+           ([1], SamplingParams(max_new_tokens=2.5), "max_new_tokens"),
+           ([1], SamplingParams(stop=5), "stop")]
+    refused = [engine.add_request(p, s) for p, s, _ in bad]
+    for request, (_, _, reason) in zip(refused, bad):
+        assert request.status == "refused" and reason in request.refusal
+    real_forward, calls = model.forward, []
+
+    def broken(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected")
+        return real_forward(*args, **kwargs)
+    model.forward = broken
+    try:
+        first = [engine.add_request(p, s) for p, s in zip(prompts[:2], params[:2])]
+        engine.step()  # raises inside: both fail, the engine stays consistent
+        later = [engine.add_request(p, s) for p, s in zip(prompts[2:4], params[2:4])]
+        engine.run()
+    finally:
+        model.forward = real_forward
+    assert [r.status for r in first] == ["failed", "failed"] and "injected" in first[0].refusal
+    assert [r.output for r in later] == expected[2:4] and engine.blocks.used_blocks == 0
+
+
+def test_abort_frees_blocks_and_finished_requests_are_handed_off(model, alone):
+    prompts, params, _ = alone
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, num_blocks=40))
+    requests = [engine.add_request(p, s) for p, s in zip(prompts[:3], params[:3])]
+    engine.step()
+    engine.abort(requests[0])
+    assert requests[0].status == "aborted" and requests[0] not in engine.running
+    engine.run()
+    assert engine.blocks.used_blocks == 0
+    assert sorted(r.request_id for r in engine.take_finished()) == [r.request_id for r in requests]
+    assert engine.finished == [] and engine.take_finished() == []

@@ -16,6 +16,8 @@ scaled by their routing weights, are added back in token order. Slots are ordere
 choice-major (every token's first choice before any second choice) before the sort, so
 when a capacity limit is set, first choices win the places and later slots are dropped;
 a token whose slots are all dropped passes through the layer unchanged on the residual.
+The limit applies in training only: in eval mode (generation, serving) the layer is
+dropless, so batched outputs equal one-request outputs.
 
 Losses are not computed here: the layer returns its router logits and statistics and
 `load_balancing_loss` / `router_z_loss` are applied once, outside, by the model's loss.
@@ -126,7 +128,10 @@ class MoELayer(nn.Module):
             router_in = x * noise
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
-        capacity = expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
+        # Capacity is a training device (it bounds each expert's work per batch); at inference
+        # every layer is dropless, so a token's output never depends on what shares its batch.
+        capacity = (expert_capacity(x.shape[0], self.k, logits.shape[-1], self.capacity_factor)
+                    if self.training else None)
         y, dropped = expert_dispatch(x, expert_ids, weights, self.w_in, self.w_out, capacity,
                                      self.kernel_backend)  # kernels/ops.py
         tokens_per_expert = expert_counts(expert_ids, logits.shape[-1])

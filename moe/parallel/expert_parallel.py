@@ -171,7 +171,8 @@ class ExpertParallelMoE(MoELayer):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.router(router_in).float()  # [N, E]
         weights, expert_ids = route(logits, self.k)  # [N, K] each
-        capacity = expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor)
+        capacity = (expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor)
+                    if self.training else None)  # dropless at inference, as MoELayer
         # ---- sort the slots by expert (so by owning rank), capacity on this rank's slots --
         slot_expert = expert_ids.t().reshape(-1)  # [S], slot s = choice * N + token
         slot_weight = weights.to(x.dtype).t().reshape(-1)  # [S]

@@ -28,7 +28,10 @@ One `step()` is schedule -> run -> postprocess, as in nano-vllm:
                  blocks before the next step.
 
 Bad requests are refused with a reason at `add_request` (moe/serving/requests.py); the
-engine goes on serving others.
+engine goes on serving others. `abort` ends a request at once and frees its blocks; a
+forward that raises fails only the requests of that step. Finished requests wait in
+`finished` until `take_finished` hands them off, and per-step statistics keep the last
+STATS_WINDOW steps, so a long-running server does not grow.
 
 Shapes: N tokens in the step, V vocab.
 """
@@ -39,6 +42,8 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+STATS_WINDOW = 10_000  # steps of batch size and block use kept (a server runs for days)
 
 import torch
 from torch import Tensor
@@ -109,12 +114,13 @@ class Engine:
         self.cache = PagedKVCache(self.cfg, num_blocks, self.config.block_size, self.device, param.dtype)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.finished: list[Request] = []
+        self.finished: list[Request] = []  # until take_finished hands them off
         self.ids = itertools.count()
         self.steps = 0
         self.preemptions = 0
-        self.batch_sizes: list[int] = []  # sequences in each step
-        self.block_utilisation: list[float] = []  # used / all blocks, each step
+        self.tokens_generated = 0
+        self.batch_sizes: deque[int] = deque(maxlen=STATS_WINDOW)  # sequences in each step
+        self.block_utilisation: deque[float] = deque(maxlen=STATS_WINDOW)  # used / all blocks
         self.forward_time_s = 0.0  # model forwards, device synchronised
 
     # -- requests ----------------------------------------------------------------------
@@ -137,6 +143,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, request: Request) -> None:
+        """End `request` now (its client went away); its blocks go back at once."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self.blocks.release(request.request_id)
+            self.running.remove(request)
+        else:
+            return  # already finished
+        self.forget(request)
+        request.status, request.finish_reason, request.finish_time = "aborted", "abort", self.clock()
+        self.finished.append(request)
+
+    def take_finished(self) -> list[Request]:
+        """The requests finished since the last call (the engine keeps no reference)."""
+        done, self.finished = self.finished, []
+        return done
+
     def run(self) -> list[Request]:
         """Step until every request added so far has finished; all finished requests."""
         while self.has_unfinished():
@@ -156,9 +180,27 @@ class Engine:
         scheduled = self.schedule()
         if not scheduled:
             return []
-        self.propose(scheduled)
-        logits = self.run_model(scheduled)  # [N, V]
+        try:
+            self.propose(scheduled)
+            logits = self.run_model(scheduled)  # [N, V]
+        except Exception as error:  # noqa: BLE001: one bad step must not stop the server
+            self.fail(scheduled, error)
+            return []
         return self.postprocess(scheduled, logits)
+
+    def fail(self, scheduled: list[Scheduled], error: Exception) -> None:
+        """A forward raised: the requests of this step fail with the reason, their blocks go
+        back, and the engine serves the rest."""
+        now = self.clock()
+        for s in scheduled:
+            request = s.request
+            if request in self.running:
+                self.blocks.release(request.request_id)
+                self.running.remove(request)
+            self.forget(request)
+            request.status, request.finish_reason, request.finish_time = "failed", "error", now
+            request.refusal = f"the forward failed: {type(error).__name__}: {error}"
+            self.finished.append(request)
 
     # -- schedule ------------------------------------------------------------------------
 
@@ -167,6 +209,7 @@ class Engine:
         return min(len(request.tokens) - request.num_cached, budget, chunk)
 
     def preempt(self, request: Request) -> None:
+        self.forget(request)
         self.blocks.release(request.request_id)
         self.running.remove(request)
         request.num_cached, request.status = 0, "waiting"
@@ -241,7 +284,7 @@ class Engine:
             if not s.completes:  # a prefill chunk that is not the last
                 s.request.num_cached += s.n
         now, emitted = self.clock(), []
-        for (s, _), (new, n_ok) in zip(completing, self.verify(completing)):
+        for (s, scores), (new, n_ok) in zip(completing, self.verify(completing)):
             request = s.request
             known = len(request.tokens)
             request.num_cached += s.n + n_ok
@@ -249,9 +292,13 @@ class Engine:
             reason, keep = finish_reason(len(request.prompt), request.output, request.params,
                                          request.detok, self.cfg.max_seq_len, len(new))
             del request.output[keep:]
+            if request.params.logprobs is not None:
+                request.logprobs += token_logprobs(scores, request.output[known - len(request.prompt):],
+                                                   request.params.logprobs)
             if request.first_token_time is None:
                 request.first_token_time = now
             kept = request.output[known - len(request.prompt):]
+            self.tokens_generated += len(kept)
             for token in kept:
                 request.token_times.append(now)
                 emitted.append((request, token))
@@ -278,8 +325,26 @@ class Engine:
         """A hook after a request took its new tokens: `n_ok` proposals accepted, `n_kept`
         tokens kept (the speculative engine's bookkeeping)."""
 
+    def forget(self, request: Request) -> None:
+        """A hook when a request leaves the running set (finished, aborted, failed or
+        preempted): the speculative engine drops its draft's state for it."""
+
     def finish(self, request: Request, reason: str, now: float) -> None:
+        self.forget(request)
         self.blocks.release(request.request_id)
         self.running.remove(request)
         request.status, request.finish_reason, request.finish_time = "finished", reason, now
         self.finished.append(request)
+
+
+def token_logprobs(scores: Tensor, tokens: list[int], top_n: int) -> list[tuple[float, dict[int, float]]]:
+    """For token j of `tokens`, predicted by row j of scores [>= len(tokens), V]: its
+    log-probability under the model (before temperature and truncation, as OpenAI reports
+    it) and the `top_n` most likely ids with theirs."""
+    logp = torch.log_softmax(scores[:len(tokens)].float(), dim=-1)  # [T, V]
+    top = logp.topk(top_n, dim=-1) if top_n else None
+    out = []
+    for j, token in enumerate(tokens):
+        best = {} if top is None else dict(zip(top.indices[j].tolist(), top.values[j].tolist()))
+        out.append((float(logp[j, token]), best))
+    return out

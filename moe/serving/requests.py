@@ -25,9 +25,11 @@ class Request:
     arrival_time: float = 0.0
     detok: Detokenizer = BYTES  # the tokenizer's end: EOS id, ids -> text
     output: list[int] = field(default_factory=list)
-    status: str = "waiting"  # waiting | running | finished | refused
-    finish_reason: str | None = None  # eos | stop | length | refused
-    refusal: str | None = None  # why a refused request was refused
+    status: str = "waiting"  # waiting | running | finished | refused | aborted | failed
+    finish_reason: str | None = None  # eos | stop | length | refused | abort | error
+    refusal: str | None = None  # why a refused (or failed) request was refused
+    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)  # per output token,
+    # with params.logprobs: (its log-probability, the top-n ids -> log-probabilities)
     num_cached: int = 0  # tokens whose K/V are in the cache
     preemptions: int = 0
     first_token_time: float | None = None
@@ -49,6 +51,9 @@ def refusal_reason(cfg: ModelConfig, prompt: list[int], params: SamplingParams,
     """Why a request cannot be served, or None. `pool_tokens`: what the whole KV pool holds."""
     if not prompt:
         return "empty prompt: give at least one token"
+    not_ids = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
+    if not_ids:
+        return f"token ids must be integers, got {not_ids[:5]}"
     bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
     if bad:
         return f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})"

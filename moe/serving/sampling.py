@@ -34,9 +34,25 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends once the text holds one of these
     seed: int | None = None  # per-request generator seed; None = the global generator
     ignore_eos: bool = False  # keep going past EOS (benchmarks with controlled lengths)
+    logprobs: int | None = None  # also report each token's log-probability and the top n
 
     def invalid_reason(self) -> str | None:
-        """Why these settings cannot be used, or None when they can."""
+        """Why these settings cannot be used, or None when they can. Types are checked too:
+        the values may come straight from a JSON request."""
+        for key in ("top_k", "max_new_tokens"):
+            if not _is_int(getattr(self, key)):
+                return f"{key} must be an integer, got {getattr(self, key)!r}"
+        for key in ("temperature", "top_p"):
+            if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), (int, float)):
+                return f"{key} must be a number, got {getattr(self, key)!r}"
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            return f"seed must be an integer in [0, 2^63), got {self.seed!r}"
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            return f"stop must be a string or a list of strings, got {self.stop!r}"
+        if not isinstance(self.ignore_eos, bool):
+            return f"ignore_eos must be true or false, got {self.ignore_eos!r}"
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= 20):
+            return f"logprobs must be an integer in [0, 20] or null, got {self.logprobs!r}"
         if not self.temperature >= 0:
             return f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
         if self.top_k < 0:
@@ -52,6 +68,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:

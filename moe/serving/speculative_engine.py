@@ -56,13 +56,8 @@ class SpeculativeEngine(Engine):
         self.draft_cached: dict[int, int] = {}  # request id -> draft cache slots that agree
         self.stats = SpeculativeStats()
 
-    def preempt(self, request: Request) -> None:
+    def forget(self, request: Request) -> None:
         self.draft_cached.pop(request.request_id, None)
-        super().preempt(request)
-
-    def finish(self, request: Request, reason: str, now: float) -> None:
-        self.draft_cached.pop(request.request_id, None)
-        super().finish(request, reason, now)
 
     # -- propose -------------------------------------------------------------------------
 

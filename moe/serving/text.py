@@ -101,19 +101,41 @@ def load_tokenizer(path: str | Path | None) -> TextTokenizer:
         vocab_size=tok.get_vocab_size(with_added_tokens=True), source=str(file))
 
 
+class TextStream:
+    """The visible text of tokens pushed one at a time, handed out in pieces as it becomes
+    stable (see the module docstring); the pieces join to visible_text of all of them.
+    Assumes that more tokens never change text already stable, as holds for byte-level and
+    SentencePiece-style decoders."""
+
+    def __init__(self, params: SamplingParams, detok: Detokenizer = BYTE_DETOKENIZER):
+        self.params, self.detok = params, detok
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.generated: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        """The new stable text after `token` ('' when nothing became stable)."""
+        self.generated.append(token)
+        text = visible_text(self.generated, self.params, self.detok)
+        stable = len(text.rstrip("\ufffd")) - self.hold
+        if stable <= self.shown:
+            return ""
+        piece, self.shown = text[self.shown:stable], stable
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text, once no token will follow."""
+        text = visible_text(self.generated, self.params, self.detok)
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+
 def text_pieces(tokens: Iterable[int], params: SamplingParams,
                 detok: Detokenizer = BYTE_DETOKENIZER) -> Iterator[str]:
-    """The visible text of `tokens` (as generated, one at a time), in pieces as it becomes
-    stable; the pieces join to visible_text of all of them. Assumes that more tokens never
-    change text already stable, as holds for byte-level and SentencePiece-style decoders."""
-    hold = max((len(s) for s in params.stop), default=1) - 1
-    generated: list[int] = []
-    shown = 0
+    """The visible text of `tokens` (as generated, one at a time), in pieces (TextStream)."""
+    stream = TextStream(params, detok)
     for token in tokens:
-        generated.append(token)
-        text = visible_text(generated, params, detok)
-        stable = len(text.rstrip("\ufffd")) - hold
-        if stable > shown:
-            yield text[shown:stable]
-            shown = stable
-    yield visible_text(generated, params, detok)[shown:]
+        piece = stream.push(token)
+        if piece:
+            yield piece
+    yield stream.finish()
