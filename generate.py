@@ -69,6 +69,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="KV pool size in blocks")
     parser.add_argument("--kv-cache-mb", type=float, default=bytes_to_mb(ENGINE_DEFAULTS.kv_cache_bytes),
                         help="KV pool size as a memory budget")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        default=ENGINE_DEFAULTS.prefix_caching,
+                        help="recompute every prompt in full (default: reuse cached prefix blocks)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
                         help="weights and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -103,7 +106,7 @@ def engine_settings(args) -> dict:
     """EngineConfig's fields from the engine flags, all but max_num_seqs (--max-num-seqs or --slots)."""
     return dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                 block_size=args.block_size, num_blocks=args.num_blocks,
-                kv_cache_bytes=mb_to_bytes(args.kv_cache_mb))
+                kv_cache_bytes=mb_to_bytes(args.kv_cache_mb), prefix_caching=args.prefix_caching)
 
 
 def build_model(args) -> tuple[Transformer, str]:
@@ -267,10 +270,20 @@ def main_generate(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 
 def main_bench(argv: list[str]) -> None:
+    """The engine in this process; with --url, a running server from the client (http_bench)."""
+    url = argparse.ArgumentParser(add_help=False)
+    url.add_argument("--url")
+    if url.parse_known_args(argv)[0].url is not None:
+        from moe.serving import http_bench
+        http_bench.main(argv)
+        return
     from moe.serving import bench
 
     parser = argparse.ArgumentParser(prog="generate.py bench", description=bench.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--url URL benchmarks a running OpenAI-compatible server "
+                                     "from the client instead (moe/serving/http_bench.py); "
+                                     "`generate.py bench --url URL --help` lists its flags")
     parser.add_argument("--ckpt", default=None, help="checkpoint; default: random init of --config")
     parser.add_argument("--config", default="configs/tiny.toml")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.n_layers=2")

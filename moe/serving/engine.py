@@ -15,7 +15,8 @@ One `step()` is schedule -> run -> postprocess, as in nano-vllm:
                  queue and is recomputed later: prompt + what it had generated). Then, if
                  nothing was preempted, waiting requests are admitted while the token budget,
                  the sequence limit and the free blocks allow. The block manager
-                 (moe/serving/blocks.py) says who owns which blocks.
+                 (moe/serving/blocks.py) says who owns which blocks; a request admitted
+                 with a prompt prefix already in its prefix cache starts past it.
       propose    (a hook) tokens to check beside each decode: none here; the speculative
                  engine (moe/serving/speculative_engine.py) asks its draft
     run          the scheduled tokens flattened into one ragged row tokens [1, N] at positions
@@ -65,6 +66,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int | None = None  # KV pool size; None = max_num_seqs full-length sequences
     kv_cache_bytes: int | None = None  # size the pool from a memory budget instead of num_blocks
+    prefix_caching: bool = True  # reuse the K/V of full blocks of a prompt prefix seen before
 
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -110,7 +112,7 @@ class Engine:
             if num_blocks < 1:
                 raise ValueError(f"engine.kv_cache_bytes = {self.config.kv_cache_bytes} holds no block "
                                  f"of {block_bytes} bytes; give more memory or smaller blocks")
-        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.prefix_caching)
         self.cache = PagedKVCache(self.cfg, num_blocks, self.config.block_size, self.device, param.dtype)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -240,8 +242,12 @@ class Engine:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_cached == 0:  # start past the prefix blocks already in the cache
+                request.num_cached = self.blocks.match_prefix(request.request_id, request.tokens)
             n = self._pending(request, budget)
             if not self.blocks.can_hold(request.request_id, request.num_cached + n):
+                self.blocks.release(request.request_id)  # the matched blocks, until next time
+                request.num_cached = 0
                 break
             self.waiting.popleft()
             request.status = "running"
@@ -283,12 +289,14 @@ class Engine:
         for s in scheduled:
             if not s.completes:  # a prefill chunk that is not the last
                 s.request.num_cached += s.n
+                self.blocks.commit(s.request.request_id, s.request.tokens, s.request.num_cached)
         now, emitted = self.clock(), []
         for (s, scores), (new, n_ok) in zip(completing, self.verify(completing)):
             request = s.request
             known = len(request.tokens)
             request.num_cached += s.n + n_ok
             request.output += new
+            self.blocks.commit(request.request_id, request.tokens, request.num_cached)
             reason, keep = finish_reason(len(request.prompt), request.output, request.params,
                                          request.detok, self.cfg.max_seq_len, len(new))
             del request.output[keep:]

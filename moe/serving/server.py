@@ -336,8 +336,7 @@ def logprobs_body(request: Request, tokenizer: TextTokenizer) -> dict[str, Any]:
 def prometheus_text(loop: EngineLoop) -> str:
     """The engine's state and running totals in Prometheus' text format."""
     engine = loop.engine
-    hits = getattr(engine.blocks, "prefix_hits", 0)
-    lookups = getattr(engine.blocks, "prefix_lookups", 0)
+    hits, lookups = engine.blocks.prefix_hits, engine.blocks.prefix_lookups
     gauges = [
         ("moe_requests_running", "requests in the running batch", "gauge", len(engine.running)),
         ("moe_requests_waiting", "requests waiting to be scheduled", "gauge", len(engine.waiting)),

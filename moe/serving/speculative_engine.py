@@ -50,6 +50,9 @@ class SpeculativeEngine(Engine):
             raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} differs from the target's "
                              f"{model.cfg.vocab_size}; the draft must share the tokenizer")
         self.draft, self.gamma = draft, gamma
+        # The draft catches up on a request from its first token, writing its K/V into the
+        # request's blocks: blocks shared through the prefix cache must not be written.
+        self.blocks.prefix_caching = False
         param = next(draft.parameters())
         self.draft_cache = PagedKVCache(draft.cfg, self.blocks.num_blocks, self.blocks.block_size,
                                         param.device, param.dtype)  # the target's block tables
