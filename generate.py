@@ -190,34 +190,49 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
     else:
         engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
-    results: list[dict] = []
-    requests = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            prompt, params = parse_line(line)
-        except (ValueError, TypeError) as error:
-            results.append(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
-            continue
-        ids = encode_prompt(tokenizer, prompt, bos)
-        requests[number] = engine.add_request(ids, params, detok=tokenizer.detokenizer(ids))
-    engine.run()
-    for number, r in requests.items():
-        result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
-        if r.refusal:
-            result["refusal"] = r.refusal
-        else:
-            result.update(text=r.text, output_tokens=len(r.output), preemptions=r.preemptions,
-                          ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finish_time - r.arrival_time)
-        results.append(result)
-    results.sort(key=lambda x: x["line"])
-    text = "".join(json.dumps(r) + "\n" for r in results)
+    sink = open(out, "w") if out else sys.stdout
+    counts = {"results": 0, "refused": 0}
+
+    def emit(result: dict) -> None:  # each result as soon as it is known
+        sink.write(json.dumps(result) + "\n")
+        sink.flush()
+        counts["results"] += 1
+        counts["refused"] += result["status"] == "refused"
+    line_of = {}
+    try:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt, params = parse_line(line)
+            except (ValueError, TypeError) as error:
+                emit(dict(line=number, status="refused", refusal=f"line {number}: {error}"))
+                continue
+            ids = encode_prompt(tokenizer, prompt, bos)
+            line_of[engine.add_request(ids, params, detok=tokenizer.detokenizer(ids)).request_id] = number
+        while engine.has_unfinished() or engine.finished:
+            steps = engine.steps
+            engine.step()
+            for r in engine.take_finished():
+                emit(result_of(line_of[r.request_id], r))
+            if engine.has_unfinished() and engine.steps == steps and not engine.finished:
+                raise RuntimeError("no request could be scheduled; this is a scheduler bug, please report it")
+    finally:
+        if out:
+            sink.close()
     if out:
-        Path(out).write_text(text)
-        print(f"{len(results)} results -> {out} ({sum(r['status'] == 'refused' for r in results)} refused)")
+        print(f"{counts['results']} results -> {out} ({counts['refused']} refused)")
+
+
+def result_of(number: int, r) -> dict:
+    """One --prompt-file result: the request's line, outcome and timings."""
+    result = dict(line=number, status=r.status, finish_reason=r.finish_reason)
+    if r.refusal:
+        result["refusal"] = r.refusal
     else:
-        sys.stdout.write(text)
+        result.update(text=r.text, output_tokens=len(r.output), preemptions=r.preemptions,
+                      ttft_s=r.first_token_time - r.arrival_time, e2e_s=r.finish_time - r.arrival_time)
+    return result
 
 
 def main_generate(argv: list[str]) -> None:

@@ -56,7 +56,8 @@ def test_prompt_file_serves_every_line_and_refuses_bad_ones_by_reason(checkpoint
     infile, outfile = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     infile.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     run_cli("--ckpt", path, "--prompt-file", infile, "--out", outfile)
-    results = [json.loads(x) for x in outfile.read_text().splitlines()]
+    results = [json.loads(x) for x in outfile.read_text().splitlines()]  # as each finished
+    results.sort(key=lambda r: r["line"])
     assert [r["line"] for r in results] == [1, 2, 3, 4, 5, 6, 7]
     greedy = generate(model, encode("abc"), SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert results[0]["text"] == decode(greedy) and results[0]["finish_reason"] == "length"
