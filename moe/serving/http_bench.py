@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2, help="short requests sent before measuring")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds an HTTP read may wait")
+    parser.add_argument("--server", default=None, metavar="COMMAND",
+                        help="how the server was started, recorded in the JSON (the client cannot see it)")
     parser.add_argument("--out", default=None,
                         help="JSON path; default benchmarks/results/serving_<workload>.json")
     return parser
@@ -377,7 +379,8 @@ def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     result = asyncio.run(benchmark(args.url, args.model, build_workload(args), args.temperature,
                                    args.warmup, args.timeout, args.seed))
-    record = dict(command=sys.argv, url=args.url, workload=workload_params(args), **result)
+    record = dict(command=sys.argv, server=args.server, url=args.url,
+                  workload=workload_params(args), **result)
     print_summary(record)
     out = Path(args.out or f"benchmarks/results/serving_{args.workload.replace('-', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
