@@ -232,3 +232,9 @@ def test_abort_frees_blocks_and_finished_requests_are_handed_off(model, alone):
     assert engine.blocks.used_blocks == 0
     assert sorted(r.request_id for r in engine.take_finished()) == [r.request_id for r in requests]
     assert engine.finished == [] and engine.take_finished() == []
+
+
+@pytest.mark.parametrize("key", ["num_blocks", "prefill_chunk", "kv_cache_bytes", "max_num_seqs"])
+def test_engine_settings_below_one_are_refused_not_read_as_the_default(key):
+    with pytest.raises(ValueError, match=f"engine.{key} must be at least 1"):
+        EngineConfig(**{key: 0})

@@ -72,8 +72,10 @@ class EngineConfig:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} must be at least 1, got {getattr(self, key)}")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"engine.prefill_chunk must be at least 1 or None, got {self.prefill_chunk}")
+        for key in ("prefill_chunk", "num_blocks", "kv_cache_bytes"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"engine.{key} must be at least 1 or None (the default), got "
+                                 f"{getattr(self, key)}")
 
 
 @dataclass
