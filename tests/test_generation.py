@@ -43,3 +43,16 @@ def test_seeded_sampling_repeats(make_model):
 def test_bad_requests_are_refused_by_name(make_model, prompt, params, message):
     with pytest.raises(ValueError, match=message):
         generate(make_model(), prompt, params)
+
+
+def test_the_kv_cache_is_sized_to_the_request_not_the_context(make_model, monkeypatch):
+    import moe.serving.generation as generation
+    sizes = []
+    real = generation.KVCache
+    monkeypatch.setattr(generation, "KVCache", lambda cfg, b, n, *a: sizes.append(n) or real(cfg, b, n, *a))
+    model = make_model()
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    out = generate(model, [1, 2, 3], params)
+    assert sizes == [8] and len(out) == 5  # 3 prompt + 5 new, not max_seq_len = 64
+    monkeypatch.setattr(generation, "KVCache", lambda cfg, b, n, *a: real(cfg, b, cfg.max_seq_len, *a))
+    assert generate(model, [1, 2, 3], params) == out  # as with a context-sized cache

@@ -150,6 +150,7 @@ def edit_config(folder, **changes):
     (dict(sliding_window=16), "sliding_window"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters"),
+    (dict(rope_parameters={"type": "linear", "factor": 2.0}), "rope_parameters"),  # the legacy key
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(num_experts_per_tok=1), "num_experts_per_tok"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),

@@ -107,3 +107,10 @@ def test_stop_string_completing_inside_a_token_of_another_tokenizer():
     assert check_stop([0], params, detok=detok) == (None, 1)
     assert check_stop([0, 1, 2], params, n_new=3, detok=detok) == ("stop", 2)
     assert visible_text([0, 1], params, detok) == "abc"
+
+
+def test_any_of_several_eos_ids_ends_generation():
+    detok = Detokenizer(eos_id=(7, 11))
+    assert check_stop([5, 11, 9], SamplingParams(), n_new=3, detok=detok) == ("eos", 2)
+    assert check_stop([5, 7], SamplingParams(), n_new=2, detok=detok) == ("eos", 2)
+    assert check_stop([5, 9], SamplingParams(), n_new=2, detok=detok) == (None, 2)

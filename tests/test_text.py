@@ -202,6 +202,9 @@ def test_tokenizer_json_is_used_when_tokenizers_is_installed(tmp_path):
     assert loaded.encode("hello world hello") == [3, 4, 3]
     assert loaded.decode([3, 4]) == "hello world"
     assert (loaded.bos_id, loaded.eos_id) == (0, 1)
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 4]}))
+    several = load_tokenizer(tmp_path)
+    assert several.eos_id == (1, 4) and several.detokenizer().eos_ids == (1, 4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE) -> ModelConfig:
     if hf.get("rope_scaling"):
         raise refuse("rope_scaling", "is set: scaled RoPE variants are not implemented here")
     rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", rope.get("type", "default")) != "default":  # "type": the legacy key
         raise refuse("rope_parameters", "uses a scaled RoPE type: only \"default\" maps here")
     if hf.get("quantization_config"):
         raise refuse("quantization_config", "is set: quantised weights do not load here; use "

@@ -71,7 +71,8 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams,
     check_request(cfg, prompt, params)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, 1, cfg.max_seq_len, device, dtype)
+    # sized to the request, not the context (32k slots per layer for Mixtral)
+    cache = KVCache(cfg, 1, min(cfg.max_seq_len, len(prompt) + params.max_new_tokens), device, dtype)
     generator = make_generator(params, device)
     logits = prefill(model, torch.tensor([prompt], device=device), cache)[:, -1]  # [1, V]
     generated: list[int] = []

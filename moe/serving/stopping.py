@@ -29,8 +29,14 @@ from moe.tokenizer import EOS, decode_bytes
 class Detokenizer:
     """What a request needs of its tokenizer to end and to show text."""
 
-    eos_id: int | None = EOS  # the tokenizer's end-of-sequence id; None = it has none
+    eos_id: int | tuple[int, ...] | None = EOS  # the end-of-sequence id, or several (any ends)
     decode: Callable[[list[int]], str] | None = None  # ids -> text; None = our bytes
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_id is None:
+            return ()
+        return self.eos_id if isinstance(self.eos_id, tuple) else (self.eos_id,)
 
 
 BYTES = Detokenizer()  # our byte-level tokenizer
@@ -41,8 +47,9 @@ def check_stop(generated: list[int], params: SamplingParams, n_new: int = 1,
     """Look at the last `n_new` tokens of `generated` in order; return (finish reason, number
     of tokens to keep). Reasons: "eos", "stop" (a stop string completed), "length";
     None = keep going (and keep all). The token that finished a request is kept."""
+    eos_ids = detok.eos_ids
     for i in range(len(generated) - n_new, len(generated)):
-        if generated[i] == detok.eos_id and not params.ignore_eos:
+        if generated[i] in eos_ids and not params.ignore_eos:
             return "eos", i + 1
         if params.stop and completes_stop(generated[: i + 1], params, detok):
             return "stop", i + 1

@@ -41,7 +41,7 @@ class TextTokenizer:
     encode: Callable[[str], list[int]]  # no special tokens added
     decode: Callable[[list[int]], str]  # special tokens left out
     bos_id: int | None
-    eos_id: int | None
+    eos_id: int | tuple[int, ...] | None  # several: any of them ends generation
     vocab_size: int  # ids are in [0, vocab_size)
     source: str  # BYTES or the tokenizer.json it was read from
 
@@ -97,7 +97,7 @@ def load_tokenizer(path: str | Path | None) -> TextTokenizer:
     return TextTokenizer(
         encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
         decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-        bos_id=hf.get("bos_token_id"), eos_id=eos[0] if isinstance(eos, list) else eos,
+        bos_id=hf.get("bos_token_id"), eos_id=one_or_several(eos),
         vocab_size=tok.get_vocab_size(with_added_tokens=True), source=str(file))
 
 
@@ -128,6 +128,13 @@ class TextStream:
         text = visible_text(self.generated, self.params, self.detok)
         piece, self.shown = text[self.shown:], len(text)
         return piece
+
+
+def one_or_several(ids: int | list[int] | None) -> int | tuple[int, ...] | None:
+    """config.json's eos_token_id: an id, or a list of them (any one ends generation)."""
+    if isinstance(ids, list):
+        return ids[0] if len(ids) == 1 else (tuple(ids) or None)
+    return ids
 
 
 def text_pieces(tokens: Iterable[int], params: SamplingParams,
