@@ -26,6 +26,7 @@ moe/training/run_folder.py, the distributed plumbing in moe/parallel/distributed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -78,6 +79,24 @@ def check_corpus(corpus: Corpus, cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"data.source = {source!r} gives {len(tokens)} {split} tokens, fewer than "
                               f"one window of train.seq_len + 1 = {need}; give more text, lower "
                               "train.seq_len or change data.val_fraction")
+
+
+def keep_global_batch(cfg: TrainConfig, saved: int | None, world_size: int) -> TrainConfig:
+    """A run resumed on another number of processes keeps its global batch: step s always
+    takes micro-batches s*M .. s*M + M - 1 of the data (M = grad_accum x processes), so with
+    train.grad_accum rescaled to M / processes it continues on the same data, the same
+    batches, the same schedule. Refused, with the numbers that work, when M does not divide."""
+    if saved is None or saved == cfg.grad_accum * world_size:
+        return cfg
+    if saved % world_size:
+        divisors = [d for d in range(1, saved + 1) if saved % d == 0]
+        raise ConfigError(f"this run took {saved} micro-batches of train.batch_size = {cfg.batch_size} "
+                          f"per step, which {world_size} processes cannot share; resume on a number "
+                          f"of processes in {divisors}")
+    print(f"warning: resumed on {world_size} process(es): train.grad_accum {cfg.grad_accum} -> "
+          f"{saved // world_size}, keeping the global batch of {saved} micro-batches per step",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, grad_accum=saved // world_size)
 
 
 def check_teacher(teacher: ModelConfig, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -140,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"removed {path}, left by an interrupted save", file=sys.stderr)
         state = read_checkpoint(run, model, device, args.resume_from)  # full weights, before any split
         start = state["step"]
+        cfg = keep_global_batch(cfg, state.get("micro_batches_per_step"), ranks.world_size)
         if main:  # drop what the stopped run logged after its checkpoint, and torn lines
             write_text_atomically(metrics_file, metrics_up_to(run, start))
     elif main:
@@ -155,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = count_parameters(model_cfg)
     flops_per_token = training_flops_per_token(model_cfg, cfg.seq_len)
     hardware = preset_for_device(torch.cuda.get_device_name()) if device.type == "cuda" else None
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ranks.world_size
+    micro_per_step = cfg.grad_accum * ranks.world_size  # micro-batches of batch_size in a step
+    tokens_per_step = cfg.batch_size * cfg.seq_len * micro_per_step
     if main:
         layout = f", {ranks.world_size} ranks ({ranks.parallel})" if ranks.distributed else ""
         print(f"{run}: {params.total / 1e6:.2f}M parameters ({params.active / 1e6:.2f}M active), "
@@ -217,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
                           f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stats["stop"]:
-                distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks)
+                distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks,
+                                             extra=dict(micro_batches_per_step=micro_per_step))
             if stats["stop"] and done < cfg.max_steps:
                 name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal"
                 if main:

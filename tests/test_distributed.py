@@ -155,3 +155,25 @@ def test_distributed_benchmark_counts_the_dispatch_bytes_of_the_formula(tmp_path
     exchange = report["all_to_all_per_rank_step"]
     assert exchange["formula_dispatch_bytes"] == 2 * 32 * 2 * 128 * 4 * 1
     assert exchange["sent_bytes"]["dispatch"] == exchange["formula_dispatch_bytes"]
+
+
+def test_a_two_rank_run_resumed_in_one_process_keeps_its_global_batch_and_losses(runs):
+    tmp = runs["tmp"]
+    shutil.copytree(tmp / "ddp", tmp / "ddp-one")
+    (tmp / "ddp-one" / "ckpt" / "latest").write_text("step_000002\n")  # as if killed after step 2
+    done = subprocess.run([sys.executable, "train.py", "--out", str(tmp / "ddp-one"), "--resume",
+                           "--quiet", "--sample", "a"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train.grad_accum 1 -> 2" in done.stderr  # 2 ranks x 1 micro-batch = 1 x 2
+    expected, resumed = _losses(tmp / "ddp"), _losses(tmp / "ddp-one")
+    assert [s for s, _, _ in resumed] == [s for s, _, _ in expected]
+    for (_, loss, norm), (_, loss_ref, norm_ref) in zip(resumed, expected):  # summation order only
+        assert loss == pytest.approx(loss_ref, rel=1e-5) and norm == pytest.approx(norm_ref, rel=1e-4)
+
+
+def test_a_resume_on_a_world_size_that_cannot_share_the_batch_is_refused():
+    import train
+    with pytest.raises(ConfigError, match=r"3 processes cannot share.*\[1, 2, 4\]"):
+        train.keep_global_batch(TrainConfig(grad_accum=2), 4, 3)
+    assert train.keep_global_batch(TrainConfig(grad_accum=1), 4, 2).grad_accum == 2

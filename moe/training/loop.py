@@ -266,11 +266,13 @@ def non_finite_weights(model: Transformer) -> int:
 
 
 def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, extra: dict | None = None) -> Path:
     """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`
     by step number (never the one `latest` names). Weights that are not all finite are
     refused: a bad checkpoint must never replace or rotate away good ones.
-    `optimizer_state` replaces optimizer.state_dict() (moe.parallel.distributed passes the full one)."""
+    `optimizer_state` replaces optimizer.state_dict() (moe.parallel.distributed passes the full one);
+    `extra` is stored beside it (train.py: the micro-batches per step, for a resume at
+    another world size)."""
     bad = non_finite_weights(model)
     if bad:
         raise CheckpointError(f"step {step}: {bad} weights are NaN or infinite, so no checkpoint "
@@ -279,7 +281,7 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
     ckpt = run / "ckpt"
     name = f"step_{step:06d}"
     state = {"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-             "rng": rng_state()}
+             "rng": rng_state(), **(extra or {})}
 
     def write(tmp: Path) -> None:
         write_model(model, tmp, metadata={"step": str(step)})
