@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_rng_state(state["rng"])
     compiled = torch.compile(trained) if cfg.compile else trained
     clip_gradients = distributed.gradient_clipper(model, ranks)
+    sum_over_ranks = distributed.summer(ranks)  # routing statistics of the global batch
 
     params = count_parameters(model_cfg)
     flops_per_token = training_flops_per_token(model_cfg, cfg.seq_len)
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
             micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
                                distributed.batch_index(step, i, cfg.grad_accum, ranks))
                      for i in range(cfg.grad_accum)]
-            stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients)
+            stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients,
+                               sum_over_ranks)
             stats["stop"] = float(stop["signal"])  # any rank stopping stops them all, at this step
             stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl", "stop"), ranks)
             training_s += time.perf_counter() - step_began

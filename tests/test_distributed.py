@@ -65,9 +65,10 @@ def runs(tmp_path_factory):
     return out
 
 
-def _reference(tmp: Path, settings: list[str], one_batch: bool) -> Transformer:
+def _reference(tmp: Path, settings: list[str], one_batch: bool, routing: list | None = None) -> Transformer:
     """One process, the same seed and batches: rank r's batch of step s is batch index
-    2s + r, either concatenated into one batch of 2B or accumulated as 2 micro-batches."""
+    2s + r, either concatenated into one batch of 2B or accumulated as 2 micro-batches
+    (each step's routing statistics appended to `routing`)."""
     setup = load_setup(ROOT / "configs/tiny.toml", settings)
     cfg = setup["train"]
     corpus = prepare(setup["data"], seed=cfg.seed)
@@ -78,7 +79,9 @@ def _reference(tmp: Path, settings: list[str], one_batch: bool) -> Transformer:
         micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed, 2 * step + r) for r in range(2)]
         if one_batch:
             micro = [(torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro]))]
-        train_step(model, optimizer, micro, cfg, step, torch.device("cpu"))
+        stats = train_step(model, optimizer, micro, cfg, step, torch.device("cpu"))
+        if routing is not None:
+            routing.append(stats["routing"])
     return model
 
 
@@ -177,3 +180,17 @@ def test_a_resume_on_a_world_size_that_cannot_share_the_batch_is_refused():
     with pytest.raises(ConfigError, match=r"3 processes cannot share.*\[1, 2, 4\]"):
         train.keep_global_batch(TrainConfig(grad_accum=2), 4, 3)
     assert train.keep_global_batch(TrainConfig(grad_accum=1), 4, 2).grad_accum == 2
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "expert"])
+def test_routing_statistics_cover_the_global_batch_as_one_process_sees_it(runs, mode):
+    settings, routing = runs[mode][1], []
+    _reference(runs["tmp"], settings, one_batch=False, routing=routing)
+    rows = [json.loads(line) for line in (runs["tmp"] / mode / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["routing"] for r in rows if "routing" in r]
+    assert len(logged) == len(routing) == STEPS
+    for ranks_view, one_process in zip(logged, routing):
+        for layer, expected in zip(ranks_view, one_process):
+            assert layer["dropped"] == expected["dropped"] and layer["dead"] == expected["dead"]
+            for key in ("load", "max_over_ideal", "jain", "entropy"):
+                assert layer[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key

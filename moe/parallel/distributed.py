@@ -161,6 +161,18 @@ def gradient_clipper(model: Transformer, ranks: Ranks):
     return clip
 
 
+def summer(ranks: Ranks):
+    """A function that sums a float64 tensor over the ranks (None in one process)."""
+    if not ranks.distributed:
+        return None
+
+    def summed(values: torch.Tensor) -> torch.Tensor:
+        values = values.to(ranks.device) if ranks.device.type == "cuda" else values.clone()
+        dist.all_reduce(values)
+        return values.cpu()
+    return summed
+
+
 def mean_over_ranks(stats: dict, keys: tuple[str, ...], ranks: Ranks) -> dict:
     """`stats` with `keys` averaged over the ranks (the loss of the whole global batch)."""
     if not ranks.distributed:

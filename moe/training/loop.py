@@ -90,13 +90,15 @@ def unwrap(model) -> Transformer:
 
 def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, device: torch.device,
                teacher: Transformer | None = None,
-               clip_gradients: Callable[[float], Tensor] | None = None) -> dict:
+               clip_gradients: Callable[[float], Tensor] | None = None,
+               sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> dict:
     """One optimiser step over `micro_batches` [(inputs [B, T], targets [B, T])], gradients
     averaged over them (so 2 micro-batches of B equal one batch of 2B); a step whose loss
 or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
     gradients are all-reduced once, in the last micro-batch's backward. `clip_gradients`
     (max_norm -> global norm) replaces clip_grad_norm_ where gradients need more than that
-    (expert parallel: moe.parallel.distributed.gradient_clipper)."""
+    (expert parallel: moe.parallel.distributed.gradient_clipper); `sum_over_ranks` makes the
+    routing statistics those of the global batch (moe.parallel.distributed.summer)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     model.train()
@@ -134,7 +136,8 @@ or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
         optimizer.step()
     totals["grad_norm"] = grad_norm.item()
     totals["lr"] = optimizer.param_groups[0]["lr"]
-    totals["routing"] = routing_metrics([stats for r in routing for stats in r], n_layers=len(routing[0]))
+    totals["routing"] = routing_metrics([stats for r in routing for stats in r], len(routing[0]),
+                                        sum_over_ranks)
     return totals
 
 
@@ -142,23 +145,37 @@ or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
 # Routing health
 # ---------------------------------------------------------------------------------------
 
-def routing_metrics(stats: list, n_layers: int) -> list[dict]:
-    """Per MoE layer, from the RoutingStats of one step (micro-batches summed)."""
-    layers = []
+def routing_metrics(stats: list, n_layers: int,
+                    sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
+    """Per MoE layer, from the RoutingStats of one step (micro-batches summed, and with
+    `sum_over_ranks` the ranks too: the whole global batch's routing, as one process
+    accumulating the same micro-batches would see it)."""
+    rows = []
     for layer in range(n_layers):
         mine = stats[layer::n_layers]
-        load = torch.stack([s.tokens_per_expert.float() for s in mine]).sum(0)  # [E]
+        load = torch.stack([s.tokens_per_expert.double().cpu() for s in mine]).sum(0)  # [E]
+        probs = torch.cat([s.router_logits.detach().float() for s in mine]).softmax(-1)  # [N, E]
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # [N]
+        rows.append(torch.cat([load, torch.tensor([float(entropy.sum()), entropy.numel(),
+                                                   float(sum(s.dropped for s in mine))],
+                                                  dtype=torch.float64)]))
+    if not rows:  # a dense model
+        return []
+    raw = torch.stack(rows)  # [L, E + 3]: expert loads, entropy sum, tokens, dropped
+    if sum_over_ranks is not None:
+        raw = sum_over_ranks(raw)
+    layers = []
+    for row in raw:
+        load, (entropy_sum, tokens, dropped) = row[:-3], row[-3:].tolist()
         n_experts = load.numel()
         ideal = load.sum() / n_experts
-        probs = torch.cat([s.router_logits.float() for s in mine]).softmax(-1)  # [N, E]
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         layers.append({
             "load": (load / load.sum().clamp_min(1)).tolist(),
             "max_over_ideal": (load.max() / ideal.clamp_min(1e-9)).item(),
             "jain": (load.sum() ** 2 / (n_experts * load.square().sum()).clamp_min(1e-9)).item(),
             "dead": int((load == 0).sum()),
-            "entropy": entropy.item(),
-            "dropped": int(sum(s.dropped for s in mine)),
+            "entropy": entropy_sum / max(tokens, 1),
+            "dropped": int(dropped),
         })
     return layers
 
