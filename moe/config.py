@@ -144,6 +144,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # under torchrun: "ddp" (replicate) | "fsdp" (FSDP2 fully_shard); moe/parallel/distributed.py
+    dist_timeout_s: float = 600.0  # under torchrun: a collective waiting this long on a hung rank ends the job
     distill_from: str | None = None  # target checkpoint or run folder: train on KL to its distribution
     distill_weight: float = 1.0  # weight of the distillation KL against the plain cross-entropy
     distill_temperature: float = 1.0  # softening temperature of both distributions
@@ -153,6 +154,8 @@ class TrainConfig:
                     "checkpoint_every", "keep_checkpoints", "log_every"):
             _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}",
                      "train")
+        _require(self.dist_timeout_s > 0, "dist_timeout_s", f"must be positive, got {self.dist_timeout_s}",
+                 "train")
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "distill_weight"):
             _require(getattr(self, key) >= 0, key, f"must be non-negative, got {getattr(self, key)}",
                      "train")

@@ -194,3 +194,14 @@ def test_routing_statistics_cover_the_global_batch_as_one_process_sees_it(runs, 
             assert layer["dropped"] == expected["dropped"] and layer["dead"] == expected["dead"]
             for key in ("load", "max_over_ideal", "jain", "entropy"):
                 assert layer[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_process_group_waits_on_a_hung_rank_only_train_dist_timeout_s(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: seen.update(backend=backend, **kwargs))
+    distributed.init(TrainConfig(device="cpu", dist_timeout_s=42))
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 42
+    with pytest.raises(ConfigError, match="dist_timeout_s must be positive"):
+        TrainConfig(dist_timeout_s=0)

@@ -36,6 +36,7 @@ Shapes: none here; this module moves whole models and state dicts.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,13 +97,16 @@ def init(cfg: TrainConfig, expert_parallel: int = 1) -> Ranks:
                           "set train.compile=false for fsdp or expert parallel")
     if world_size == 1:
         return Ranks(device=torch.device("cuda" if cuda else "cpu"))
+    # a rank that hangs (or dies without the launcher noticing) ends the others' wait here,
+    # not after the backend's default of 30 minutes or more
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
     if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     parallel = "expert" if expert_parallel > 1 else cfg.parallel
     return Ranks(rank, world_size, local_rank, device, parallel, expert_parallel)
 
