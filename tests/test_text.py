@@ -231,3 +231,16 @@ def test_streamed_text_never_shows_the_start_of_a_stop_string():
     pieces, shown = pieces_and_shown(range(len(words)), params, detok)
     assert "".join(pieces) == visible_text(list(range(len(words))), params, detok) == "hello world"
     assert not any(s.endswith("\n") for s in shown)
+
+
+def test_an_imported_model_exported_again_keeps_its_special_ids_and_tokenizer(mixtral, tmp_path):
+    from moe.io.checkpoint import load_model
+    folder, tok = mixtral
+    again = save_hf(load_model(folder), tmp_path / "again")
+    config = json.loads((again / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    generation = json.loads((again / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
+    assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    exported = load_tokenizer(again)
+    assert exported.eos_id == 1 and exported.encode("hello") == load_tokenizer(folder).encode("hello")

@@ -275,6 +275,7 @@ def load_hf(path: str | Path, device: torch.device | str = "cpu",
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    model.hf_origin = path  # save_hf carries its special ids and tokenizer files over
     return model
 
 
@@ -298,10 +299,29 @@ def hf_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = None) -> Path:
-    """Write `model` as a Mixtral folder (config.json + safetensors), atomically; with
-    `max_shard_bytes`, split into model-0000i-of-0000n.safetensors plus the index."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = None,
+            tokenizer: str | Path | None = None) -> Path:
+    """Write `model` as a Mixtral folder (config.json + generation_config.json +
+    safetensors), atomically; with `max_shard_bytes`, split into
+    model-0000i-of-0000n.safetensors plus the index. The special token ids and tokenizer
+    files come from `tokenizer` (a Hugging Face folder), by default the folder the model
+    was imported from, so an imported model exported again still stops at its EOS; a model
+    of ours gets the byte tokenizer's ids."""
     config = hf_config_from_model(model.cfg, model.embed.weight.dtype)
+    source = Path(tokenizer) if tokenizer is not None else getattr(model, "hf_origin", None)
+    if source is not None:
+        try:
+            origin = json.loads((source / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"cannot read the special token ids of {source / CONFIG_FILE}: "
+                                  f"{error}") from None
+        config.update({key: origin.get(key) for key in SPECIAL_IDS})
+    generation = {key: config[key] for key in SPECIAL_IDS if config[key] is not None}
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0
     for name, tensor in hf_tensors(model):
@@ -317,6 +337,10 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = 
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (source / name).is_file():
+                (tmp / name).write_bytes((source / name).read_bytes())
         for file, shard in zip(files, shards):
             save_file({name: tensor.to("cpu").contiguous() for name, tensor in shard},
                       str(tmp / file), metadata={"format": "pt"})
