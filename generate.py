@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from moe.cli import run_main
-from moe.io.checkpoint import load_model
+from moe.io.checkpoint import load_model, stored_dtype
 from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
@@ -86,8 +86,19 @@ def parse_engine_args(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+        args.dtype = default_dtype(getattr(args, "ckpt", None), args.device)
     return args
+
+
+def default_dtype(ckpt: str | None, device: str) -> str:
+    """The checkpoint's own dtype (a bf16 release stays bf16), except float32 on CUDA, which
+    runs in bf16 (the tensor cores' type, half the bytes per decode step); a random init:
+    bf16 on CUDA, float32 on CPU."""
+    cuda = device.startswith("cuda")
+    dtype = stored_dtype(ckpt) if ckpt else torch.float32
+    if cuda and dtype == torch.float32:
+        dtype = torch.bfloat16
+    return str(dtype).removeprefix("torch.")
 
 
 def check_device(name: str) -> None:

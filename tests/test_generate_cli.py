@@ -136,3 +136,15 @@ def test_engine_flags_default_to_the_engine_config():
     parser = argparse.ArgumentParser()
     cli.add_engine_args(parser)
     assert EngineConfig(**cli.engine_settings(parser.parse_args([]))) == EngineConfig()
+
+
+def test_the_default_dtype_is_the_checkpoints_own(tmp_path):
+    from moe.io.checkpoint import save_model
+    from moe.model.transformer import Transformer
+    from tests.conftest import tiny_config
+    half = save_model(Transformer(tiny_config()).to(torch.bfloat16), tmp_path / "bf16")
+    full = save_model(Transformer(tiny_config()), tmp_path / "fp32")
+    assert cli.default_dtype(str(half), "cpu") == "bfloat16"  # not upcast to float32
+    assert cli.default_dtype(str(full), "cpu") == "float32"
+    assert cli.default_dtype(str(full), "cuda") == "bfloat16"  # float32 runs in bf16 on a GPU
+    assert cli.default_dtype(None, "cpu") == "float32"

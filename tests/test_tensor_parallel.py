@@ -91,6 +91,8 @@ def worker(rank: int, folder: Path) -> None:
         model = build([])
         apply_tensor_parallel(model)
         results["refused"]["twice"] = refusal_of(lambda: apply_tensor_parallel(model))
+        results["refused"]["unseeded"] = refusal_of(
+            lambda: generate(model, PROMPT, SamplingParams(temperature=1.0, max_new_tokens=2)))
         try:
             model(tokens())  # grad mode, but the parameters are frozen: allowed
             model.train()
@@ -175,6 +177,11 @@ def test_refuses_different_models_and_applying_twice(ranks):
     for result in ranks:
         assert "the ranks built different models" in result["refused"]["seeds"]
         assert "already applied" in result["refused"]["twice"]
+
+
+def test_refuses_unseeded_sampling_on_a_tensor_parallel_model(ranks):
+    for result in ranks:
+        assert "needs a seed" in result["refused"]["unseeded"]
 
 
 def test_refuses_train_mode(ranks):

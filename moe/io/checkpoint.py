@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from moe.config import ModelConfig, from_dict
 from moe.io.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, write_directory_atomically
-from moe.io.hf import is_hf_folder, load_hf
+from moe.io.hf import STORED_DTYPES, is_hf_folder, load_hf, weight_files
 from moe.model.transformer import Transformer
 
 
@@ -68,6 +68,26 @@ def load_config(path: str | Path) -> ModelConfig:
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{file} is not valid JSON: {error}") from None
     return from_dict(ModelConfig, values, "model")
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint (ours, a run folder or a Hugging Face folder) stores its
+    embedding in, read from the safetensors header without loading a tensor."""
+    path = resolve_checkpoint(path)
+    if is_hf_folder(path):
+        file, name = weight_files(path)["model.embed_tokens.weight"], "model.embed_tokens.weight"
+    else:
+        load_config(path)  # a missing or broken config.json says so first
+        file, name = Path(path) / WEIGHTS_FILE, "embed.weight"
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            stored = handle.get_slice(name).get_dtype()
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"cannot read {file} ({error}); the checkpoint is incomplete") from None
+    if stored not in STORED_DTYPES:
+        raise CheckpointError(f"{name} in {file} is stored as {stored}: only "
+                              f"{', '.join(STORED_DTYPES)} checkpoints load here")
+    return STORED_DTYPES[stored]
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",

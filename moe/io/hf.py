@@ -22,8 +22,11 @@ so the mapping is a renaming plus a re-stacking of the experts, nothing approxim
   to sum to 1 -- exactly ours for K > 1 (for K = 1 ours keeps the raw probability, so a
   Mixtral with num_experts_per_tok = 1 would differ by a per-token scale; it is refused).
 - Aux loss: Mixtral's load-balancing loss is K times ours (it sums the per-choice
-  fractions), so router_aux_loss_coef = aux_loss_coef / K. Mixtral has no z-loss and no
-  capacity limit: an import sets z_loss_coef = 0 and stays dropless.
+  fractions), so router_aux_loss_coef = aux_loss_coef / K. That is exact per layer only:
+  transformers pools the router logits of all layers into one loss, ours averages the
+  per-layer losses, so with several layers the two totals differ (the coefficient maps,
+  the value does not). Mixtral has no z-loss and no capacity limit: an import sets
+  z_loss_coef = 0 and stays dropless.
 
 What cannot map is refused with the key or tensor named: another model_type, attention
 over a sliding window shorter than the context, RoPE scaling, quantised weights, missing

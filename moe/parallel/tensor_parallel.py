@@ -272,6 +272,7 @@ def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup | None = 
             block.ffn = (TensorParallelMoE(block.ffn, plan) if isinstance(block.ffn, MoELayer)
                          else TensorParallelDenseFFN(block.ffn, plan))
     model.cfg = local_cfg
+    model.tensor_parallel = plan  # generation refuses unseeded sampling on it (every rank must draw alike)
     model.requires_grad_(False)
     model.eval()
     return plan

@@ -69,6 +69,10 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams,
     """Yield the new tokens of one request as they are generated (the finishing one too)."""
     cfg = model.cfg
     check_request(cfg, prompt, params)
+    if getattr(model, "tensor_parallel", None) is not None and not params.greedy and params.seed is None:
+        raise ValueError("sampling under tensor parallelism needs a seed: each rank draws its own "
+                         "token, and without one the ranks' sequences diverge; set seed (the same "
+                         "on every rank) or temperature = 0")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     # sized to the request, not the context (32k slots per layer for Mixtral)
