@@ -204,8 +204,16 @@ def main(argv: list[str] | None = None) -> dict:
             micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
                                distributed.batch_index(step, i, cfg.grad_accum, ranks))
                      for i in range(cfg.grad_accum)]
-            stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher, clip_gradients,
-                               sum_over_ranks)
+            try:
+                stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher,
+                                   clip_gradients, sum_over_ranks)
+            except RuntimeError as error:
+                if ranks.distributed and "timed out" in str(error).lower():
+                    raise RuntimeError(
+                        f"rank {ranks.rank}: waited train.dist_timeout_s = {cfg.dist_timeout_s} s in "
+                        f"step {step + 1} for a rank that never joined (hung or died: see the other "
+                        f"ranks' logs); resume the run with --resume once they are healthy") from error
+                raise
             stats["stop"] = float(stop["signal"])  # any rank stopping stops them all, at this step
             stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl", "stop"), ranks)
             training_s += time.perf_counter() - step_began

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -205,3 +206,32 @@ def test_the_process_group_waits_on_a_hung_rank_only_train_dist_timeout_s(monkey
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 42
     with pytest.raises(ConfigError, match="dist_timeout_s must be positive"):
         TrainConfig(dist_timeout_s=0)
+
+
+HANG = """
+import os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+import train
+real = train.train_step
+def step(model, optimizer, micro, cfg, index, *rest):
+    if index == 1 and os.environ.get("RANK") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher may end it
+        time.sleep(600)  # hung: never joins this step's all-reduce
+    return real(model, optimizer, micro, cfg, index, *rest)
+train.train_step = step
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_hung_rank_ends_the_job_after_the_timeout_naming_the_waiting_rank(tmp_path):
+    (tmp_path / "hang.py").write_text(HANG)
+    (tmp_path / "data.txt").write_text("".join(f"line {i}: the quick brown fox\n" for i in range(400)))
+    settings = _settings(tmp_path, 0.0) + ["train.dist_timeout_s=3", "train.max_steps=4"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(tmp_path / "hang.py"), "--config", "configs/tiny.toml", "--out", str(tmp_path / "run"),
+               "--quiet", *[f"--set={s}" for s in settings]]
+    begun = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - begun < 60
+    assert "rank 0: waited train.dist_timeout_s = 3.0 s in step 2" in done.stderr, done.stderr[-3000:]

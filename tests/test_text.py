@@ -244,3 +244,6 @@ def test_an_imported_model_exported_again_keeps_its_special_ids_and_tokenizer(mi
     assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     exported = load_tokenizer(again)
     assert exported.eos_id == 1 and exported.encode("hello") == load_tokenizer(folder).encode("hello")
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.GenerationConfig.from_pretrained(again)  # what transformers stops on
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (0, 1)
