@@ -4,46 +4,22 @@ counted (chunks are not tokens: a byte that completes no character sends no text
 server's token counter agrees, percentiles are ordered, and bad flags are refused by name."""
 
 import json
-import threading
-import time
 
 import pytest
-import torch
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
 import generate as cli  # noqa: E402
 from moe.cli import run_main  # noqa: E402
-from moe.model.transformer import Transformer  # noqa: E402
 from moe.serving import http_bench  # noqa: E402
-from moe.serving.engine import Engine, EngineConfig  # noqa: E402
-from moe.serving.server import EngineLoop, build_app  # noqa: E402
-from moe.serving.text import byte_level  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-from tests.test_server import free_port  # noqa: E402
+from tests.serving_helpers import live_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def url():
-    torch.manual_seed(0)
-    model = Transformer(tiny_config()).eval()
-    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, num_blocks=80))
-    loop = EngineLoop(engine)
-    loop.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(loop, byte_level(), "tiny"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    loop.stop()
+    with live_server(num_blocks=80) as (_, _, _, base):
+        yield base
 
 
 def check_record(record: dict) -> None:

@@ -5,57 +5,27 @@ bad fields get a 400 naming them, /metrics parses, and a forward that raises fai
 its own requests."""
 
 import re
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="the server tests drive it with the openai client")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from moe.serving.engine import Engine, EngineConfig  # noqa: E402
 from moe.serving.generation import generate  # noqa: E402
 from moe.serving.sampling import SamplingParams  # noqa: E402
-from moe.serving.server import EngineLoop, build_app  # noqa: E402
 from moe.serving.stopping import visible_text  # noqa: E402
-from moe.serving.text import byte_level  # noqa: E402
 from moe.tokenizer import encode  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-from moe.model.transformer import Transformer  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serving_helpers import live_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served():
-    torch.manual_seed(0)
-    model = Transformer(tiny_config()).eval()
-    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, num_blocks=40))
-    loop = EngineLoop(engine)
-    loop.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(loop, byte_level(), "tiny"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    yield model, engine, loop, client, url
-    server.should_exit = True
-    thread.join(timeout=10)
-    loop.stop()
+    with live_server(num_blocks=40) as (model, engine, loop, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        yield model, engine, loop, client, url
 
 
 def expected_text(model, prompt: str, max_tokens: int, **settings) -> str:

@@ -13,7 +13,7 @@ import torch
 from moe.io.checkpoint import load_model, save_model
 from moe.io.files import CheckpointError
 from moe.config import TrainConfig
-from moe.model.transformer import Transformer, model_loss
+from moe.model.transformer import Transformer
 from moe.training.loop import (distillation_loss, lr_at, make_optimizer, routing_metrics, save_checkpoint,
                           train_step)
 from tests.conftest import tiny_config
