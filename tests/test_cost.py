@@ -88,7 +88,7 @@ def test_expected_experts_hit_matches_simulated_uniform_top_k_routing():
 
 def test_decode_at_batch_1_reads_only_the_k_routed_experts():
     hw = replace(A100, flops_efficiency=1.0, bandwidth_efficiency=1.0)
-    e = estimate(GPT4, hw, batch=1, prompt_len=1, output_len=0)
+    e = estimate(GPT4, hw, batch=1, prompt_len=1, output_len=0, check=False)  # one device: the formula only
     per_expert = 3 * GPT4.d_model * GPT4.d_expert * GPT4.n_layers
     weights_read = (e.shared_params + GPT4.experts_per_token * per_expert) * 2
     kv_read = kv_bytes_per_token(GPT4) * 1
@@ -104,7 +104,7 @@ def test_decode_turns_compute_bound_once_the_batch_is_large_enough():
 
 
 def test_tensor_parallel_replicates_a_single_kv_head_but_splits_grouped_ones():
-    mqa = estimate(GPT4, A100, Layout(tensor=8), prompt_len=100, output_len=0)
+    mqa = estimate(GPT4, A100, Layout(tensor=8), prompt_len=100, output_len=0, check=False)
     gqa = estimate(LLAMA, A100, Layout(tensor=8), prompt_len=100, output_len=0)
     assert mqa.kv_bytes_per_device == pytest.approx(mqa.kv_bytes_per_sequence)
     assert gqa.kv_bytes_per_device == pytest.approx(gqa.kv_bytes_per_sequence / 8)
@@ -160,3 +160,15 @@ def test_training_flops_count_attention_and_leave_out_the_embedding_lookup():
     matmul = 2 * (attention_weights + moe_weights) + 259 * 32  # + lm_head; the lookup is free
     scores = 4 * 2 * 4 * 8 * (16 + 1) / 2  # q.k and p.v over the mean causal context
     assert training_flops_per_token(cfg, 16) == 3 * (2 * matmul + scores) == 143808
+
+
+def test_a_layout_whose_weights_do_not_fit_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"weights need 3.7 TB per device.*at least 44x more devices"):
+        estimate(GPT4, PRESETS["A100-80GB"])
+
+
+def test_a_batch_whose_kv_cache_does_not_fit_is_refused_with_the_largest_that_does():
+    layout = Layout(tensor=8, pipeline=16)
+    with pytest.raises(ValueError, match="the largest batch that fits is 24"):
+        estimate(GPT4, PRESETS["A100-40GB"], layout, batch=512, prompt_len=8192, output_len=128)
+    estimate(GPT4, PRESETS["A100-40GB"], layout, batch=24, prompt_len=8192, output_len=128)  # fits

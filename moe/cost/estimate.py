@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,11 +157,33 @@ def _roofline(cfg: ModelConfig, hw: Hardware, layout: Layout, tokens: float, flo
     return max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
 
 
+def check_fits(hw: Hardware, layout: Layout, weights_device: float, max_sequences: float,
+               batch: float) -> None:
+    """Refuse, with the shortfall and the fix, a layout whose weights do not fit its devices
+    and a batch whose KV cache does not fit beside them: a price for either would be for
+    a machine that cannot run."""
+    usable = hw.memory_bytes - hw.reserve_bytes
+    if weights_device > usable:
+        raise ValueError(f"the weights need {si(weights_device, 'B')} per device, but a {hw.name} "
+                         f"has {si(usable, 'B')} for them (memory less its reserve): spread them "
+                         f"over at least {math.ceil(weights_device / usable)}x more devices "
+                         "(--tensor, --pipeline, --expert)")
+    in_flight = layout.pipeline  # one batch per pipeline stage
+    if batch * in_flight > max_sequences:
+        largest = math.floor(max_sequences / in_flight)
+        raise ValueError(f"batch {batch:g} ({batch * in_flight:g} sequences in flight over "
+                         f"{layout.pipeline} pipeline stages) needs more KV cache than fits beside "
+                         f"the weights ({max_sequences:.1f} full sequences); the largest batch that "
+                         f"fits is {largest}: lower --batch or the context, or add devices")
+
+
 def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout | None = None, batch: float = 1,
              prompt_len: int = 512, output_len: int = 128, bytes_per_value: int = 2,
-             kv_budget_bytes: float | None = None) -> Estimate:
+             kv_budget_bytes: float | None = None, check: bool = True) -> Estimate:
     """The whole arithmetic for `batch` sequences of `prompt_len` + `output_len` tokens.
-    Decode is costed at the mean context of generation, P + O / 2."""
+    Decode is costed at the mean context of generation, P + O / 2. A layout or batch that
+    does not fit the devices is refused (`check_fits`); `check=False` computes the formulas
+    anyway (for teaching one term on a machine that could not run the rest)."""
     layout = layout or Layout()
     p = count_parameters(cfg)
     seq_len = prompt_len + output_len
@@ -171,6 +194,8 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout | None = None, batch
     if kv_budget_bytes is None:  # what each device has left beside its weights
         kv_budget_bytes = max(hw.memory_bytes - hw.reserve_bytes - weights_device, 0.0) * layout.devices
     max_sequences = kv_budget_bytes / layout.devices / kv_seq_device * layout.expert
+    if check:
+        check_fits(hw, layout, weights_device, max_sequences, batch)
     context = prompt_len + output_len / 2
     decode_flops = decode_flops_per_token(cfg, context)
     step, step_bound = _roofline(cfg, hw, layout, batch, batch * decode_flops,
@@ -311,4 +336,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moe.cli import run_main
+    run_main(main, sys.argv[1:])
