@@ -98,6 +98,7 @@ def test_each_bad_field_gets_a_400_naming_it(served, field, value):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == field and error["type"] == "invalid_request_error", error
+    assert field in error["message"] or field == "prompt", error  # named in the API's words
 
 
 def test_models_health_and_metrics(served):

@@ -160,6 +160,12 @@ def error_body(message: str, param: str | None, kind: str = "invalid_request_err
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+def api_words(message: str) -> str:
+    for ours, theirs in API_NAMES.items():
+        message = message.replace(ours, theirs)
+    return message
+
+
 def field_of(message: str) -> str | None:
     """The request field a refusal names (messages start with it), in the API's words."""
     first = message.split(" ", 1)[0]
@@ -225,8 +231,8 @@ def build_app(loop: EngineLoop, tokenizer: TextTokenizer, model_name: str, bos: 
                                 ignore_eos=body.ignore_eos, logprobs=body.logprobs)
         pool = engine.blocks.num_blocks * engine.blocks.block_size
         problem = refusal_reason(engine.cfg, prompt, params, pool)
-        if problem:
-            raise BadRequest(problem, field_of(problem))
+        if problem:  # in the API's words: max_new_tokens is max_tokens there
+            raise BadRequest(api_words(problem), field_of(problem))
         if prompt_text is None:
             prompt_text = tokenizer.decode(prompt)
         detok = tokenizer.detokenizer(prompt)
@@ -267,7 +273,7 @@ async def collect(loop: EngineLoop, handle: dict, events: asyncio.Queue, http: H
         if event[0] == "done":
             request = event[1]
             if request.status == "refused":
-                raise BadRequest(request.refusal, field_of(request.refusal))
+                raise BadRequest(api_words(request.refusal), field_of(request.refusal))
             if request.status == "failed":
                 raise RequestFailed(request.refusal)
             return request
