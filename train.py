@@ -48,8 +48,9 @@ from moe.tokenizer import decode, encode
 from moe.training.data import Corpus, get_batch, prepare
 from moe.training.loop import (evaluate, make_optimizer, read_checkpoint, set_rng_state,
                                sweep_leftovers, train_step)
+from moe.io.files import write_text_atomically
 from moe.training.run_folder import (METRICS_FILE, metrics_up_to, refuse_used, resumed_setup,
-                                     start_fresh, write_text_atomically)
+                                     start_fresh)
 
 DEFAULT_CONFIG = "configs/tiny.toml"
 MAX_SKIPPED_IN_A_ROW = 5  # steps with a non-finite loss or gradient before the run stops

@@ -4,8 +4,9 @@ Why atomic: a run killed halfway through a save must never leave a folder that l
 complete but is not. Everything is written into a temporary sibling directory, each file
 is flushed to disk (fsync), and only then is the directory renamed into place; a rename
 within one filesystem is atomic, so a reader sees the old folder or the new one, never
-half of one. Used for checkpoints (moe/io/checkpoint.py, moe/io/hf.py) and prepared data
-(moe/training/data.py); imports no model code, so preparing data does not load the model.
+half of one. Used for checkpoints (moe/io/checkpoint.py, moe/io/hf.py), prepared data
+(moe/training/data.py) and a run's small files (`latest`, setup.json, metrics.jsonl);
+imports no model code, so preparing data does not load the model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text`: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_directory_atomically(path: str | Path, write) -> Path:

@@ -132,6 +132,11 @@ class BlockManager:
             self.tables[seq_id], self.chains[seq_id] = table, chain
         return len(table) * self.block_size
 
+    def fills_a_block(self, seq_id: int, n_computed: int) -> bool:
+        """Whether `commit` has a block of `seq_id` to name (a cheap check before the caller
+        gathers the sequence's tokens)."""
+        return self.prefix_caching and n_computed // self.block_size > len(self.chains.get(seq_id, ()))
+
     def commit(self, seq_id: int, tokens: list[int], n_computed: int) -> None:
         """Name the blocks of `seq_id` that the first `n_computed` of `tokens` now fill, so
         later requests can find them. A block whose name another block already holds is

@@ -291,14 +291,14 @@ class Engine:
         for s in scheduled:
             if not s.completes:  # a prefill chunk that is not the last
                 s.request.num_cached += s.n
-                self.blocks.commit(s.request.request_id, s.request.tokens, s.request.num_cached)
+                self.name_full_blocks(s.request)
         now, emitted = self.clock(), []
         for (s, scores), (new, n_ok) in zip(completing, self.verify(completing)):
             request = s.request
             known = len(request.tokens)
             request.num_cached += s.n + n_ok
             request.output += new
-            self.blocks.commit(request.request_id, request.tokens, request.num_cached)
+            self.name_full_blocks(request)
             reason, keep = finish_reason(len(request.prompt), request.output, request.params,
                                          request.detok, self.cfg.max_seq_len, len(new))
             del request.output[keep:]
@@ -316,6 +316,12 @@ class Engine:
             if reason:
                 self.finish(request, reason, now)
         return emitted
+
+    def name_full_blocks(self, request: Request) -> None:
+        """Give the prefix cache the blocks this step filled (most steps fill none: the
+        request's tokens are gathered only when one did)."""
+        if self.blocks.fills_a_block(request.request_id, request.num_cached):
+            self.blocks.commit(request.request_id, request.tokens, request.num_cached)
 
     def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
         """(new tokens, proposals accepted) per completing request, from its rows of logits.

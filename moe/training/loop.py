@@ -27,7 +27,6 @@ Shapes: B batch, T time, V vocab, E experts, K experts per token, N tokens (B*T)
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import shutil
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe.io.checkpoint import load_model, write_model
-from moe.io.files import CheckpointError, write_directory_atomically
+from moe.io.files import CheckpointError, write_directory_atomically, write_text_atomically
 from moe.config import TrainConfig
 from moe.training.data import TASKS, Corpus, get_batch, task_batch
 from moe.model.transformer import Transformer, model_loss
@@ -304,11 +303,7 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
         write_model(model, tmp, metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
     path = write_directory_atomically(ckpt / name, write)
-    pointer = ckpt / f".latest.tmp-{os.getpid()}"
-    pointer.write_text(name + "\n")
-    with open(pointer) as f:
-        os.fsync(f.fileno())
-    os.replace(pointer, ckpt / "latest")
+    write_text_atomically(ckpt / "latest", name + "\n")
     for _, old in checkpoints(run)[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from moe.config import SECTIONS, ConfigError, from_dict, load_setup, parse_override
+from moe.io.files import write_text_atomically
 
 SETUP_FILE = "setup.json"
 METRICS_FILE = "metrics.jsonl"
@@ -31,16 +31,6 @@ METRICS_FILE = "metrics.jsonl"
 # the run computes.
 HARMLESS = {("train", key) for key in ("log_every", "eval_every", "eval_batches",
                                         "checkpoint_every", "keep_checkpoints", "compile")}
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text`: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def holds_a_run(run: Path) -> bool:
