@@ -12,7 +12,7 @@
     python generate.py --ckpt runs/tiny --prompt-file prompts.jsonl --out results.jsonl
 
     # a Hugging Face Mixtral folder: its tokenizer.json is used when the `tokenizers`
-    # package is installed (pip install -e '.[hf]'), else our byte-level tokenizer
+    # package is installed (a dependency), else our byte-level tokenizer
     python generate.py --ckpt path/to/mixtral --prompt "The capital of France is"
 
     # continuous vs static batching, side by side; writes benchmarks/results/*.json

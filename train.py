@@ -38,14 +38,14 @@ import torch
 from moe.cli import run_main
 from moe.parallel import distributed
 from moe.io.checkpoint import load_model
-from moe.config import BYTE_VOCAB_SIZE, ConfigError, ModelConfig, TrainConfig, load_setup
+from moe.config import BYTE_VOCAB_SIZE, ConfigError, DataConfig, ModelConfig, TrainConfig, load_setup
 from moe.cost.estimate import training_flops_per_token
 from moe.cost.hardware import preset_for_device
 from moe.model.transformer import Transformer, count_parameters
 from moe.serving.generation import generate
 from moe.serving.sampling import SamplingParams
-from moe.tokenizer import decode, encode
-from moe.training.data import Corpus, get_batch, prepare
+from moe.serving.text import TextTokenizer, load_tokenizer
+from moe.training.data import Corpus, prepare, training_batch
 from moe.training.loop import (evaluate, make_optimizer, read_checkpoint, set_rng_state,
                                sweep_leftovers, train_step)
 from moe.io.files import write_text_atomically
@@ -60,7 +60,7 @@ class Diverged(ValueError):
     """The loss stayed non-finite: the run stops (a user's setting, printed as error:)."""
 
 
-def check_fits(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+def check_fits(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig) -> None:
     """Refuse settings that are valid alone but not together, before any data is prepared."""
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len = {cfg.seq_len} exceeds model.max_seq_len = "
@@ -69,6 +69,10 @@ def check_fits(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise ConfigError(f"model.vocab_size = {model_cfg.vocab_size} is below the {BYTE_VOCAB_SIZE} ids "
                           "of the byte tokenizer the data is encoded with (moe/tokenizer.py); set it to "
                           f"at least {BYTE_VOCAB_SIZE}")
+    if data_cfg.tokenizer == "bpe" and not BYTE_VOCAB_SIZE < model_cfg.vocab_size <= 2**16:
+        raise ConfigError(f"data.tokenizer = \"bpe\" learns a vocabulary of model.vocab_size ids, which must be "
+                          f"above the {BYTE_VOCAB_SIZE} byte and special ids and at most 65536 (ids are "
+                          f"stored as uint16); got {model_cfg.vocab_size}, e.g. set model.vocab_size = 4096")
 
 
 def check_corpus(corpus: Corpus, cfg: TrainConfig, source: str) -> None:
@@ -111,6 +115,38 @@ def check_teacher(teacher: ModelConfig, model_cfg: ModelConfig, cfg: TrainConfig
                           f"tokens, fewer than train.seq_len = {cfg.seq_len}; lower train.seq_len")
 
 
+def describe_evaluation(result: dict, corpus: Corpus) -> str:
+    """One line: the figure, how sure it is, and the bars beside it."""
+    if corpus.is_tasks:
+        tasks = " ".join(f"{key[4:]} {value:.1%}" for key, value in result.items()
+                         if key.startswith("acc_") and key != "acc_mean")
+        return (f"answer loss {result['val_loss']:.4f}, exact match {result['acc_mean']:.1%} "
+                f"({tasks})")
+    sure = (f" ± {result['val_bpb_ci95']:.3f} (95%, {result['val_share']:.0%} of the split)"
+            if "val_bpb_ci95" in result else f" (whole split, {result['val_bytes']:,} bytes)")
+    bars = ", ".join(f"{name} {bpb:.3f}" for name, bpb in corpus.compressors.items())
+    return f"val {result['val_bpb']:.3f} bits/byte{sure}" + (f"; {bars}" if bars else "")
+
+
+SAMPLE_BYTES = 300  # greedy sample length the end of a run reports on
+
+
+def greedy_sample(model: Transformer, tokenizer: TextTokenizer, prompt: str) -> str:
+    """The first SAMPLE_BYTES bytes (or fewer, when it ends) of the model's greedy
+    continuation of `prompt` (no BOS: text windows never start with one; generate.py
+    prompts the same way)."""
+    ids = tokenizer.encode(prompt)
+    new = generate(model, ids, SamplingParams(max_new_tokens=min(SAMPLE_BYTES, model.cfg.max_seq_len - len(ids))))
+    return tokenizer.decode(new).encode()[:SAMPLE_BYTES].decode(errors="ignore")
+
+
+def distinct_4grams(data: bytes) -> float:
+    """Share of the 4-byte windows of `data` that are distinct: near 1 for prose or code,
+    near 0 for a loop of one word."""
+    grams = [data[i:i + 4] for i in range(len(data) - 3)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"setup TOML (default {DEFAULT_CONFIG}; a "
@@ -139,13 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
         refuse_used(run, args.overwrite)
         setup = load_setup(args.config or DEFAULT_CONFIG, args.set)
     model_cfg, cfg, data_cfg = setup["model"], setup["train"], setup["data"]
-    check_fits(model_cfg, cfg)
+    check_fits(model_cfg, cfg, data_cfg)
     ranks = distributed.init(cfg, args.expert_parallel)  # one process unless launched by torchrun
     device, main = ranks.device, ranks.is_main
 
-    corpus = prepare(data_cfg, seed=cfg.seed) if main else None
+    corpus = prepare(data_cfg, cfg.seed, model_cfg.vocab_size) if main else None
     distributed.barrier(ranks)  # rank 0 prepares the token files once; the others then map them
-    corpus = corpus or prepare(data_cfg, seed=cfg.seed)
+    corpus = corpus or prepare(data_cfg, cfg.seed, model_cfg.vocab_size)
     check_corpus(corpus, cfg, data_cfg.source)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Transformer(model_cfg).to(device)
@@ -165,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_text_atomically(metrics_file, metrics_up_to(run, start))
     elif main:
         start_fresh(run, setup, args.overwrite)
+    tokenizer_files = [corpus.tokenizer_file] if corpus.tokenizer_file else []  # into every checkpoint
     trained = distributed.parallelize(model, ranks)  # model itself, or a DDP wrapper around it
     optimizer = make_optimizer(model, cfg)
     if args.resume:
@@ -202,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = {}
         for step in range(start, cfg.max_steps):
             step_began = time.perf_counter()
-            micro = [get_batch(corpus.train, cfg.seq_len, cfg.batch_size, cfg.seed,
-                               distributed.batch_index(step, i, cfg.grad_accum, ranks))
+            micro = [training_batch(corpus, cfg.seq_len, cfg.batch_size, cfg.seed,
+                                    distributed.batch_index(step, i, cfg.grad_accum, ranks))
                      for i in range(cfg.grad_accum)]
             try:
                 stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher,
@@ -243,14 +280,14 @@ def main(argv: list[str] | None = None) -> dict:
                       f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 result = {"step": done, **evaluate(model, corpus, cfg, device)}  # every rank, same windows
-                log({"step": done, "eval": result})
-                accuracy = f" task accuracy {result['acc_mean']:.3f}" if "acc_mean" in result else ""
+                log({"step": done, "eval": {**result, "compressors": corpus.compressors}})
                 if main:
-                    print(f"\nstep {done}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte"
-                          f"{accuracy}, {tokens_per_s:,.0f} tokens/s", flush=True)
+                    print(f"\nstep {done}: {describe_evaluation(result, corpus)}, {tokens_per_s:,.0f} tokens/s",
+                          flush=True)
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stats["stop"]:
                 distributed.save_checkpoint_once(run, trained, optimizer, done, cfg.keep_checkpoints, ranks,
-                                             extra=dict(micro_batches_per_step=micro_per_step))
+                                                 extra=dict(micro_batches_per_step=micro_per_step),
+                                                 files=tokenizer_files)
             if stats["stop"] and done < cfg.max_steps:
                 name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal"
                 if main:
@@ -266,8 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
     if main:
         from moe.training.plots import write_plots
         write_plots(run)
-        sample = generate(whole.eval(), encode(args.sample, bos=True), SamplingParams(max_new_tokens=120))
-        print(f"sample: {args.sample!r} -> {decode(sample)!r}", flush=True)
+        text = greedy_sample(whole.eval(), load_tokenizer(run), args.sample)
+        variety = distinct_4grams(text.encode())
+        log({"step": cfg.max_steps, "sample": {"prompt": args.sample, "text": text, "distinct_4grams": variety}})
+        print(f"sample: {args.sample!r} -> {text!r}\n  ({variety:.0%} of its 4-grams are distinct)", flush=True)
     distributed.shutdown(ranks)
     return result
 

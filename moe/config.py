@@ -136,7 +136,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     eval_every: int = 200  # steps between evaluations
-    eval_batches: int = 8  # validation batches per evaluation
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -150,10 +150,13 @@ class TrainConfig:
     distill_temperature: float = 1.0  # softening temperature of both distributions
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+        for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every",
                     "checkpoint_every", "keep_checkpoints", "log_every"):
             _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}",
                      "train")
+        _require(self.eval_batches >= 0, "eval_batches",
+                 f"must be 0 (the whole validation split) or a number of batches, got {self.eval_batches}",
+                 "train")
         _require(self.dist_timeout_s > 0, "dist_timeout_s", f"must be positive, got {self.dist_timeout_s}",
                  "train")
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "distill_weight"):
@@ -181,8 +184,15 @@ class DataConfig:
     val_fraction: float = 0.05  # share of files (or task examples) held out for validation
     cache_dir: str = ".cache"  # where prepared token files live
     task_examples: int = 20000  # examples generated for the synthetic task mix
+    tokenizer: str = "bytes"  # "bytes" | "bpe": a byte-level BPE of model.vocab_size ids learned on the training split
 
     def __post_init__(self) -> None:
+        _require(self.tokenizer in ("bytes", "bpe"), "tokenizer",
+                 f"must be \"bytes\" or \"bpe\", got {self.tokenizer!r}", "data")
+        if self.tokenizer == "bpe" and self.source == "tasks":
+            raise ConfigError("data.tokenizer = \"bpe\" does not go with data.source = \"tasks\": the "
+                              "tasks are defined on characters (copy, reverse, sort...); use "
+                              "data.tokenizer = \"bytes\"")
         _require(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}",
                  "data")
         _require(self.task_examples >= 10, "task_examples",

@@ -46,7 +46,7 @@ def test_a_single_file_holds_out_its_tail(tmp_path):
     file = tmp_path / "one.txt"
     file.write_text("abcdefghij" * 100)
     corpus = prepare(DataConfig(source=str(file), cache_dir=str(tmp_path / "c"), val_fraction=0.1))
-    assert len(corpus.val) == 101 and len(corpus.train) == 900
+    assert len(corpus.val) == 101 and len(corpus.train) == 901  # each part ends in EOS
 
 
 def test_glob_and_missing_source(text_folder):
@@ -112,3 +112,50 @@ def test_task_batch_scores_only_the_answer(tmp_path):
         assert (row_target != -100).sum() == length - prompt_len
         if task == "reverse":
             assert answer == body[:-1][::-1]
+
+
+def test_a_bpe_is_learned_on_the_training_files_and_codes_them_exactly(text_folder, tmp_path):
+    from moe.tokenizer import load_bpe
+    corpus = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path), val_fraction=0.2,
+                                tokenizer="bpe"), vocab_size=300)
+    tok = load_bpe(corpus.tokenizer_file)
+    assert corpus.train.max() >= 259  # merged tokens in use
+    val_files = [f for f in sorted(text_folder.iterdir()) if is_validation_file(f.name, 0.2)]
+    pieces = np.split(corpus.val, np.flatnonzero(corpus.val == EOS) + 1)[:-1]
+    assert [tok.decode(p.tolist()) for p in pieces] == [f.read_text() for f in val_files]
+    assert int(corpus.token_bytes[corpus.val].sum()) == sum(len(f.read_bytes()) for f in val_files)
+    bytes_only = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path), val_fraction=0.2))
+    assert bytes_only.folder != corpus.folder and bytes_only.tokenizer_file is None
+
+
+def test_a_bpe_needs_a_vocabulary_size_and_text(tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        prepare(DataConfig(source="stdlib", cache_dir=str(tmp_path), tokenizer="bpe"))
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        DataConfig(source="tasks", tokenizer="bpe")
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        DataConfig(tokenizer="wordpiece")
+
+
+def test_the_compressor_bars_are_gzip_and_xz_on_the_validation_bytes(text_folder, tmp_path):
+    import lzma
+    import zlib
+    corpus = prepare(DataConfig(source=str(text_folder), cache_dir=str(tmp_path), val_fraction=0.2))
+    data = b"".join(f.read_bytes() for f in sorted(text_folder.iterdir()) if is_validation_file(f.name, 0.2))
+    assert corpus.compressors == {"gzip -9": 8 * len(zlib.compress(data, 9)) / len(data),
+                                  "xz -9": 8 * len(lzma.compress(data, preset=9)) / len(data)}
+
+
+def test_task_training_windows_start_at_an_example_and_score_answers_only(tmp_path):
+    from moe.training.data import training_batch
+    corpus = prepare(DataConfig(source="tasks", cache_dir=str(tmp_path), task_examples=200, val_fraction=0.1))
+    inputs, targets = training_batch(corpus, 64, 8, seed=0, index=3)
+    again, _ = training_batch(corpus, 64, 8, seed=0, index=3)
+    assert (inputs == again).all() and (inputs[:, 0] == BOS).all()
+    for row_in, row_target in zip(inputs, targets):
+        scored, in_answer = [], False
+        for token in row_in.tolist():  # a target is scored from the prompt's '|' to its EOS
+            in_answer = (in_answer or token == ord("|")) and token != EOS
+            scored.append(in_answer)
+        assert (row_target != -100).tolist() == scored and any(scored)
+        assert (row_target[row_target != -100] != BOS).all()

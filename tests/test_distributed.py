@@ -21,11 +21,10 @@ from moe.parallel import distributed
 from moe.io.checkpoint import load_model
 from moe.config import ConfigError, TrainConfig, load_setup
 from moe.training.data import get_batch, prepare
-from moe.serving.generation import generate
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams
-from moe.tokenizer import decode, encode
+from moe.serving.text import load_tokenizer
 from moe.training.loop import make_optimizer, train_step
+from train import greedy_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -33,6 +32,7 @@ STEPS = 3
 
 def _settings(tmp: Path, aux_loss_coef: float) -> list[str]:
     return [f"data.source={json.dumps(str(tmp / 'data.txt'))}", f"data.cache_dir={json.dumps(str(tmp / 'cache'))}",
+            "data.tokenizer=\"bytes\"", "model.vocab_size=259",
             "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_expert=32", "model.n_experts=4",
             "model.router_jitter=0.0", "model.capacity_factor=none", f"model.aux_loss_coef={aux_loss_coef}",
             f"train.max_steps={STEPS}", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=1",
@@ -116,8 +116,8 @@ def test_checkpoint_of_two_ranks_generates_the_same_greedy_text_in_one_process(r
     printed = re.search(r"^sample: 'a' -> (.*)$", stdout, re.MULTILINE)
     assert printed, stdout
     model = load_model(runs["tmp"] / mode).eval()
-    tokens = generate(model, encode("a", bos=True), SamplingParams(max_new_tokens=120))
-    assert decode(tokens) == ast.literal_eval(printed.group(1))
+    text = greedy_sample(model, load_tokenizer(runs["tmp"] / mode), "a")
+    assert text == ast.literal_eval(printed.group(1))
 
 
 def _losses(run: Path) -> list[tuple[int, float, float]]:

@@ -26,7 +26,7 @@ from moe.training.loop import make_optimizer
 
 BATCH, TIME = 2, 8  # per rank: N = 16 tokens
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_expert=16",
+SMALL = ["model.vocab_size=259", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_expert=16",
          "model.n_experts=4", "model.max_seq_len=16", "model.router_jitter=0.0",
          "model.kernel_backend=\"torch\""]
 MAX_NORM = 0.05  # below the gradient norm, so clipping acts

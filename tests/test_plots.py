@@ -14,7 +14,9 @@ def _run(tmp_path, with_tasks: bool):
     rows = [{"step": s, "ce": 5.0 - s, "routing": routing} for s in (1, 2, 3)]
     evaluation = {"val_loss": 3.0, "val_bpb": 4.3}
     if with_tasks:
-        evaluation["task_routing"] = [[1, 2, 3, 4]] * len(TASKS)
+        evaluation["task_routing"] = [[[1, 2, 3, 4]] * len(TASKS)] * 2  # [layers, tasks, experts]
+        evaluation.update(task_expert_mi_bits=[0.5, 0.4], task_expert_mi_given_token_bits=[0.2, 0.1],
+                          task_expert_mi_given_token_shuffled_bits=[0.01, 0.01])
     rows.append({"step": 3, "eval": evaluation})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path

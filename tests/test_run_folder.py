@@ -102,14 +102,16 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwritten(tmp_path):
 
 
 def test_resuming_keeps_the_setup_the_run_was_started_with(tmp_path, capsys):
-    start_fresh(tmp_path, load_setup("configs/tiny.toml", ["train.max_steps=40", "data.source=tasks"]),
+    start_fresh(tmp_path, load_setup("configs/tiny.toml", ["train.max_steps=40", "data.source=tasks",
+                                                     "data.tokenizer=bytes", "model.vocab_size=259"]),
                 overwrite=False)
     setup = resumed_setup(tmp_path, None, [])
     assert setup["train"].max_steps == 40 and setup["data"].source == "tasks"
     with pytest.raises(ConfigError, match="train.max_steps = 200.*started with 40"):
         resumed_setup(tmp_path, None, ["train.max_steps=200"])
     with pytest.raises(ConfigError, match="data.source = 'stdlib'.*started with 'tasks'"):
-        resumed_setup(tmp_path, "configs/tiny.toml", ["train.max_steps=40"])
+        resumed_setup(tmp_path, "configs/tiny.toml", ["train.max_steps=40", "data.tokenizer=bytes",
+                                                      "model.vocab_size=259"])
     setup = resumed_setup(tmp_path, None, ["train.log_every=5"])  # harmless: applied
     assert setup["train"].log_every == 5 and "log_every changed" in capsys.readouterr().err
 

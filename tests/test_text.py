@@ -21,7 +21,7 @@ from moe.serving.text import load_tokenizer, text_pieces
 from moe.tokenizer import decode, encode
 from tests.conftest import tiny_config
 
-NO_TOKENIZERS = "the optional `tokenizers` package is not installed (pip install -e '.[hf]')"
+NO_TOKENIZERS = "the `tokenizers` package is not installed (pip install -e .)"
 TEXTS = ["the cat sat on the mat", "a dog ran after the cat", "hello world, hello moe",
          "the experts route every token"]
 PROMPT = "the cat"
@@ -247,3 +247,31 @@ def test_an_imported_model_exported_again_keeps_its_special_ids_and_tokenizer(mi
     transformers = pytest.importorskip("transformers")
     loaded = transformers.GenerationConfig.from_pretrained(again)  # what transformers stops on
     assert (loaded.bos_token_id, loaded.eos_token_id) == (0, 1)
+
+
+def test_a_run_trained_with_a_learned_bpe_generates_and_exports_with_it(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason=NO_TOKENIZERS)
+    import train
+    from moe.tokenizer import BOS, EOS
+    data = tmp_path / "code"
+    data.mkdir()
+    for i in range(30):
+        (data / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 8)
+    run = tmp_path / "run"
+    train.main(["--config", "configs/tiny.toml", "--out", str(run), "--quiet", "--sample", "def ",
+                *[f"--set={s}" for s in (f"data.source={json.dumps(str(data))}",
+                                         f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                                         "model.vocab_size=300", "model.d_model=32", "model.n_layers=1",
+                                         "model.n_heads=2", "model.d_expert=16", "model.n_experts=4",
+                                         "train.max_steps=2", "train.batch_size=2", "train.seq_len=16",
+                                         "train.eval_every=2", "train.checkpoint_every=2")]])
+    assert (run / "ckpt" / "step_000002" / "tokenizer.json").is_file()
+    tok = load_tokenizer(run)
+    assert tok.source.endswith("tokenizer.json") and (tok.bos_id, tok.eos_id) == (BOS, EOS)
+    assert len(tok.encode("    return x * 3")) < len("    return x * 3")  # merged tokens, not bytes
+    cli.main_generate(["--ckpt", str(run), "--prompt", "def f1(x):", "--max-new-tokens", "5"])
+    assert "tokenizer: " + tok.source in capsys.readouterr().err
+    exported = save_hf(load_model(run), tmp_path / "hf")
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (BOS, EOS)
+    assert load_tokenizer(exported).encode("def f1(x):") == tok.encode("def f1(x):")

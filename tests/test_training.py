@@ -202,19 +202,22 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "metrics.jsonl").write_text("")
     def small(run):
-        return [f"--set=data.source={json.dumps(str(data))}",
-                f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}", "--out", tmp_path / run]
+        return [f"--set=data.source={json.dumps(str(data))}", "--set=data.tokenizer=\"bytes\"",
+                "--set=model.vocab_size=259", f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                "--out", tmp_path / run]
     cases = {  # a piece of the message -> the command line
         "model.n_kv_heads = 3 does not divide": ["--set", "model.n_kv_heads=3"],
         "config file nope.toml does not exist": ["--config", "nope.toml"],
         "holds no run to resume": [*small("resume"), "--resume"],
         "already holds a run": [*small("used"), "--set=train.max_steps=1"],
-        "every file it names is empty": [*small("empty")[2:], f"--set=data.source={json.dumps(str(empty))}",
+        "every file it names is empty": [*small("empty")[4:], f"--set=data.source={json.dumps(str(empty))}",
                                          f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"],
         "fewer than one window": [*small("window"), "--set=train.seq_len=64",
                                   "--set=data.val_fraction=0.001"],
         "is below the 259 ids": [*small("vocab"), "--set=model.vocab_size=100"],
         "reads at most 64 tokens": [*small("distill"), f"--set=train.distill_from={json.dumps(str(short))}"],
+        "does not go with data.source = \"tasks\"": ["--set=data.source=\"tasks\""],
+        "at most 65536": ["--set=model.vocab_size=70000"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {message: subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
@@ -224,3 +227,47 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
         _, err = process.communicate(timeout=120)
         assert process.returncode == 2, err
         assert err.startswith("error:") and message in err and "Traceback" not in err, err
+
+
+def _uniform_model(vocab_size: int) -> Transformer:
+    """A model whose every prediction is uniform over the vocabulary: ln V nats per token."""
+    model = Transformer(tiny_config(vocab_size=vocab_size, max_seq_len=16))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    return model
+
+
+def test_whole_split_bits_per_byte_scores_every_token_once_per_byte_it_stands_for():
+    import math
+    import numpy as np
+    from moe.training.data import Corpus
+    from moe.training.loop import evaluate
+    lengths = np.array([1] * 256 + [0] * 3 + [2, 3, 5], dtype=np.int64)  # 262 ids: bytes, specials, 3 merges
+    val = np.random.default_rng(0).integers(0, 262, 101).astype(np.uint16)
+    val[5] = 261  # a 5-byte token in the first window
+    corpus = Corpus(np.zeros(0, np.uint16), val, Path("."), token_bytes=lengths, compressors={})
+    result = evaluate(_uniform_model(262), corpus, TrainConfig(seq_len=16, batch_size=2, eval_batches=0),
+                      torch.device("cpu"))
+    predicted = val[1:].astype(np.int64)  # every token but the first, once (7 windows, the last short)
+    assert result["val_bytes"] == lengths[predicted].sum() and result["val_share"] == 1.0
+    assert result["val_bpb"] == pytest.approx(100 * math.log2(262) / lengths[predicted].sum(), rel=1e-5)
+    assert result["val_loss"] == pytest.approx(math.log(262), rel=1e-5) and "val_bpb_ci95" not in result
+    sampled = evaluate(_uniform_model(262), corpus, TrainConfig(seq_len=16, batch_size=2, eval_batches=1),
+                       torch.device("cpu"))
+    assert sampled["val_share"] == pytest.approx(2 / 7) and sampled["val_bpb_ci95"] > 0
+
+
+def test_routing_information_tells_a_task_router_from_a_token_router():
+    from moe.training.loop import routing_information
+    by_task = torch.zeros(1, 2, 2, 2, dtype=torch.float64)  # [L, token, task, expert]
+    by_token = torch.zeros_like(by_task)
+    for token in range(2):
+        for task in range(2):
+            by_task[0, token, task, task] = 50  # the expert is the task, whatever the token
+    by_token[0, 0, 0, 0] = by_token[0, 1, 1, 1] = 100  # each task has its own token, the expert follows it
+    task_router, token_router = routing_information(by_task), routing_information(by_token)
+    assert task_router["task_expert_mi_bits"][0] == pytest.approx(1.0)
+    assert task_router["task_expert_mi_given_token_bits"][0] == pytest.approx(1.0)
+    assert task_router["task_expert_mi_given_token_shuffled_bits"][0] < 0.05
+    assert token_router["task_expert_mi_bits"][0] == pytest.approx(1.0)
+    assert token_router["task_expert_mi_given_token_bits"][0] == pytest.approx(0.0)

@@ -23,6 +23,7 @@ from moe.config import ModelConfig, from_dict
 from moe.io.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, write_directory_atomically
 from moe.io.hf import STORED_DTYPES, is_hf_folder, load_hf, weight_files
 from moe.model.transformer import Transformer
+from moe.tokenizer import TOKENIZER_FILE
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -114,6 +115,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     model.load_state_dict(tensors, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    if (Path(path) / TOKENIZER_FILE).is_file():
+        model.hf_origin = Path(path)  # save_hf carries the learned BPE over (moe/tokenizer.py)
     return model
 
 

@@ -312,9 +312,10 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = 
     """Write `model` as a Mixtral folder (config.json + generation_config.json +
     safetensors), atomically; with `max_shard_bytes`, split into
     model-0000i-of-0000n.safetensors plus the index. The special token ids and tokenizer
-    files come from `tokenizer` (a Hugging Face folder), by default the folder the model
-    was imported from, so an imported model exported again still stops at its EOS; a model
-    of ours gets the byte tokenizer's ids."""
+    files come from `tokenizer` (a Hugging Face folder, or one of our checkpoints), by
+    default the folder the model was loaded from, so an imported model exported again still
+    stops at its EOS; a model of ours gets our special ids (moe/tokenizer.py) and, when it
+    was trained with a learned BPE, its tokenizer.json."""
     config = hf_config_from_model(model.cfg, model.embed.weight.dtype)
     source = Path(tokenizer) if tokenizer is not None else getattr(model, "hf_origin", None)
     if source is not None:
@@ -323,7 +324,9 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int | None = 
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"cannot read the special token ids of {source / CONFIG_FILE}: "
                                   f"{error}") from None
-        config.update({key: origin.get(key) for key in SPECIAL_IDS})
+        ours = {"bos_token_id": byte_tokenizer.BOS, "eos_token_id": byte_tokenizer.EOS,
+                "pad_token_id": byte_tokenizer.PAD} if "model_type" not in origin else {}
+        config.update({key: origin.get(key, ours.get(key)) for key in SPECIAL_IDS})
     generation = {key: config[key] for key in SPECIAL_IDS if config[key] is not None}
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = total = 0

@@ -243,21 +243,22 @@ def full_model(model: nn.Module, ranks: Ranks) -> Transformer | None:
 
 
 def save_checkpoint_once(run: Path, model: nn.Module, optimizer, step: int, keep: int, ranks: Ranks,
-                         extra: dict | None = None) -> None:
+                         extra: dict | None = None, files: list[Path] = ()) -> None:
     """moe.training.loop.save_checkpoint, written by rank 0 only from the full state; the other
     ranks wait at a barrier, so none goes on (or reads it) before it is complete."""
     if not ranks.distributed:
-        save_checkpoint(run, model, optimizer, step, keep, extra=extra)
+        save_checkpoint(run, model, optimizer, step, keep, extra=extra, files=files)
         return
     model_state, optimizer_state = full_state(model, optimizer, ranks)
     if ranks.is_main:
         plain = model.module if isinstance(model, DistributedDataParallel) else model
         if ranks.parallel == "ddp":
-            save_checkpoint(run, plain, optimizer, step, keep, extra=extra)
+            save_checkpoint(run, plain, optimizer, step, keep, extra=extra, files=files)
         else:
             copy = Transformer(plain.cfg)
             copy.load_state_dict(model_state)
-            save_checkpoint(run, copy, None, step, keep, optimizer_state=optimizer_state, extra=extra)
+            save_checkpoint(run, copy, None, step, keep, optimizer_state=optimizer_state, extra=extra,
+                            files=files)
     barrier(ranks)
 
 

@@ -1,9 +1,10 @@
 """Text for generation: which tokenizer turns it into ids and back, and how to stream it.
 
 Why a module of its own: the model only sees ids, but a user types and reads text, and a
-checkpoint may bring its own tokenizer. Ours is byte-level (moe/tokenizer.py); a Hugging
-Face folder may hold a `tokenizer.json`, read through the optional `tokenizers` package
-(pip install 'gpt4-moe[hf]'). `TextTokenizer` is what generation needs of either: encode,
+checkpoint may bring its own tokenizer. Ours are bytes and a BPE learned by train.py
+(moe/tokenizer.py, saved as `tokenizer.json` in every checkpoint); a Hugging Face folder
+may hold its own `tokenizer.json`; both are read through the `tokenizers` package.
+`TextTokenizer` is what generation needs of any of them: encode,
 decode, the special ids, the vocabulary size, and `detokenizer`: what a request carries to
 stop on its EOS and check stop strings on its text (moe/serving/stopping.py).
 
@@ -24,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe import tokenizer as byte_tokenizer
+from moe.io.checkpoint import resolve_checkpoint
 from moe.io.files import CONFIG_FILE
 from moe.serving.sampling import SamplingParams
 from moe.serving.stopping import BYTES as BYTE_DETOKENIZER
 from moe.serving.stopping import Detokenizer, visible_text
+from moe.tokenizer import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 BYTES = "bytes"  # the source of our byte-level tokenizer
 CONTEXT_TOKENS = 4  # prompt tokens decoded before the generated ones (see detokenizer)
 
@@ -69,7 +71,7 @@ class TextTokenizer:
         return (f"the tokenizer ({self.source}) has {self.vocab_size} ids but the model's "
                 f"vocab_size is {model_vocab_size}, so its ids would index past the embedding; "
                 "use the tokenizer the model was trained with (a Mixtral folder's tokenizer.json "
-                "is read when the `tokenizers` package is installed: pip install 'gpt4-moe[hf]')")
+                "is read when the `tokenizers` package is installed: pip install -e .)")
 
 
 def byte_level() -> TextTokenizer:
@@ -80,7 +82,10 @@ def byte_level() -> TextTokenizer:
 
 def load_tokenizer(path: str | Path | None) -> TextTokenizer:
     """The checkpoint's tokenizer.json through the `tokenizers` package when both exist
-    (BOS and EOS ids from its config.json), else our byte-level tokenizer."""
+    (BOS and EOS ids from its config.json, or ours when it names none: a BPE that train.py
+    learned, moe/tokenizer.py), else our byte-level tokenizer. `path` may be a run folder."""
+    if path is not None:
+        path = resolve_checkpoint(path)
     file = Path(path) / TOKENIZER_FILE if path is not None else None
     if file is None or not file.is_file():
         return byte_level()
@@ -88,16 +93,18 @@ def load_tokenizer(path: str | Path | None) -> TextTokenizer:
         from tokenizers import Tokenizer
     except ImportError:
         warnings.warn(f"{file} is ignored because the `tokenizers` package is missing "
-                      "(pip install 'gpt4-moe[hf]'); using the byte-level tokenizer", stacklevel=2)
+                      "(pip install -e .); using the byte-level tokenizer", stacklevel=2)
         return byte_level()
     tok = Tokenizer.from_file(str(file))
     config_file = Path(path) / CONFIG_FILE
     hf = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    eos = hf.get("eos_token_id")
+    ours = [tok.token_to_id(token) for token in byte_tokenizer.SPECIAL_TOKENS] == [
+        byte_tokenizer.BOS, byte_tokenizer.EOS, byte_tokenizer.PAD]
+    eos = hf.get("eos_token_id", byte_tokenizer.EOS if ours else None)
     return TextTokenizer(
         encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
         decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-        bos_id=hf.get("bos_token_id"), eos_id=one_or_several(eos),
+        bos_id=hf.get("bos_token_id", byte_tokenizer.BOS if ours else None), eos_id=one_or_several(eos),
         vocab_size=tok.get_vocab_size(with_added_tokens=True), source=str(file))
 
 

@@ -43,7 +43,7 @@ from torch import Tensor
 from moe.io.checkpoint import load_model, write_model
 from moe.io.files import CheckpointError, write_directory_atomically, write_text_atomically
 from moe.config import TrainConfig
-from moe.training.data import TASKS, Corpus, get_batch, task_batch
+from moe.training.data import TASKS, Corpus, task_batch
 from moe.model.transformer import Transformer, model_loss
 from moe.tokenizer import PAD
 
@@ -185,47 +185,122 @@ def routing_metrics(stats: list, n_layers: int,
 
 @torch.no_grad()
 def evaluate(model: Transformer, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> dict:
-    """Validation loss and bits per byte on fixed windows; for the task mix also exact-match
-    accuracy per task and the tasks x experts routing counts (summed over MoE layers)."""
+    """Validation loss and bits per byte; for the task mix, exact-match accuracy per task,
+    the loss on answer tokens and where each task's tokens were routed (task_report)."""
     model.eval()
-    losses = []
-    for index in range(cfg.eval_batches):
-        inputs, targets = get_batch(corpus.val, cfg.seq_len, cfg.batch_size, seed=10**9 + cfg.seed, index=index)
-        with autocast(device):
-            logits = model(inputs.to(device)).logits
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten()).item())
-    val_loss = float(np.mean(losses))
-    result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}  # one token = one byte
     if corpus.is_tasks:
-        result.update(task_accuracy(model, corpus, device))
+        return task_report(model, corpus, device)
+    return text_bits_per_byte(model, corpus, cfg, device)
+
+
+def text_bits_per_byte(model: Transformer, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> dict:
+    """Every token of the validation split predicted once, in consecutive windows of
+    train.seq_len (train.eval_batches = 0), or the windows of that many batches spread
+    evenly over it. Bits per byte = total nats / ln 2 / bytes those tokens stand for, so it
+    compares across tokenizers; with a sample of windows a 95% interval (ratio estimator
+    over windows) says how far the whole split may be."""
+    tokens, T = corpus.val, cfg.seq_len
+    n_windows = max(1, math.ceil((len(tokens) - 1) / T))
+    windows = np.arange(n_windows)
+    if cfg.eval_batches and cfg.eval_batches * cfg.batch_size < n_windows:
+        windows = np.linspace(0, n_windows - 1, cfg.eval_batches * cfg.batch_size).round().astype(np.int64)
+    nats = np.zeros(len(windows))
+    nbytes = np.zeros(len(windows))
+    full = [i for i, w in enumerate(windows) if w * T + T + 1 <= len(tokens)]
+    batch = 4 * cfg.batch_size
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[i] for i in range(len(windows)) if i not in set(full)]
+    for group in groups:
+        rows = [np.asarray(tokens[windows[i] * T:windows[i] * T + T + 1], dtype=np.int64) for i in group]
+        window = torch.from_numpy(np.stack(rows))  # [b, t+1]; t = T except the split's last window
+        with autocast(device):
+            logits = model(window[:, :-1].to(device)).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].to(device).flatten(),
+                               reduction="none").view(len(group), -1)  # [b, t]
+        nats[group] = loss.sum(-1).double().cpu().numpy()
+        nbytes[group] = corpus.token_bytes[window[:, 1:].numpy()].sum(-1)
+    bpb = nats.sum() / math.log(2) / max(nbytes.sum(), 1)
+    result = {"val_loss": float(nats.sum() / sum(min(T, len(tokens) - 1 - w * T) for w in windows)),
+              "val_bpb": float(bpb), "val_bytes": int(nbytes.sum()),
+              "val_share": float(len(windows) / n_windows)}
+    if len(windows) < n_windows:
+        residual = nats / math.log(2) - bpb * nbytes
+        result["val_bpb_ci95"] = float(1.96 * residual.std(ddof=1) / (nbytes.mean() * math.sqrt(len(windows))))
     return result
 
 
 @torch.no_grad()
-def task_accuracy(model: Transformer, corpus: Corpus, device: torch.device, batch: int = 64) -> dict:
+def task_report(model: Transformer, corpus: Corpus, device: torch.device, batch: int = 64) -> dict:
+    """On every held-out example: exact match per task (teacher-forced argmax, see
+    moe.training.data), the loss on answer tokens, and per MoE layer the routing counts
+    task x expert and token x task x expert, from which routing_information finds how much
+    the expert choice says about the task, beyond what the token itself says."""
     correct = np.zeros(len(TASKS))
     count = np.zeros(len(TASKS))
-    n_experts = model.cfg.n_experts
-    routing = torch.zeros(len(TASKS), n_experts)
+    nats, answer_tokens = 0.0, 0
+    layers, V, E = len(model.cfg.moe_layers), model.cfg.vocab_size, model.cfg.n_experts
+    routing = torch.zeros(layers, V, len(TASKS), E, dtype=torch.float64)  # [L, V, tasks, E]
     for start in range(0, len(corpus.val_examples), batch):
         indices = np.arange(start, min(start + batch, len(corpus.val_examples)))
         inputs, targets, tasks = task_batch(corpus, indices)
         with autocast(device):
             output = model(inputs.to(device))
-        answer = targets.to(device) != -100
-        hit = ((output.logits.argmax(-1) == targets.to(device)) | ~answer).all(-1).cpu()  # [B]
+        targets = targets.to(device)
+        answer = targets != -100
+        hit = ((output.logits.argmax(-1) == targets) | ~answer).all(-1).cpu()  # [B]
+        nats += F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        answer_tokens += int(answer.sum())
         np.add.at(correct, tasks.numpy(), hit.numpy())
         np.add.at(count, tasks.numpy(), 1)
         token_task = tasks[:, None].expand_as(inputs).flatten()  # [N]
         real = inputs.flatten() != PAD
-        for stats in output.routing:
-            ids = stats.expert_ids.cpu()  # [N, K]
+        token, task = inputs.flatten()[real], token_task[real]
+        for layer, stats in enumerate(output.routing):
+            ids = stats.expert_ids.cpu()[real]  # [n, K]
             for k in range(ids.shape[1]):
-                routing.index_put_((token_task[real], ids[real, k]), torch.ones(int(real.sum())),
-                                   accumulate=True)
-    accuracy = {f"acc_{task}": float(c / max(n, 1)) for task, c, n in zip(TASKS, correct, count)}
-    accuracy["acc_mean"] = float(correct.sum() / max(count.sum(), 1))
-    return {**accuracy, "task_routing": routing.tolist()}
+                routing[layer].index_put_((token, task, ids[:, k]), torch.ones(len(token), dtype=torch.float64),
+                                          accumulate=True)
+    result = {f"acc_{task}": float(c / max(n, 1)) for task, c, n in zip(TASKS, correct, count)}
+    result["acc_mean"] = float(correct.sum() / max(count.sum(), 1))
+    result["val_loss"] = nats / max(answer_tokens, 1)  # answer tokens: one byte each, or EOS
+    result["val_bpb"] = result["val_loss"] / math.log(2)
+    if layers:
+        result["task_routing"] = routing.sum(1).tolist()  # [L, tasks, E]
+        result.update(routing_information(routing))
+    return result
+
+
+def routing_information(counts: Tensor) -> dict:
+    """From counts [L, V, tasks, E] of (token, task, expert) routing slots, per layer in bits:
+    I(task; expert), and I(task; expert | token) = sum_v p(v) I(task; expert | token = v),
+    which leaves out what the expert choice says about the task only because tokens differ
+    by task (digits are sorted and added, letters copied). Plug-in estimates: with few
+    slots per (token, task) cell they read high, so `shuffled` gives the same conditional
+    figure with the task labels permuted among each token's slots (what no routing could
+    know; its value is the estimator's bias)."""
+    def mutual_information(joint: Tensor) -> Tensor:  # [..., A, B] counts -> [...] bits
+        total = joint.sum((-1, -2), keepdim=True).clamp_min(1e-12)
+        p = joint / total
+        outer = p.sum(-1, keepdim=True) * p.sum(-2, keepdim=True)
+        terms = torch.where(p > 0, p * (p / outer.clamp_min(1e-30)).log2(), torch.zeros_like(p))
+        return terms.sum((-1, -2))
+
+    def conditional(c: Tensor) -> Tensor:  # [L, V, tasks, E] -> [L]
+        weight = c.sum((-1, -2)) / c.sum((-1, -2, -3)).clamp_min(1e-12)[:, None]  # [L, V] p(token)
+        return (weight * mutual_information(c)).sum(-1)
+
+    generator = torch.Generator().manual_seed(0)
+    shuffled = torch.zeros_like(counts)
+    for layer, token in zip(*torch.nonzero(counts.sum((-1, -2)), as_tuple=True)):
+        cell = counts[layer, token]  # [tasks, E]: expand to slots, permute the task labels
+        tasks, experts = torch.nonzero(cell, as_tuple=True)
+        repeats = cell[tasks, experts].long()
+        tasks, experts = tasks.repeat_interleave(repeats), experts.repeat_interleave(repeats)
+        tasks = tasks[torch.randperm(len(tasks), generator=generator)]
+        shuffled[layer, token].index_put_((tasks, experts), torch.ones(len(tasks), dtype=counts.dtype),
+                                          accumulate=True)
+    return {"task_expert_mi_bits": mutual_information(counts.sum(1)).tolist(),
+            "task_expert_mi_given_token_bits": conditional(counts).tolist(),
+            "task_expert_mi_given_token_shuffled_bits": conditional(shuffled).tolist()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,13 +357,15 @@ def non_finite_weights(model: Transformer) -> int:
 
 
 def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: int,
-                    optimizer_state: dict | None = None, extra: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, extra: dict | None = None,
+                    files: list[Path] = ()) -> Path:
     """Write RUN/ckpt/step_XXXXXX atomically, point `latest` at it, keep the newest `keep`
     by step number (never the one `latest` names). Weights that are not all finite are
     refused: a bad checkpoint must never replace or rotate away good ones.
     `optimizer_state` replaces optimizer.state_dict() (moe.parallel.distributed passes the full one);
     `extra` is stored beside it (train.py: the micro-batches per step, for a resume at
-    another world size)."""
+    another world size); `files` are copied in (the run's tokenizer.json, so a checkpoint
+    is all that generation needs)."""
     bad = non_finite_weights(model)
     if bad:
         raise CheckpointError(f"step {step}: {bad} weights are NaN or infinite, so no checkpoint "
@@ -302,6 +379,8 @@ def save_checkpoint(run: Path, model: Transformer, optimizer, step: int, keep: i
     def write(tmp: Path) -> None:
         write_model(model, tmp, metadata={"step": str(step)})
         torch.save(state, tmp / STATE_FILE)
+        for file in files:
+            shutil.copyfile(file, tmp / Path(file).name)
     path = write_directory_atomically(ckpt / name, write)
     write_text_atomically(ckpt / "latest", name + "\n")
     for _, old in checkpoints(run)[:-keep]:

@@ -6,8 +6,9 @@ keeps no plotting state. matplotlib is an optional extra (`pip install -e ".[plo
 without it this prints one line and draws nothing.
 
 Files: loss.png (train and validation loss per step), expert_load.png (MoE layers x
-experts, share of routed slots at the last logged step), task_routing.png (tasks x
-experts, synthetic task mix only: which experts each task's tokens go to).
+experts, share of routed slots at the last logged step), task_routing.png (synthetic task
+mix only: per MoE layer, tasks x experts, which experts each task's tokens go to, titled
+with I(task; expert) and I(task; expert | token) in bits; moe.training.loop.task_report).
 """
 
 from __future__ import annotations
@@ -47,11 +48,26 @@ def write_plots(run: str | Path) -> list[Path]:
                                 f"{routed[-1]['step']}", run / "expert_load.png"))
     with_tasks = [r for r in evals if "task_routing" in r["eval"]]
     if with_tasks:
-        counts = with_tasks[-1]["eval"]["task_routing"]  # [tasks, E]
-        shares = [[c / max(sum(row), 1) for c in row] for row in counts]
-        written.append(_heatmap(plt, shares, "expert", "task", "share of each task's slots",
-                                run / "task_routing.png", ylabels=TASKS))
+        written.append(_task_routing(plt, with_tasks[-1], run / "task_routing.png"))
     return written
+
+
+def _task_routing(plt, row: dict, path: Path) -> Path:
+    """One heatmap per MoE layer: each task's share of its routed slots per expert."""
+    evaluation = row["eval"]
+    layers = evaluation["task_routing"]  # [L, tasks, E]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 0.3 + 1.9 * len(layers)), squeeze=False)
+    for layer, (ax, counts) in enumerate(zip(axes[:, 0], layers)):
+        shares = [[c / max(sum(task_row), 1) for c in task_row] for task_row in counts]
+        image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
+        fig.colorbar(image, ax=ax)
+        ax.set_yticks(range(len(TASKS)), TASKS)
+        ax.set_title(f"MoE layer {layer}: I(task; expert) {evaluation['task_expert_mi_bits'][layer]:.2f} bits, "
+                     f"given the token {evaluation['task_expert_mi_given_token_bits'][layer]:.2f} "
+                     f"(shuffled {evaluation['task_expert_mi_given_token_shuffled_bits'][layer]:.2f})",
+                     fontsize=9)
+    axes[-1, 0].set_xlabel(f"expert (share of each task's routed slots, step {row['step']})")
+    return _save(fig, path)
 
 
 def _heatmap(plt, values, xlabel, ylabel, title, path, ylabels=None) -> Path:
