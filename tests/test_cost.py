@@ -172,3 +172,62 @@ def test_a_batch_whose_kv_cache_does_not_fit_is_refused_with_the_largest_that_do
     with pytest.raises(ValueError, match="the largest batch that fits is 24"):
         estimate(GPT4, PRESETS["A100-40GB"], layout, batch=512, prompt_len=8192, output_len=128)
     estimate(GPT4, PRESETS["A100-40GB"], layout, batch=24, prompt_len=8192, output_len=128)  # fits
+
+
+DAVINCI = load_model_config("configs/davinci.toml")
+CLUSTER = Layout(tensor=8, pipeline=16)  # the reported 128-GPU inference cluster
+
+
+def _request_cost(cfg, hardware: str, layout: Layout, context: int, generated: int):
+    """A full batch (the largest whose KV fits) of requests of `context` tokens, `generated` of them output."""
+    from moe.cost.estimate import largest_batch
+    hw = PRESETS[hardware]
+    batch = largest_batch(cfg, hw, layout, context - generated, generated)
+    return estimate(cfg, hw, layout, batch, context - generated, generated), batch
+
+
+def test_gpt4_costs_the_reported_0_0049_dollars_per_1k_tokens_on_128_a100s_with_a_tenth_generated():
+    e, batch = _request_cost(GPT4, "A100-40GB", CLUSTER, 8192, 819)
+    assert batch == 24  # the KV cache of 8k-token sequences caps it (MQA or not)
+    assert e.dollars_per_1k_tokens == pytest.approx(0.0049, rel=0.02)
+    assert e.dollars_per_1k_generated == pytest.approx(0.042, rel=0.02)  # decode alone is 8.6x that
+
+
+def test_gpt4_costs_the_reported_0_0021_dollars_per_1k_tokens_on_128_h100s_with_a_sixth_generated():
+    e, batch = _request_cost(GPT4, "H100", CLUSTER, 8192, 1475)
+    assert batch == 109  # twice the memory: 4.5x the batch beside the same 28.6 GB of weights
+    assert e.dollars_per_1k_tokens == pytest.approx(0.0021, rel=0.03)
+
+
+def test_one_output_share_for_both_lands_within_a_quarter_of_each_reported_figure():
+    a100, _ = _request_cost(GPT4, "A100-40GB", CLUSTER, 8192, 1024)
+    h100, _ = _request_cost(GPT4, "H100", CLUSTER, 8192, 1024)
+    assert 1.0 < a100.dollars_per_1k_tokens / 0.0049 < 1.25 and 0.75 < h100.dollars_per_1k_tokens / 0.0021 < 1.0
+
+
+def test_gpt4_costs_about_3x_davinci_though_a_token_needs_only_1_6x_its_flops():
+    from moe.model.transformer import count_parameters
+    assert count_parameters(GPT4).active / count_parameters(DAVINCI).total == pytest.approx(1.6, rel=0.02)
+    gpt4, _ = _request_cost(GPT4, "A100-40GB", CLUSTER, 8192, 819)
+    davinci, batch = _request_cost(DAVINCI, "A100-40GB", Layout(tensor=8, pipeline=2), 2048, 205)
+    assert batch == 15
+    assert gpt4.dollars_per_1k_prompt / davinci.dollars_per_1k_prompt == pytest.approx(1.65, rel=0.03)
+    assert 3.0 < gpt4.dollars_per_1k_tokens / davinci.dollars_per_1k_tokens < 4.0  # 3.6x
+    h100_gpt4, _ = _request_cost(GPT4, "H100", CLUSTER, 8192, 819)
+    h100_davinci, _ = _request_cost(DAVINCI, "H100", Layout(tensor=8, pipeline=2), 2048, 205)
+    assert 1.8 < h100_gpt4.dollars_per_1k_tokens / h100_davinci.dollars_per_1k_tokens < 2.2  # 2.0x
+
+
+def test_davinci_has_gpt3s_175b_parameters():
+    from moe.model.transformer import count_parameters
+    assert count_parameters(DAVINCI).total == pytest.approx(175e9, rel=0.01)
+
+
+def test_cli_batch_max_prices_the_largest_batch_that_fits(capsys):
+    main(["configs/gpt4.toml", "--hardware", "A100-40GB", "--tensor", "8", "--pipeline", "16",
+          "--batch", "max", "--prompt", "7373", "--output", "819"])
+    out = capsys.readouterr().out
+    assert "batch           24 sequences per pipeline stage, 384 in flight" in out
+    assert "$0.00492 per 1K tokens of a request" in out
+    with pytest.raises(ValueError, match="--batch 'many'"):
+        main(["configs/gpt4.toml", "--hardware", "H100", "--tensor", "8", "--pipeline", "16", "--batch", "many"])

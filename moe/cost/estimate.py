@@ -139,6 +139,7 @@ class Estimate:
     prefill_tokens_per_s: float
     dollars_per_1k_prompt: float
     dollars_per_1k_generated: float
+    dollars_per_1k_tokens: float  # prompt and generated tokens together, as a request has them
 
 
 def _roofline(cfg: ModelConfig, hw: Hardware, layout: Layout, tokens: float, flops: float,
@@ -206,6 +207,8 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout | None = None, batch
                                        prompt_tokens * kv_token, bytes_per_value)
     dollars_per_s = layout.devices * hw.price_per_hour / 3600
     in_flight = layout.pipeline  # batches, one per pipeline stage
+    per_1k_prompt = 1000 * prefill / (prompt_tokens * in_flight) * dollars_per_s
+    per_1k_generated = 1000 * step / (batch * in_flight) * dollars_per_s
     return Estimate(
         total_params=p.total, active_params=p.active, shared_params=p.shared,
         prefill_flops_per_token=prefill_flops, decode_flops_per_token=decode_flops,
@@ -218,8 +221,17 @@ def estimate(cfg: ModelConfig, hw: Hardware, layout: Layout | None = None, batch
         decode_step_s=step, decode_bound=step_bound, decode_tokens_per_s=batch * in_flight / step,
         prefill_s=prefill, prefill_bound=prefill_bound,
         prefill_tokens_per_s=prompt_tokens * in_flight / prefill,
-        dollars_per_1k_prompt=1000 * prefill / (prompt_tokens * in_flight) * dollars_per_s,
-        dollars_per_1k_generated=1000 * step / (batch * in_flight) * dollars_per_s)
+        dollars_per_1k_prompt=per_1k_prompt, dollars_per_1k_generated=per_1k_generated,
+        dollars_per_1k_tokens=(prompt_len * per_1k_prompt + output_len * per_1k_generated) / seq_len)
+
+
+def largest_batch(cfg: ModelConfig, hw: Hardware, layout: Layout, prompt_len: int, output_len: int,
+                  bytes_per_value: int = 2) -> int:
+    """The largest batch whose KV cache fits beside the weights (one batch per pipeline
+    stage in flight); the weights themselves must fit (else check_fits says why)."""
+    e = estimate(cfg, hw, layout, 1, prompt_len, output_len, bytes_per_value, check=False)
+    check_fits(hw, layout, e.weight_bytes_per_device, e.max_sequences, 0)
+    return math.floor(e.max_sequences / layout.pipeline)
 
 
 def si(value: float, unit: str) -> str:
@@ -251,7 +263,8 @@ def format_estimate(e: Estimate, hw: Hardware, layout: Layout) -> str:
         f"prefill         {e.prefill_s * 1e3:.3f} ms ({e.prefill_bound}-bound), "
         f"{e.prefill_tokens_per_s:.0f} tokens/s",
         f"cost            ${e.dollars_per_1k_prompt:.3g} per 1K prompt tokens, "
-        f"${e.dollars_per_1k_generated:.3g} per 1K generated tokens",
+        f"${e.dollars_per_1k_generated:.3g} per 1K generated tokens, "
+        f"${e.dollars_per_1k_tokens:.3g} per 1K tokens of a request (prompt and output)",
     ])
 
 
@@ -301,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree")
     parser.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel degree")
     parser.add_argument("--expert", type=int, default=1, help="expert-parallel degree")
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    parser.add_argument("--batch", default="1", help="sequences decoded together, or max: the "
+                        "largest batch whose KV cache fits")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
     parser.add_argument("--output", type=int, default=128, help="generated tokens per sequence")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="weights and KV")
@@ -331,7 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     layout = Layout(args.tensor, args.pipeline, args.expert)
     cfg = load_model_config(args.config, args.set)
     budget = None if args.kv_budget_gb is None else args.kv_budget_gb * 1e9
-    e = estimate(cfg, hw, layout, args.batch, args.prompt, args.output, DTYPE_BYTES[args.dtype], budget)
+    if args.batch == "max":
+        if budget is not None:
+            raise ValueError("--batch max takes the KV budget from the devices' memory; drop --kv-budget-gb")
+        batch = largest_batch(cfg, hw, layout, args.prompt, args.output, DTYPE_BYTES[args.dtype])
+    elif args.batch.isdigit() and int(args.batch) >= 1:
+        batch = int(args.batch)
+    else:
+        raise ValueError(f"--batch {args.batch!r}: give a number of sequences (1 or more) or max")
+    e = estimate(cfg, hw, layout, batch, args.prompt, args.output, DTYPE_BYTES[args.dtype], budget)
+    print(f"batch           {batch} sequences per pipeline stage, {batch * layout.pipeline} in flight")
     print(format_estimate(e, hw, layout))
 
 
