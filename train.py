@@ -129,6 +129,7 @@ def describe_evaluation(result: dict, corpus: Corpus) -> str:
 
 
 SAMPLE_BYTES = 300  # greedy sample length the end of a run reports on
+SAMPLE_PROMPTS = ("def ", "import os\n", "class Parser:\n", "    for ")  # fixed, so runs compare
 
 
 def greedy_sample(model: Transformer, tokenizer: TextTokenizer, prompt: str) -> str:
@@ -159,7 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="continue from the checkpoint of this step (implies --resume)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a folder that already holds a run, replacing it")
-    parser.add_argument("--sample", default="def ", help="prompt of the sample printed at the end")
+    parser.add_argument("--sample", action="append", default=None, metavar="PROMPT",
+                        help="prompt of a greedy sample printed at the end (repeatable; default: "
+                             f"{', '.join(map(repr, SAMPLE_PROMPTS))})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--expert-parallel", type=int, default=1, metavar="D",
                         help="split each MoE layer's experts over D ranks (under torchrun)")
@@ -303,10 +306,16 @@ def main(argv: list[str] | None = None) -> dict:
     if main:
         from moe.training.plots import write_plots
         write_plots(run)
-        text = greedy_sample(whole.eval(), load_tokenizer(run), args.sample)
-        variety = distinct_4grams(text.encode())
-        log({"step": cfg.max_steps, "sample": {"prompt": args.sample, "text": text, "distinct_4grams": variety}})
-        print(f"sample: {args.sample!r} -> {text!r}\n  ({variety:.0%} of its 4-grams are distinct)", flush=True)
+        tokenizer, samples = load_tokenizer(run), []
+        for prompt in args.sample or (() if corpus.is_tasks else SAMPLE_PROMPTS):  # tasks: exact match says it
+            text = greedy_sample(whole.eval(), tokenizer, prompt)
+            samples.append({"prompt": prompt, "text": text, "distinct_4grams": distinct_4grams(text.encode())})
+            print(f"sample: {prompt!r} -> {text!r}", flush=True)
+        if samples:
+            shares = ", ".join(f"{s['distinct_4grams']:.0%}" for s in samples)
+            print(f"distinct 4-grams in each sample's first {SAMPLE_BYTES} bytes: {shares} (a loop of one short "
+                  "word gives a few percent)", flush=True)
+            log({"step": cfg.max_steps, "samples": samples})
     distributed.shutdown(ranks)
     return result
 

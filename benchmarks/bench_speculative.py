@@ -33,11 +33,12 @@ from moe.io.checkpoint import load_model  # noqa: E402
 from moe.serving.generation import generate, prefill  # noqa: E402
 from moe.serving.sampling import SamplingParams  # noqa: E402
 from moe.serving.speculative import PromptLookupProposer, SpeculativeStats, speculative_generate  # noqa: E402
-from moe.tokenizer import encode  # noqa: E402
+from moe.serving.text import TextTokenizer, load_tokenizer  # noqa: E402
 
 
-def stdlib_prompts(n: int, length: int, seed: int) -> list[list[int]]:
-    """n byte-token prompts of `length`, each the start of a line in a stdlib .py file."""
+def stdlib_prompts(n: int, length: int, seed: int, tokenizer: TextTokenizer) -> list[list[int]]:
+    """n prompts of `length` tokens (the target's tokenizer), each from the start of a line
+    in a stdlib .py file."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     g = torch.Generator().manual_seed(seed)
     prompts = []
@@ -47,7 +48,7 @@ def stdlib_prompts(n: int, length: int, seed: int) -> list[list[int]]:
             continue
         start = int(torch.randint(len(text) - 2 * length, (1,), generator=g))
         start = text.index(b"\n", start) + 1
-        prompts.append(encode(text[start:start + length]))
+        prompts.append(tokenizer.encode(text[start:start + 8 * length].decode(errors="replace"))[:length])
     return prompts
 
 
@@ -92,7 +93,7 @@ def main() -> None:
                      "--target/--draft checkpoints")
     target, draft = load_model(args.target).eval(), load_model(args.draft).eval()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    prompts = stdlib_prompts(args.n_prompts, args.prompt_len, args.seed)
+    prompts = stdlib_prompts(args.n_prompts, args.prompt_len, args.seed, load_tokenizer(args.target))
 
     modes = {"plain": None, **{f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.gammas},
              "draft_adaptive": dict(draft=draft, gamma=max(args.gammas), adaptive=True),

@@ -184,6 +184,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of files (or task examples) held out for validation
     cache_dir: str = ".cache"  # where prepared token files live
     task_examples: int = 20000  # examples generated for the synthetic task mix
+    task_weights: str = ""  # training share of each task, e.g. "add=3,lookup=2" (others 1); held-out examples stay balanced
     tokenizer: str = "bytes"  # "bytes" | "bpe": a byte-level BPE of model.vocab_size ids learned on the training split
 
     def __post_init__(self) -> None:

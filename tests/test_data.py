@@ -159,3 +159,15 @@ def test_task_training_windows_start_at_an_example_and_score_answers_only(tmp_pa
             scored.append(in_answer)
         assert (row_target != -100).tolist() == scored and any(scored)
         assert (row_target[row_target != -100] != BOS).all()
+
+
+def test_task_weights_shape_the_training_mix_and_leave_the_held_out_examples_balanced(tmp_path):
+    corpus = prepare(DataConfig(source="tasks", cache_dir=str(tmp_path), task_examples=2000, val_fraction=0.1,
+                                task_weights="add=4"))
+    starts = corpus.train_examples
+    shares = np.bincount(corpus.train_task_ids[starts], minlength=len(TASKS)) / len(starts)
+    assert shares[TASKS.index("add")] == pytest.approx(0.5, abs=0.05)  # 4 of 8
+    assert np.bincount(corpus.val_example_tasks, minlength=len(TASKS)).tolist() == [40] * len(TASKS)
+    for bad in ("add=0", "multiply=2", "add"):
+        with pytest.raises(ConfigError, match="data.task_weights"):
+            prepare(DataConfig(source="tasks", cache_dir=str(tmp_path), task_weights=bad))

@@ -206,8 +206,8 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
                 "--set=model.vocab_size=259", f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
                 "--out", tmp_path / run]
     cases = {  # a piece of the message -> the command line
-        "model.n_kv_heads = 3 does not divide": ["--set", "model.n_kv_heads=3"],
-        "config file nope.toml does not exist": ["--config", "nope.toml"],
+        "model.n_kv_heads = 3 does not divide": ["--set", "model.n_kv_heads=3", "--out", tmp_path / "heads"],
+        "config file nope.toml does not exist": ["--config", "nope.toml", "--out", tmp_path / "nope"],
         "holds no run to resume": [*small("resume"), "--resume"],
         "already holds a run": [*small("used"), "--set=train.max_steps=1"],
         "every file it names is empty": [*small("empty")[4:], f"--set=data.source={json.dumps(str(empty))}",
@@ -216,8 +216,8 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
                                   "--set=data.val_fraction=0.001"],
         "is below the 259 ids": [*small("vocab"), "--set=model.vocab_size=100"],
         "reads at most 64 tokens": [*small("distill"), f"--set=train.distill_from={json.dumps(str(short))}"],
-        "does not go with data.source = \"tasks\"": ["--set=data.source=\"tasks\""],
-        "at most 65536": ["--set=model.vocab_size=70000"],
+        "does not go with data.source = \"tasks\"": ["--set=data.source=\"tasks\"", "--out", tmp_path / "tasks"],
+        "at most 65536": ["--set=model.vocab_size=70000", "--out", tmp_path / "huge"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {message: subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,

@@ -122,7 +122,8 @@ def prepare(cfg: DataConfig, seed: int = 0, vocab_size: int | None = None) -> Co
         raise ConfigError("data.tokenizer = \"bpe\" needs the vocabulary size: set model.vocab_size")
     tokenizer = ["bpe", vocab_size] if cfg.tokenizer == "bpe" else "bytes"
     if cfg.source == "tasks":
-        key = _key([FORMAT_VERSION, "tasks", cfg.task_examples, cfg.val_fraction, seed])
+        weights = task_weights(cfg.task_weights)
+        key = _key([FORMAT_VERSION, "tasks", cfg.task_examples, cfg.val_fraction, seed, weights])
         folder = Path(cfg.cache_dir) / f"tasks-{key}"
         if not (folder / "meta.json").is_file():
             write_directory_atomically(folder, lambda tmp: _write_tasks(tmp, cfg, seed))
@@ -231,17 +232,37 @@ def make_example(task: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
+def task_weights(text: str) -> list[float]:
+    """data.task_weights ("add=3,lookup=2": unnamed tasks weigh 1) as one weight per task."""
+    weights = dict.fromkeys(TASKS, 1.0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name.strip() not in weights or not weight > 0:
+            raise ConfigError(f"data.task_weights: {part!r} must be TASK=WEIGHT with TASK one of "
+                              f"{', '.join(TASKS)} and WEIGHT a positive number, e.g. \"add=3,lookup=2\"")
+        weights[name.strip()] = weight
+    return [weights[t] for t in TASKS]
+
+
 def _write_tasks(tmp: Path, cfg: DataConfig, seed: int) -> None:
+    """Training examples draw their task with data.task_weights; the held-out ones cycle
+    through the tasks, so every task is scored on as many examples."""
     rng = random.Random(seed)
+    weights = task_weights(cfg.task_weights)
     n_val = max(len(TASKS), int(cfg.task_examples * cfg.val_fraction))
     train_tokens, train_tasks, train_answer, train_starts, val_tokens, val_examples = [], [], [], [], [], []
     start = 0
     for i in range(cfg.task_examples):
-        task_index = i % len(TASKS)
+        is_train = i < cfg.task_examples - n_val
+        task_index = rng.choices(range(len(TASKS)), weights)[0] if is_train else (i - cfg.task_examples + n_val) % len(TASKS)
         prompt, answer = make_example(TASKS[task_index], rng)
         prompt_ids = encode(prompt, bos=True)
         ids = prompt_ids + encode(answer, eos=True)
-        if i < cfg.task_examples - n_val:
+        if is_train:
             train_starts.append(len(train_tokens))
             train_tokens += ids
             train_tasks += [task_index] * len(ids)

@@ -260,7 +260,7 @@ def task_report(model: Transformer, corpus: Corpus, device: torch.device, batch:
                 routing[layer].index_put_((token, task, ids[:, k]), torch.ones(len(token), dtype=torch.float64),
                                           accumulate=True)
     result = {f"acc_{task}": float(c / max(n, 1)) for task, c, n in zip(TASKS, correct, count)}
-    result["acc_mean"] = float(correct.sum() / max(count.sum(), 1))
+    result["acc_mean"] = float(np.mean(correct / np.maximum(count, 1)))  # each task counts the same
     result["val_loss"] = nats / max(answer_tokens, 1)  # answer tokens: one byte each, or EOS
     result["val_bpb"] = result["val_loss"] / math.log(2)
     if layers:
