@@ -233,6 +233,8 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
             sink.close()
     if out:
         print(f"{counts['results']} results -> {out} ({counts['refused']} refused)")
+    if draft is not None:  # the speculative statistics, as --prompt prints them
+        print(json.dumps(engine.stats.as_dict()), file=sys.stderr)
 
 
 def result_of(number: int, r) -> dict:
@@ -271,6 +273,10 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
+    if args.prompt_file is not None and (args.prompt_lookup or args.adaptive):
+        flag = "--prompt-lookup" if args.prompt_lookup else "--adaptive"
+        raise ValueError(f"{flag} works with --prompt only: the engine that serves --prompt-file speculates "
+                         "with a --draft at a fixed --speculate γ; drop the flag or give --prompt")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,10 +9,12 @@ machine noise hits them alike, and every speculative output is checked to equal 
 one token for token. Reported per mode: target forwards per generated token (plain: 1),
 the draft acceptance rate (accepted / proposed), α (accepted / judged), mean accepted length, tokens/s and the wall-clock speedup.
 
-The speedup is also predicted from measured parts: E/(γc + v), with E = (1 - α^(γ+1))/(1 - α)
-the expected tokens per round, c the time of one draft step over one target step, and v the
-time of a target forward over γ + 1 tokens over one of a single token, both timed here at the
-prompts' positions. Results go to benchmarks/results/speculative.json.
+The speedup is also predicted from measured parts and from what each round actually
+proposed (n tokens: γ, or fewer near the end, with adaptive γ, or from prompt lookup):
+Σ E(n) / Σ (n c + v(n + 1)) over the rounds, with E(n) = (1 - α^(n+1))/(1 - α) the expected
+tokens of a round, c the time of one draft step over one target step (0 for prompt lookup),
+and v(w) the time of a target forward over w tokens over one of a single token, both timed
+here at the prompts' positions. Results go to benchmarks/results/speculative.json.
 """
 
 from __future__ import annotations
@@ -124,20 +126,30 @@ def main() -> None:
     generated = args.n_prompts * args.new_tokens
     runs = [dict(mode="plain", target_forwards_per_token=1.0, tokens_per_s=generated / seconds["plain"],
                  seconds=seconds["plain"])]
+    verify_cost = {}  # v(w), timed once per width
+
+    def v(width: int) -> float:
+        if width not in verify_cost:
+            verify_cost[width] = sum(step_time(target, p, width, 9) for p in prompts[:4]) / target_step
+        return verify_cost[width]
     for name, s in stats.items():
-        gamma = round(s.as_dict()["mean_gamma"]) if modes[name].get("adaptive") else modes[name]["gamma"]
         alpha = s.verified_acceptance  # per judged proposal, as the formula assumes
-        expected = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
-        v = sum(step_time(target, p, gamma + 1, 9) for p in prompts[:4]) / target_step
-        draft_cost = c * gamma if "draft" in name else 0.0
+        lengths = s.proposal_lengths
+
+        def tokens(n: int) -> float:  # E(n): expected tokens of a round that proposed n
+            return (1 - alpha ** (n + 1)) / (1 - alpha) if alpha < 1 else n + 1.0
+        draft_c = c if "draft" in name else 0.0
+        expected = sum(map(tokens, lengths)) / len(lengths)
+        predicted = sum(map(tokens, lengths)) / sum(n * draft_c + v(n + 1) for n in lengths)
         runs.append(dict(
-            mode=name, gamma=gamma, adaptive=bool(modes[name].get("adaptive")),
+            mode=name, gamma=modes[name]["gamma"], adaptive=bool(modes[name].get("adaptive")),
             target_forwards_per_token=s.target_calls / s.generated,
             fewer_target_forwards=s.generated / s.target_calls,
             tokens_per_s=generated / seconds[name], seconds=seconds[name],
             speedup=seconds["plain"] / seconds[name],
-            predicted_speedup=expected / (draft_cost + v), alpha=alpha, expected_tokens_per_round=expected,
-            c=c, v=v, **{k: val for k, val in s.as_dict().items() if k not in ("cost_ratio",)},
+            predicted_speedup=predicted, alpha=alpha, expected_tokens_per_round=expected,
+            c=c, v={w: verify_cost[w] for w in sorted(verify_cost)},
+            **{k: val for k, val in s.as_dict().items() if k not in ("cost_ratio",)},
             cost_ratio_in_run=s.cost_ratio))
     result = dict(benchmark="speculative", device="cpu", threads=2, batch=1, repeats=args.repeats, target=args.target,
                   draft=args.draft, target_checkpoint=checkpoint_name(args.target),

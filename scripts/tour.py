@@ -157,11 +157,11 @@ def report(out: Path, steps: dict[str, list[str]], seconds: dict[str, float], ro
                   "README, Train).", ""]
     lines += ["## 4. Serving it: continuous against static batching", "",
               f"    {shlex.join(steps['serving'])}", "",
-              "| slots | mode | output tokens/s | TTFT p50 (s) | mean running batch |",
-              "| --- | --- | --- | --- | --- |"]
+              "| slots | mode | repeat | output tokens/s | TTFT p50 (s) | mean running batch |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in serving["runs"]:
-        lines.append(f"| {r['slots']} | {r['mode']} | {r['output_tokens_per_s']:.0f} | {r['ttft_s']['p50']:.3f} | "
-                     f"{r['mean_batch']:.1f} |")
+        lines.append(f"| {r['slots']} | {r['mode']} | {r['repeat'] + 1} | {r['output_tokens_per_s']:.0f} | "
+                     f"{r['ttft_s']['p50']:.3f} | {r['mean_batch']:.1f} |")
     for c in serving["comparisons"]:
         lines += ["", f"At {c['slots']} slots continuous batching gives **{c['throughput_ratio']:.2f}x** the "
                       f"output tokens/s of static batching and {c['e2e_p50_ratio']:.2f}x lower median latency."]

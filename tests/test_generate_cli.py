@@ -110,6 +110,9 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(checkpoint, tm
         "--device 'foo' is not a torch device": ["--ckpt", path, "--prompt", "hi", "--device", "foo"],
         "config file nope.toml does not exist": ["bench", "--config", "nope.toml"],
         "--slots must each be at least 1": ["bench", "--set", "model.n_layers=1", "--slots", 0],
+        "--prompt-lookup works with --prompt only": ["--ckpt", path, "--prompt-file", prompts, "--prompt-lookup"],
+        "--adaptive works with --prompt only": ["--ckpt", path, "--prompt-file", prompts, "--draft", path,
+                                                "--adaptive"],
     }
     for message, result in run_all(cases).items():
         assert result.returncode == 2 and result.stdout == "", result.stderr
@@ -148,3 +151,17 @@ def test_the_default_dtype_is_the_checkpoints_own(tmp_path):
     assert cli.default_dtype(str(full), "cpu") == "float32"
     assert cli.default_dtype(str(full), "cuda") == "bfloat16"  # float32 runs in bf16 on a GPU
     assert cli.default_dtype(None, "cpu") == "float32"
+
+
+def test_prompt_file_with_a_draft_gives_plain_greedy_text_and_prints_the_speculative_statistics(checkpoint, tmp_path):
+    model, path = checkpoint
+    infile, outfile = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    infile.write_text(json.dumps({"prompt": "abc", "max_new_tokens": 8, "ignore_eos": True}) + "\n")
+    result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(path), "--draft", str(path),
+                             "--prompt-file", str(infile), "--out", str(outfile), "--threads", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (row,) = [json.loads(x) for x in outfile.read_text().splitlines()]
+    assert row["text"] == decode(generate(model, encode("abc"), SamplingParams(max_new_tokens=8, ignore_eos=True)))
+    stats = json.loads(result.stderr.strip().splitlines()[-1])
+    assert stats["target_calls"] >= 1 and stats["acceptance_rate"] == 1.0  # the draft is the target itself

@@ -55,13 +55,15 @@ class SpeculativeStats:
     accepted: int = 0
     reached: list[int] = field(default_factory=list)  # [i]: proposals verified at position i
     accepted_at: list[int] = field(default_factory=list)  # [i]: of those, accepted
-    gammas: list[int] = field(default_factory=list)  # γ used in each round (adaptive)
+    gammas: list[int] = field(default_factory=list)  # γ asked for in each target call (adaptive), before clipping
+    proposal_lengths: list[int] = field(default_factory=list)  # tokens each round actually proposed
     target_time_s: float = 0.0
     draft_time_s: float = 0.0
 
     def record_round(self, n_proposed: int, n_accepted: int) -> None:
         """One sequence's verification: proposals 0..n_accepted-1 passed, the next (if any) failed."""
         self.rounds += 1
+        self.proposal_lengths.append(n_proposed)
         self.proposed += n_proposed
         self.accepted += n_accepted
         for i in range(min(n_accepted + 1, n_proposed)):
@@ -105,6 +107,7 @@ class SpeculativeStats:
                     acceptance_rate=self.acceptance_rate, verified_acceptance=self.verified_acceptance,
                     per_position_acceptance=self.per_position_acceptance,
                     mean_gamma=sum(self.gammas) / max(len(self.gammas), 1),
+                    mean_proposal_length=self.proposed / max(self.rounds, 1),
                     cost_ratio=self.cost_ratio, target_time_s=self.target_time_s,
                     draft_time_s=self.draft_time_s)
 
