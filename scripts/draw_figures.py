@@ -39,6 +39,7 @@ from moe.config import ModelConfig  # noqa: E402
 from moe.model.moe_layer import expert_capacity, route  # noqa: E402
 from moe.serving.blocks import BlockManager  # noqa: E402
 from moe.serving.cache import PagedKVCache  # noqa: E402
+from moe.serving.sampling import sample_at  # noqa: E402
 from moe.serving.speculative import verify  # noqa: E402
 
 DPI = 100
@@ -409,17 +410,19 @@ VOCAB, GAMMA = "abcdefgh", 4
 
 
 def speculative_case(seed: int) -> dict:
-    """Draft distributions q [γ, V] with proposals drawn from them, target distributions
-    p [γ + 1, V] near q (a draft that mostly agrees), and what `verify` keeps."""
+    """Draft distributions q [γ, V] with the draft's draws x_i from them, target
+    distributions p [γ + 1, V] near q (a draft that mostly agrees), the target's own draws
+    y_i with the same noise (`sample_at`, the request seeded `seed`), and what `verify` keeps."""
     gen = torch.Generator().manual_seed(seed)
     n_vocab = len(VOCAB)
     draft_logits = 1.5 * torch.randn(GAMMA, n_vocab, generator=gen)  # [γ, V]
     q = draft_logits.softmax(-1)
-    proposals = torch.multinomial(q, 1, generator=gen)[:, 0].tolist()  # x_1..x_γ
+    proposals = [sample_at(q[i], seed, i) for i in range(GAMMA)]  # x_1..x_γ
     target_logits = torch.cat([draft_logits, 1.5 * torch.randn(1, n_vocab, generator=gen)])
     p = (target_logits + 1.0 * torch.randn(GAMMA + 1, n_vocab, generator=gen)).softmax(-1)  # [γ + 1, V]
-    kept, n_accepted = verify(proposals, q, p, gen)
-    return dict(q=q, p=p, proposals=proposals, kept=kept, n_accepted=n_accepted, seed=seed)
+    kept, n_accepted = verify(proposals, p, seed, 0)
+    return dict(q=q, p=p, proposals=proposals, kept=kept, n_accepted=n_accepted, seed=seed,
+                draws=[sample_at(p[i], seed, i) for i in range(GAMMA + 1)])
 
 
 def find_case(wanted) -> dict:
@@ -451,10 +454,10 @@ def draw_round_strip(ax, case: dict, y: float, label: str) -> None:
         box(ax, 3.5 + i * 1.3, y + 2.0, 1.1, 0.7, kept[i], VOCAB[token], size=9)
     n_ok = case["n_accepted"]
     if n_ok < GAMMA:
-        what = (f"{n_ok} accepted; x{n_ok + 1} rejected and replaced by a draw from "
-                f"max(0, p{n_ok + 1} - q{n_ok + 1}); later proposals never checked")
+        what = (f"{n_ok} accepted; x{n_ok + 1} is not the target's draw y{n_ok + 1} and is replaced "
+                "by it;\nlater proposals never checked")
     else:
-        what = f"all {GAMMA} accepted, plus a bonus token drawn from p{GAMMA + 1}"
+        what = f"all {GAMMA} accepted, plus the target's draw y{GAMMA + 1} as a bonus"
     ax.text(3.5 + (GAMMA + 1) * 1.3 + 0.3, y + 2.35, f"{what}\n-> {len(case['kept'])} tokens from "
             "one target forward", va="center", fontsize=8)
 
@@ -467,8 +470,8 @@ def draw_speculative_round(path: Path) -> Path:
                  f"toy vocabulary '{VOCAB}'", fontsize=12, weight="bold", y=0.985)
     grid = fig.add_gridspec(2, GAMMA + 1, height_ratios=[1.0, 1.2], left=0.05, right=0.98,
                             top=0.85, bottom=0.02, hspace=0.22, wspace=0.25)
-    fig.text(0.05, 0.91, f"Round A: draft q (grey) and target p (black outline) at each position; "
-             "accept x_i with probability min(1, p(x_i) / q(x_i))", fontsize=9)
+    fig.text(0.05, 0.91, "Round A: draft q (grey) and target p (black outline) at each position; with the "
+             "same noise the draft draws x_i and the target y_i; x_i is accepted while x_i = y_i", fontsize=9)
     n_ok = rejected["n_accepted"]
     proposed, _ = outcome_colours(rejected)
     xs = list(range(len(VOCAB)))
@@ -480,14 +483,14 @@ def draw_speculative_round(path: Path) -> Path:
             colours = ["#bbbbbb"] * len(VOCAB)
             colours[token] = proposed[i]
             ax.bar(xs, q, width=0.8, color=colours)
-            ratio = p[token] / q[token]
+            draw = rejected["draws"][i]
             verdict = {ACCEPTED: "accepted", REJECTED: "rejected", UNCHECKED: "not checked"}[proposed[i]]
-            ax.set_title(f"x{i + 1} = {VOCAB[token]}: p/q = {ratio:.2f}\n{verdict}", fontsize=8.5,
+            ax.set_title(f"x{i + 1} = {VOCAB[token]}, y{i + 1} = {VOCAB[draw]}\n{verdict}", fontsize=8.5,
                          color="black" if proposed[i] == UNCHECKED else proposed[i])
         else:
             ax.set_title(f"p{GAMMA + 1}: bonus position\n(used only if all pass)", fontsize=8.5)
         ax.bar(xs, p, width=0.8, fill=False, edgecolor="black", lw=1.0)
-        if i == n_ok:  # the rejected position: the token drawn from the residual
+        if i == n_ok:  # the rejected position: the target's own draw, kept
             resampled = rejected["kept"][-1]
             ax.plot([resampled], [max(p[resampled], float(rejected["q"][i][resampled])) + 0.05], marker="*",
                     color=RESAMPLED, markersize=12, markeredgecolor="black")
@@ -501,7 +504,7 @@ def draw_speculative_round(path: Path) -> Path:
     draw_round_strip(strip, rejected, 0.0, "Round A")
     draw_round_strip(strip, bonus, 3.6, "Round B")
     handles = [Patch(facecolor=c, edgecolor="black", label=name) for c, name in
-               ((ACCEPTED, "accepted"), (REJECTED, "rejected"), (RESAMPLED, "resampled (star above)"),
+               ((ACCEPTED, "accepted"), (REJECTED, "rejected"), (RESAMPLED, "the target's draw (star above)"),
                 (BONUS, "bonus"), (UNCHECKED, "not checked"))]
     strip.legend(handles=handles, loc="lower right", fontsize=8, frameon=False, ncol=5,
                  bbox_to_anchor=(1.0, -0.02))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
 from moe.serving.stopping import Detokenizer, check_stop, visible_text
 from moe.tokenizer import EOS, encode
 
@@ -11,7 +11,7 @@ def test_greedy_is_one_hot_on_the_first_argmax():
     probs = warp_probs(logits, SamplingParams())
     assert probs.dtype == torch.float32
     assert probs.tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
-    assert sample(probs).tolist() == [1, 3]
+    assert [sample_at(row, 0, 0) for row in probs] == [1, 3]
 
 
 def test_temperature_one_is_softmax_and_low_temperature_sharpens():
@@ -42,18 +42,26 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 
 def test_sampling_follows_the_distribution():
-    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(20000, 3).contiguous()
-    counts = torch.bincount(sample(probs, torch.Generator().manual_seed(0)), minlength=3)
-    torch.testing.assert_close(counts / 20000, probs[0], atol=0.015, rtol=0)
+    probs = torch.tensor([0.2, 0.5, 0.3, 0.0])
+    draws = torch.tensor([sample_at(probs, seed, 7) for seed in range(20000)])
+    counts = torch.bincount(draws, minlength=4)
+    torch.testing.assert_close(counts / 20000, probs, atol=0.015, rtol=0)
+    assert counts[3] == 0  # a token of probability 0 is never drawn
+    along = torch.tensor([sample_at(probs, 1, position) for position in range(20000)])  # one request
+    torch.testing.assert_close(torch.bincount(along, minlength=4) / 20000, probs, atol=0.015, rtol=0)
 
 
-def test_a_seeded_request_draws_the_same_tokens_twice():
-    params = SamplingParams(temperature=1.0, seed=7)
-    probs = torch.softmax(torch.randn(1, 50), -1)
-    first = [sample(probs, g).item() for g in [make_generator(params)] for _ in range(10)]
-    second = [sample(probs, g).item() for g in [make_generator(params)] for _ in range(10)]
-    assert first == second and len(set(first)) > 1
-    assert make_generator(SamplingParams()) is None
+def test_a_draw_depends_on_the_seed_and_the_position_only():
+    probs = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(0)), -1)
+    first = [sample_at(probs, 7, t) for t in range(10)]
+    assert first == [sample_at(probs, 7, t) for t in range(10)] and len(set(first)) > 1
+    assert first != [sample_at(probs, 8, t) for t in range(10)]
+    assert sample_at(torch.nn.functional.one_hot(torch.tensor(3), 50).float(), 7, 0) == 3  # one-hot: its argmax
+    assert draw_seed(SamplingParams(seed=5)) == 5
+    torch.manual_seed(0)
+    unseeded = draw_seed(SamplingParams())
+    torch.manual_seed(0)
+    assert draw_seed(SamplingParams()) == unseeded != draw_seed(SamplingParams())  # from the global generator
 
 
 @pytest.mark.parametrize("params, reason", [

@@ -8,6 +8,7 @@ from moe.serving.speculative import PromptLookupProposer, speculative_generate, 
 from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
+GREEDY_24 = SamplingParams(max_new_tokens=24, ignore_eos=True)
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
 
 
@@ -33,12 +34,12 @@ class AlwaysWrong:
         self.target = target
 
     @torch.no_grad()
-    def propose(self, seqs, gammas, params, generator):
+    def propose(self, seqs, gammas, params, seeds):
         out = []
         for seq, gamma in zip(seqs, gammas):
             best = int(self.target(torch.tensor([seq])).logits[0, -1].argmax())
             out.append([(best + 1) % VOCAB] * gamma)
-        return out, [None] * len(seqs)
+        return out
 
     def accepted(self, row, valid):
         pass
@@ -136,7 +137,7 @@ def test_sampled_tokens_follow_the_target_distribution_with_a_poor_draft(make_mo
     vocab, runs = 8, 6000
     target = make_model(seed=3, vocab_size=vocab, init_std=0.5).double()
     draft = make_model(seed=4, vocab_size=vocab, n_layers=1, init_std=0.5).double()
-    params = SamplingParams(temperature=1.0, top_k=6, max_new_tokens=2, seed=1, ignore_eos=True)
+    params = SamplingParams(temperature=1.0, top_k=6, max_new_tokens=2, ignore_eos=True)  # a seed per row
     prompt = [1, 5, 2]
     p_first = warp_probs(target(torch.tensor([prompt])).logits[0, -1], params).double()  # [V]
     q_first = warp_probs(draft(torch.tensor([prompt])).logits[0, -1], params).double()
@@ -165,7 +166,7 @@ def test_bad_arguments_are_refused_by_name(models, make_model):
         speculative_generate(target, [[1]], GREEDY)
 
 
-def test_the_rejection_rule_with_one_hot_distributions_is_the_greedy_rule():
+def test_the_acceptance_rule_with_one_hot_distributions_is_the_greedy_rule():
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         gamma = int(torch.randint(1, 6, (1,), generator=g))
@@ -174,8 +175,7 @@ def test_the_rejection_rule_with_one_hot_distributions_is_the_greedy_rule():
         p = torch.nn.functional.one_hot(torch.tensor(best), 3).float()  # [γ + 1, V]
         q = torch.nn.functional.one_hot(torch.tensor(proposals), 3).float()  # [γ, V]
         expected = verify_greedy(proposals, best)
-        assert verify(proposals, q, p, g) == expected
-        assert verify(proposals, None, p, g) == expected
+        assert verify(proposals, p, int(torch.randint(0, 1000, (1,), generator=g)), 5) == expected
 
 
 @pytest.mark.parametrize("gamma, num_blocks", [(1, None), (3, None), (6, None), (4, 12)])
@@ -202,3 +202,51 @@ def test_speculative_engine_with_the_target_as_draft_accepts_everything(models):
     engine.run()
     assert engine.stats.accepted == engine.stats.proposed > 0
     assert [r.output for r in requests] == [generate(target, r.prompt, GREEDY) for r in requests]
+
+
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=24, seed=11, ignore_eos=True)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+def test_a_seeded_request_samples_the_same_tokens_with_or_without_speculation(models, gamma):
+    target, draft = models
+    batch = prompts(3, seed=40)
+    plain = [generate(target, p, SAMPLED) for p in batch]
+    assert len({tuple(x) for x in plain}) == 3 and plain[0] != generate(target, batch[0], GREEDY_24)
+    alone = [speculative_generate(target, [p], SAMPLED, draft=draft, gamma=gamma)[0][0] for p in batch]
+    together, stats = speculative_generate(target, batch, SAMPLED, draft=draft, gamma=gamma)
+    looked_up, _ = speculative_generate(target, batch, SAMPLED, proposer=PromptLookupProposer(), gamma=gamma)
+    assert alone == together == looked_up == plain
+    assert 0 < stats.accepted < stats.proposed  # the draft's coupled guesses pass and fail
+
+
+@pytest.mark.parametrize("num_blocks", [None, 12])
+def test_seeded_requests_in_the_speculative_engine_sample_as_plain_generation_whatever_the_pool(models,
+                                                                                              num_blocks):
+    target, draft = models
+    batch = prompts(5, seed=41)
+    params = [SamplingParams(temperature=0.8, top_k=20, max_new_tokens=n, seed=100 + i, ignore_eos=True)
+              for i, n in enumerate([16, 5, 23, 9, 30])]
+    engine = SpeculativeEngine(target, draft, 4, EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
+    requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
+    engine.run()
+    assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
+    if num_blocks:
+        assert engine.preemptions > 0
+
+
+@torch.no_grad()
+def test_sampled_tokens_follow_the_target_at_the_second_and_third_positions_after_accepts_and_rejects(make_model):
+    vocab, runs = 6, 4000
+    target = make_model(seed=3, vocab_size=vocab, init_std=0.5).double()
+    draft = make_model(seed=4, vocab_size=vocab, n_layers=1, init_std=0.5).double()
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, ignore_eos=True)
+    prompt = [1, 5, 2]
+    out, stats = speculative_generate(target, [prompt] * runs, params, draft=draft, gamma=3)
+    assert 0.05 < stats.acceptance_rate < 0.95 and stats.rounds > runs  # both outcomes, several rounds
+    first_two = max({tuple(o[:2]) for o in out}, key=lambda pair: sum(tuple(o[:2]) == pair for o in out))
+    for prefix in ([out[0][0]], list(first_two)):  # the second token after some first, the third after a pair
+        rows = [o[len(prefix)] for o in out if o[:len(prefix)] == prefix]
+        p = warp_probs(target(torch.tensor([prompt + prefix])).logits[0, -1], params).double()
+        statistic, df = chi_square(torch.bincount(torch.tensor(rows), minlength=vocab).double(), p)
+        assert len(rows) > 200 and statistic < chi_square_999(df)

@@ -54,7 +54,7 @@ from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from moe.serving.generation import timed_forward
 from moe.serving.requests import Request, refusal_reason
-from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -81,12 +81,10 @@ class EngineConfig:
 @dataclass
 class Scheduled:
     """One request's part of a step: `n` pending tokens (prompt chunk or the last sampled
-    token), then any `proposals` to check (speculative decoding, with the draft's
-    probabilities `q`, None when greedy)."""
+    token), then any `proposals` to check (speculative decoding)."""
     request: Request
     n: int
     proposals: list[int] = field(default_factory=list)
-    q: Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -140,7 +138,7 @@ class Engine:
             request.status, request.finish_reason = "refused", "refused"
             self.finished.append(request)
             return request
-        request.generator = make_generator(params, self.device)
+        request.seed = draw_seed(params)
         self.waiting.append(request)
         return request
 
@@ -326,15 +324,15 @@ class Engine:
     def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
         """(new tokens, proposals accepted) per completing request, from its rows of logits.
         No proposals here: one token each; greedy rows in one argmax, the others one by one,
-        each with its own generator."""
+        each the request's own draw for its position (sample_at)."""
         if not completing:
             return []
         rows = torch.stack([scores[-1] for _, scores in completing])  # [S, V]
         tokens = rows.argmax(dim=-1).tolist()
         for i, (s, _) in enumerate(completing):
             if not s.request.params.greedy:
-                probs = warp_probs(rows[i:i + 1], s.request.params)
-                tokens[i] = int(sample(probs, s.request.generator)[0])
+                probs = warp_probs(rows[i], s.request.params)  # [V]
+                tokens[i] = sample_at(probs, s.request.seed, len(s.request.tokens))
         return [([token], 0) for token in tokens]
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
 from moe.serving.requests import check_request
-from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -77,11 +77,12 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams,
     dtype = next(model.parameters()).dtype
     # sized to the request, not the context (32k slots per layer for Mixtral)
     cache = KVCache(cfg, 1, min(cfg.max_seq_len, len(prompt) + params.max_new_tokens), device, dtype)
-    generator = make_generator(params, device)
+    seed = draw_seed(params)
     logits = prefill(model, torch.tensor([prompt], device=device), cache)[:, -1]  # [1, V]
     generated: list[int] = []
     while True:
-        token = int(sample(warp_probs(logits, params), generator)[0])
+        token = (int(logits[0].argmax()) if params.greedy
+                 else sample_at(warp_probs(logits, params)[0], seed, len(prompt) + len(generated)))
         generated.append(token)
         yield token
         reason, _ = finish_reason(len(prompt), generated, params, detok, cfg.max_seq_len)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from moe.config import ModelConfig
 from moe.serving.sampling import SamplingParams
@@ -35,7 +34,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int = 0  # where its random draws come from (moe/serving/sampling.py: draw_seed, sample_at)
 
     @property
     def tokens(self) -> list[int]:

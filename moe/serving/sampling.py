@@ -8,8 +8,13 @@ Warping order (as in Hugging Face and vLLM): temperature, then top-k, then top-p
 Temperature 0 means greedy: the distribution is one-hot on the argmax (the first index on
 ties), so greedy decoding and speculative verification share one code path.
 
-Randomness is per request: each request may carry a `seed`, and the engine gives it its own
-`torch.Generator`, so a request samples the same tokens whatever else is in the batch.
+Randomness is per request and per position: the token drawn for position t of a request
+with seed s is `sample_at(probs, s, t)`, the Gumbel-max trick (argmax of log p plus Gumbel
+noise; Gumbel, 1954) with noise that depends on (s, t) alone. So a seeded request samples
+the same tokens whatever else is in the batch, whatever the engine's pool and schedule, and
+under speculative decoding too: there the draft proposes with the same noise and the
+target keeps its own draw for each position (moe/serving/speculative.py). A request
+without a seed gets a fresh one from torch's global generator (`draw_seed`).
 
 `SamplingParams` holds what a user sets; when a request ends and what text it shows depend
 on the tokenizer too, and live in moe/serving/stopping.py.
@@ -32,7 +37,7 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     max_new_tokens: int = 64  # generated tokens, EOS included
     stop: tuple[str, ...] = ()  # generation ends once the text holds one of these
-    seed: int | None = None  # per-request generator seed; None = the global generator
+    seed: int | None = None  # the request's random draws (sample_at); None = a fresh seed (draw_seed)
     ignore_eos: bool = False  # keep going past EOS (benchmarks with controlled lengths)
     logprobs: int | None = None  # also report each token's log-probability and the top n
 
@@ -94,15 +99,35 @@ def warp_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return probs
 
 
-def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """probs [N, V] -> token ids [N] int64, one draw per row (a one-hot row gives its argmax)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def draw_seed(params: SamplingParams) -> int:
+    """The request's seed, or a fresh one from torch's global generator when it set none."""
+    if params.seed is not None:
+        return params.seed
+    return int(torch.randint(0, 2**62, (1,)))
 
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator of the request's own, when it asked for a seed."""
-    if params.seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed)
-    return generator
+MASK64 = 2**64 - 1
+
+
+def stream_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for (seed, position): splitmix64's finaliser (Steele et al., 2014) over
+    seed * golden ratio + position, so neighbouring positions and seeds get unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def gumbel_noise(seed: int, position: int, vocab_size: int) -> Tensor:
+    """[V] float64 standard Gumbel noise that depends on (seed, position) only."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, position))
+    uniform = torch.rand(vocab_size, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_at(probs: Tensor, seed: int, position: int) -> int:
+    """The token drawn from probs [V] for `position` of the request seeded `seed`:
+    argmax(log p + G) with G = gumbel_noise(seed, position), which is distributed as p (a
+    one-hot p gives its argmax; a zero-probability token is never drawn)."""
+    noise = gumbel_noise(seed, position, probs.shape[-1]).to(probs.device)
+    return int((probs.double().log() + noise).argmax())

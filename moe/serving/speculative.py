@@ -4,20 +4,27 @@ Why: at small batch a decode step is memory-bound, so scoring γ + 1 tokens in o
 forward costs about as much as scoring one. If a cheap draft guesses the target's next
 tokens well, each target forward yields several tokens instead of one.
 
-One round, per sequence of length n (Leviathan et al. 2023; Chen et al. 2023):
+One round, per sequence of length n (Leviathan et al. 2023; Chen et al. 2023), where
+G_t is the request's own Gumbel noise for position t (moe/serving/sampling.py: it depends
+on the request's seed and t only):
 
-    draft:   x_1..x_γ, each sampled from q_i = warp(draft logits) autoregressively
+    draft:   x_1..x_γ, x_i = argmax(log q_i + G_{n+i-1}) with q_i = warp(draft logits)
     target:  one forward over [tokens not yet in its cache] + x_1..x_γ
              -> p_1..p_{γ+1} = warp(target logits) at positions n .. n+γ
-    accept:  x_i with probability min(1, p_i(x_i) / q_i(x_i)), left to right
-    reject:  at the first rejection i, draw from normalise(max(0, p_i - q_i)), stop
-    bonus:   when all γ pass, draw one more token from p_{γ+1}
+    check:   y_i = argmax(log p_i + G_{n+i-1}), the target's own draw; accept x_i while
+             x_i = y_i, left to right; at the first x_i != y_i keep y_i and stop
+    bonus:   when all γ pass, keep y_{γ+1}
 
-This keeps the target's distribution exactly: P(token) = q·min(1, p/q) + (1 - Σ min(p, q))
-· max(0, p - q) / Σ max(0, p - q) = p. Greedy is the same rule with one-hot p and q: a
-proposal passes while the argmaxes agree, and the residual is the target's argmax, so the
-output equals plain greedy decoding of the target. A proposer without probabilities
-(prompt lookup) is a one-hot q on its guess.
+Every kept token is the target's draw y for its position, which is exactly what plain
+sampling draws there (`sample_at` with the same noise): so the output follows the
+target's distribution, and a seeded request gets the same tokens with or without
+speculation, whatever γ, the batch or the engine's pool. The draft shares the noise, so
+its proposal is the target's draw whenever the two distributions are close (the
+Gumbel-max coupling: accepted with probability at least (1 - d) / (1 + d) for total
+variation distance d, Daliri, Musco and Suresh 2024, against 1 - d for the rejection rule
+of Leviathan et al., which keeps the distribution but not the tokens). Greedy is the
+same rule without noise: a proposal passes while the argmaxes agree. A proposer without
+probabilities (prompt lookup) is checked the same way.
 
 Rolling back costs nothing: moe.serving.cache.KVCache is written by position and a query at
 position p reads slots 0..p only, so both caches just remember how many of their slots
@@ -41,7 +48,7 @@ from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
 from moe.serving.generation import synchronize
 from moe.serving.requests import check_request
-from moe.serving.sampling import SamplingParams, make_generator, sample, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -132,12 +139,13 @@ def keep_rows(cache: KVCache, rows: list[int]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Proposers: `propose(seqs, gammas, params, generator) -> (tokens per row, q per row)`
+# Proposers: `propose(seqs, gammas, params, seeds) -> tokens per row`
 # ---------------------------------------------------------------------------------------
 
 class DraftProposer:
-    """A smaller model with the same vocabulary samples γ tokens from its own warped
-    distribution, keeping its own KV cache between rounds."""
+    """A smaller model with the same vocabulary draws γ tokens from its own warped
+    distribution with each row's noise for those positions, keeping its own KV cache
+    between rounds."""
 
     def __init__(self, model: Transformer, batch_size: int, max_len: int):
         self.model = model
@@ -157,31 +165,28 @@ class DraftProposer:
         return logits
 
     def propose(self, seqs: list[list[int]], gammas: list[int], params: SamplingParams,
-                generator) -> tuple[list[list[int]], list[Tensor]]:
+                seeds: list[int]) -> list[list[int]]:
         if max(gammas) == 0:
-            return [[] for _ in seqs], [None] * len(seqs)
+            return [[] for _ in seqs]
         rows = [s[v:] for s, v in zip(seqs, self.valid)]
         logits = self._forward(rows, self.valid)  # [B, W, V]
         last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
         logits = logits[torch.arange(len(rows), device=logits.device), last]  # [B, V]
         tokens: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[Tensor]] = [[] for _ in seqs]
         for i in range(max(gammas)):
-            if params.greedy:  # q is one-hot: the proposals say it all
+            if params.greedy:
                 drawn = logits.argmax(dim=-1).tolist()  # [B]
             else:
                 q = warp_probs(logits, params)  # [B, V]
-                drawn = sample(q, generator).tolist()  # [B]
+                drawn = [sample_at(q[b], seeds[b], len(seq) + i) for b, seq in enumerate(seqs)]
             for b, g in enumerate(gammas):
                 if i < g:
                     tokens[b].append(drawn[b])
-                    if not params.greedy:
-                        probs[b].append(q[b])
             if i + 1 < max(gammas):
                 positions = [len(s) + i for s in seqs]
                 logits = self._forward([[t] for t in drawn], positions)[:, 0]  # [B, V]
         self.valid = [len(s) + max(g - 1, 0) for s, g in zip(seqs, gammas)]
-        return tokens, [torch.stack(p) if p else None for p in probs]
+        return tokens
 
     def accepted(self, row: int, valid: int) -> None:
         """Row `row` now agrees with the sequence up to `valid` tokens."""
@@ -211,8 +216,8 @@ class PromptLookupProposer:
                     return seq[start + n:start + n + gamma]
         return []
 
-    def propose(self, seqs, gammas, params, generator):
-        return [self.lookup(s, g) for s, g in zip(seqs, gammas)], [None] * len(seqs)
+    def propose(self, seqs, gammas, params, seeds):
+        return [self.lookup(s, g) for s, g in zip(seqs, gammas)]
 
     def accepted(self, row: int, valid: int) -> None:
         pass
@@ -225,29 +230,20 @@ class PromptLookupProposer:
 # Verification: the accept / reject rule for one sequence
 # ---------------------------------------------------------------------------------------
 
-def verify(proposals: list[int], q: Tensor | None, p: Tensor, generator) -> tuple[list[int], int]:
-    """proposals (γ), q [γ, V] draft probabilities (None = one-hot on the proposals),
-    p [γ + 1, V] target probabilities -> (new tokens, number of proposals accepted).
-    The new tokens are the accepted proposals plus one correction or bonus token."""
-    out: list[int] = []
+def verify(proposals: list[int], p: Tensor, seed: int, start: int) -> tuple[list[int], int]:
+    """proposals (γ) for positions start.., p [γ + 1, V] target probabilities there ->
+    (new tokens, number of proposals accepted): a proposal is accepted while it is the
+    target's own draw for its position (sample_at with the request's seed); the first one
+    that is not is replaced by that draw, and when all pass the draw after them is added."""
     for i, token in enumerate(proposals):
-        q_i = q[i] if q is not None else torch.nn.functional.one_hot(
-            torch.tensor(token, device=p.device), p.shape[-1]).to(p.dtype)
-        ratio = float(p[i, token] / q_i[token])
-        if ratio >= 1 or float(torch.rand((), generator=generator, device=p.device)) < ratio:
-            out.append(token)
-            continue
-        residual = (p[i] - q_i).clamp(min=0)  # [V]
-        if residual.sum() <= 0:  # p == q up to rounding: the residual is empty
-            residual = p[i]
-        out.append(int(sample((residual / residual.sum())[None], generator)[0]))
-        return out, i
-    out.append(int(sample(p[len(proposals)][None], generator)[0]))
-    return out, len(proposals)
+        drawn = sample_at(p[i], seed, start + i)
+        if drawn != token:
+            return proposals[:i] + [drawn], i
+    return proposals + [sample_at(p[len(proposals)], seed, start + len(proposals))], len(proposals)
 
 
 def verify_greedy(proposals: list[int], best: list[int]) -> tuple[list[int], int]:
-    """`verify` with one-hot p and q, without the tensors: best (γ + 1) are the target's
+    """`verify` for greedy requests, without the tensors: best (γ + 1) are the target's
     argmaxes; proposals pass while they equal them, then the target's choice follows."""
     n_ok = 0
     while n_ok < len(proposals) and proposals[n_ok] == best[n_ok]:
@@ -288,7 +284,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
     proposer.stats = stats
     param = next(target.parameters())
     cache = KVCache(cfg, len(prompts), cfg.max_seq_len + slack, param.device, param.dtype)
-    generator = make_generator(params, param.device)
+    seeds = [draw_seed(params) for _ in prompts]  # each row its own draws (the same seed: the same draws)
 
     seqs = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -300,7 +296,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
                 for s, i in zip(rows, active)]
         gammas = [max(0, min(gamma, r)) for r in room]
         stats.gammas.append(gamma)
-        proposals, q = proposer.propose(rows, gammas, params, generator)
+        proposals = proposer.propose(rows, gammas, params, [seeds[i] for i in active])
 
         fed = [s[v:] + x for s, v, x in zip(rows, valid, proposals)]
         synchronize(param.device)
@@ -317,7 +313,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
             if params.greedy:
                 new, n_ok = verify_greedy(proposals[b], scores.argmax(dim=-1).tolist())
             else:
-                new, n_ok = verify(proposals[b], q[b], warp_probs(scores, params), generator)
+                new, n_ok = verify(proposals[b], warp_probs(scores, params), seeds[i], len(rows[b]))
             stats.record_round(len(proposals[b]), n_ok)
             all_passed &= n_ok == len(proposals[b])
             valid[b] = len(rows[b]) + n_ok

@@ -13,13 +13,14 @@ retiring are the same; only two hooks of a step change (moe/serving/engine.py):
                forwards is one ragged row of just the requests still proposing
     run        one target forward over all scheduled tokens: prefill chunks, plain decodes,
                and (last token + proposals) of speculating requests
-    verify     each speculating request runs the accept/reject rule of
+    verify     each speculating request runs the acceptance rule of
                moe/serving/speculative.py on its γ_b + 1 rows
     roll back  a request's cached length grows by 1 + accepted only; its rejected slots are
                simply overwritten later (paged slots are written by position too)
 
 The speculative tokens ride on top of `max_num_batched_tokens` (the budget counts one per
-decode, as in the plain engine). Greedy output equals plain greedy decoding per request.
+decode, as in the plain engine). Every request's output equals its plain decoding, greedy
+or seeded, whatever γ the free blocks allow in each step.
 
 Shapes: N tokens in the step, V vocab, γ proposals.
 """
@@ -36,7 +37,7 @@ from moe.serving.cache import PagedKVCache
 from moe.serving.engine import Engine, EngineConfig, Scheduled
 from moe.serving.generation import timed_forward
 from moe.serving.requests import Request
-from moe.serving.sampling import sample, warp_probs
+from moe.serving.sampling import sample_at, warp_probs
 from moe.serving.speculative import SpeculativeStats, verify, verify_greedy
 
 
@@ -88,7 +89,9 @@ class SpeculativeEngine(Engine):
         return logits[ends.to(logits.device)]  # [len(rows), V]
 
     def propose(self, scheduled: list[Scheduled]) -> None:
-        """γ_b tokens (and their draft probabilities, None when greedy) per decoding request."""
+        """γ_b tokens per decoding request, each the draft's draw for its position with the
+        request's own noise (sample_at), so it matches the target's draw wherever the two
+        distributions allow."""
         gammas: dict[int, int] = {}
         for s in scheduled:
             request = s.request
@@ -98,7 +101,6 @@ class SpeculativeEngine(Engine):
                     gammas[request.request_id] = gamma
                     self.blocks.reserve(request.request_id, request.num_cached + 1 + gamma)
         speculating = {s.request.request_id: s for s in scheduled if s.request.request_id in gammas}
-        probs: dict[int, list[Tensor]] = {rid: [] for rid in speculating}
         rows = [(s.request, s.request.tokens[self.draft_cached.get(rid, 0):],
                  self.draft_cached.get(rid, 0)) for rid, s in speculating.items()]
         for i in range(max(gammas.values(), default=0)):
@@ -107,16 +109,14 @@ class SpeculativeEngine(Engine):
                 if request.params.greedy:
                     token = int(logits[b].argmax())
                 else:
-                    q = warp_probs(logits[b:b + 1], request.params)  # [1, V]
-                    token = int(sample(q, request.generator)[0])
-                    probs[request.request_id].append(q[0])
+                    q = warp_probs(logits[b], request.params)  # [V]
+                    token = sample_at(q, request.seed, len(request.tokens) + i)
                 speculating[request.request_id].proposals.append(token)
             rows = [(r, [speculating[r.request_id].proposals[-1]], len(r.tokens) + i)
                     for r, _, _ in rows if gammas[r.request_id] > i + 1]
         for s in speculating.values():
             rid = s.request.request_id
             self.draft_cached[rid] = len(s.request.tokens) + gammas[rid] - 1
-            s.q = torch.stack(probs[rid]) if probs[rid] else None
 
     # -- run and verify ------------------------------------------------------------------
 
@@ -128,7 +128,7 @@ class SpeculativeEngine(Engine):
         return logits
 
     def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
-        """The accept/reject rule per request on its [γ + 1, V] rows (one token when it
+        """The acceptance rule per request on its [γ + 1, V] rows (one token when it
         proposed nothing)."""
         results = []
         for s, scores in completing:
@@ -136,8 +136,8 @@ class SpeculativeEngine(Engine):
             if params.greedy:
                 results.append(verify_greedy(s.proposals, scores.argmax(dim=-1).tolist()))
             else:
-                results.append(verify(s.proposals, s.q, warp_probs(scores, params),
-                                      s.request.generator))
+                results.append(verify(s.proposals, warp_probs(scores, params), s.request.seed,
+                                      len(s.request.tokens)))
         return results
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:

@@ -25,7 +25,7 @@ from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
 from moe.serving.generation import decode_step, prefill
 from moe.serving.requests import Request
-from moe.serving.sampling import make_generator, sample, warp_probs
+from moe.serving.sampling import draw_seed, sample_at, warp_probs
 from moe.serving.stopping import finish_reason
 
 
@@ -41,7 +41,7 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
     tokens = torch.zeros(n, int(lengths.max()), dtype=torch.long)  # [B, T]
     for row, request in enumerate(batch):
         tokens[row, :len(request.prompt)] = torch.tensor(request.prompt)
-        request.status, request.generator = "running", make_generator(request.params, param.device)
+        request.status, request.seed = "running", draw_seed(request.params)
     cache = KVCache(cfg, n, cfg.max_seq_len, param.device, param.dtype)
     logits = prefill(model, tokens.to(param.device), cache)  # [B, T, V]
     logits = logits[torch.arange(n), (lengths - 1).to(param.device)]  # [B, V]
@@ -56,7 +56,7 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
                 continue
             token = next_tokens[row]
             if not request.params.greedy:
-                token = int(sample(warp_probs(logits[row:row + 1], request.params), request.generator)[0])
+                token = sample_at(warp_probs(logits[row], request.params), request.seed, len(request.tokens))
             request.output.append(token)
             request.token_times.append(now)
             if request.first_token_time is None:
