@@ -39,8 +39,8 @@ import hashlib
 import json
 import lzma
 import random
-import zlib
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
@@ -160,9 +160,7 @@ def _write_text(tmp: Path, root: Path, files: list[Path], val_fraction: float, b
         cut = line + 1 if line > 0 else cut
         texts = {"train": [everything[:cut]], "val": [everything[cut:]]}
     if bpe_vocab is None:
-        def tokens(blob: bytes) -> list[int]:
-            return list(blob)
-        encoded = {split: [tokens(blob) for blob in blobs] for split, blobs in texts.items()}
+        encoded = {split: [list(blob) for blob in blobs] for split, blobs in texts.items()}
     else:
         tok = train_bpe((blob.decode() for blob in texts["train"]), bpe_vocab)
         tok.save(str(tmp / TOKENIZER_FILE))
@@ -258,7 +256,10 @@ def _write_tasks(tmp: Path, cfg: DataConfig, seed: int) -> None:
     start = 0
     for i in range(cfg.task_examples):
         is_train = i < cfg.task_examples - n_val
-        task_index = rng.choices(range(len(TASKS)), weights)[0] if is_train else (i - cfg.task_examples + n_val) % len(TASKS)
+        if is_train:
+            task_index = rng.choices(range(len(TASKS)), weights)[0]
+        else:
+            task_index = (i - cfg.task_examples + n_val) % len(TASKS)
         prompt, answer = make_example(TASKS[task_index], rng)
         prompt_ids = encode(prompt, bos=True)
         ids = prompt_ids + encode(answer, eos=True)

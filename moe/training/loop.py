@@ -206,9 +206,10 @@ def text_bits_per_byte(model: Transformer, corpus: Corpus, cfg: TrainConfig, dev
         windows = np.linspace(0, n_windows - 1, cfg.eval_batches * cfg.batch_size).round().astype(np.int64)
     nats = np.zeros(len(windows))
     nbytes = np.zeros(len(windows))
-    full = [i for i, w in enumerate(windows) if w * T + T + 1 <= len(tokens)]
+    fits = [w * T + T + 1 <= len(tokens) for w in windows]  # only the split's last window is short
+    full = [i for i, ok in enumerate(fits) if ok]
     batch = 4 * cfg.batch_size
-    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[i] for i in range(len(windows)) if i not in set(full)]
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[i] for i, ok in enumerate(fits) if not ok]
     for group in groups:
         rows = [np.asarray(tokens[windows[i] * T:windows[i] * T + T + 1], dtype=np.int64) for i in group]
         window = torch.from_numpy(np.stack(rows))  # [b, t+1]; t = T except the split's last window
