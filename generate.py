@@ -41,8 +41,8 @@ from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
 from moe.model.transformer import Transformer
 from moe.serving.sampling import SamplingParams
-from moe.serving.stopping import Detokenizer, visible_text
-from moe.serving.text import TextTokenizer, load_tokenizer, text_pieces
+from moe.serving.stopping import Detokenizer
+from moe.serving.text import TextStream, TextTokenizer, load_tokenizer, text_pieces
 
 SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
 SETTING_TYPES = dict(temperature=(int, float), top_k=(int,), top_p=(int, float), max_new_tokens=(int,),
@@ -161,13 +161,21 @@ def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams,
 
 def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams,
                      detok: Detokenizer) -> None:
-    """Print the completion decoded speculatively, then the run's statistics on stderr."""
+    """Stream the completion decoded speculatively (each round's tokens as they are kept),
+    then print the run's statistics on stderr."""
     from moe.serving.speculative import PromptLookupProposer, speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
     proposer = None if draft is not None else PromptLookupProposer()
-    out, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
-                                      gamma=args.speculate, adaptive=args.adaptive, detok=detok)
-    sys.stdout.write(visible_text(out[0], params, detok) + "\n")
+    text = TextStream(params, detok)
+
+    def show(row: int, tokens: list[int]) -> None:
+        for token in tokens:
+            sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    _, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
+                                    gamma=args.speculate, adaptive=args.adaptive, detok=detok,
+                                    on_tokens=show)
+    sys.stdout.write(text.finish() + "\n")
     print(json.dumps(stats.as_dict()), file=sys.stderr)
 
 

@@ -165,3 +165,16 @@ def test_prompt_file_with_a_draft_gives_plain_greedy_text_and_prints_the_specula
     assert row["text"] == decode(generate(model, encode("abc"), SamplingParams(max_new_tokens=8, ignore_eos=True)))
     stats = json.loads(result.stderr.strip().splitlines()[-1])
     assert stats["target_calls"] >= 1 and stats["acceptance_rate"] == 1.0  # the draft is the target itself
+
+
+def test_a_draft_with_a_prompt_streams_each_rounds_tokens_as_they_are_kept(checkpoint, capsys, monkeypatch):
+    model, path = checkpoint
+    writes = []
+    real_write = sys.stdout.write
+    monkeypatch.setattr(sys.stdout, "write", lambda text: writes.append(text) or real_write(text))
+    cli.main_generate(["--ckpt", str(path), "--draft", str(path), "--speculate", "2", "--prompt", "hello",
+                       "--max-new-tokens", "12", "--ignore-eos"])
+    out = capsys.readouterr().out
+    expected = decode(generate(model, encode("hello"), SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    assert out == expected + "\n"
+    assert len([w for w in writes if w]) > 2  # several pieces, not one write at the end

@@ -39,6 +39,7 @@ Shapes: B sequences, W tokens fed per row in one forward, γ proposals, V vocab.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -259,12 +260,14 @@ def verify_greedy(proposals: list[int], best: list[int]) -> tuple[list[int], int
 def speculative_generate(target: Transformer, prompts: list[list[int]], params: SamplingParams,
                          proposer=None, draft: Transformer | None = None, gamma: int = 4,
                          adaptive: bool = False, max_gamma: int = 16,
-                         stats: SpeculativeStats | None = None, detok: Detokenizer = BYTES
+                         stats: SpeculativeStats | None = None, detok: Detokenizer = BYTES,
+                         on_tokens: Callable[[int, list[int]], None] | None = None
                          ) -> tuple[list[list[int]], SpeculativeStats]:
     """The new tokens of each prompt, decoded speculatively, and the run's statistics.
     Give a `draft` model or a `proposer` (e.g. PromptLookupProposer()). With `adaptive`, γ
     grows by one after a round where every proposal passed and shrinks by one after a
-    rejection (between 1 and `max_gamma`)."""
+    rejection (between 1 and `max_gamma`). `on_tokens(row, tokens)` is called with each
+    round's kept tokens as soon as they are known (generate.py streams them)."""
     cfg = target.cfg
     if gamma < 1:
         raise ValueError(f"gamma (tokens proposed per round) must be at least 1, got {gamma}")
@@ -318,10 +321,13 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
             all_passed &= n_ok == len(proposals[b])
             valid[b] = len(rows[b]) + n_ok
             proposer.accepted(b, len(rows[b]) + n_ok)
+            before = len(outputs[i])
             outputs[i] += new
             reason, keep = finish_reason(len(prompts[i]), outputs[i], params, detok,
                                          cfg.max_seq_len, len(new))
             del outputs[i][keep:]
+            if on_tokens is not None and len(outputs[i]) > before:
+                on_tokens(i, outputs[i][before:])
             seqs[i] = list(prompts[i]) + outputs[i]
             if reason:
                 finished.append(b)
