@@ -202,10 +202,10 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
 
 def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
                tokenizer: TextTokenizer, bos: bool, draft: Transformer | None = None,
-               gamma: int = 4) -> None:
+               gamma: int = 4, adaptive: bool = False) -> None:
     if draft is not None:
         from moe.serving.speculative_engine import SpeculativeEngine
-        engine = SpeculativeEngine(model, draft, gamma, engine_config)
+        engine = SpeculativeEngine(model, draft, gamma, engine_config, adaptive=adaptive)
     else:
         engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
@@ -281,10 +281,12 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
-    if args.prompt_file is not None and (args.prompt_lookup or args.adaptive):
-        flag = "--prompt-lookup" if args.prompt_lookup else "--adaptive"
-        raise ValueError(f"{flag} works with --prompt only: the engine that serves --prompt-file speculates "
-                         "with a --draft at a fixed --speculate γ; drop the flag or give --prompt")
+    if args.prompt_file is not None and args.prompt_lookup:
+        raise ValueError("--prompt-lookup works with --prompt only: the engine that serves --prompt-file "
+                         "speculates with a --draft; drop the flag, give a --draft, or give --prompt")
+    if args.adaptive and not (args.draft or args.prompt_lookup):
+        raise ValueError("--adaptive changes γ of speculative decoding: give --draft (or --prompt-lookup "
+                         "with --prompt) too, or drop it")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,7 +304,7 @@ def main_generate(argv: list[str]) -> None:
     else:
         draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
         serve_file(model, args.prompt_file, args.out, config, tokenizer, args.bos, draft,
-                   args.speculate)
+                   args.speculate, args.adaptive)
 
 
 # ---------------------------------------------------------------------------------------

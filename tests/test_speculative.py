@@ -250,3 +250,16 @@ def test_sampled_tokens_follow_the_target_at_the_second_and_third_positions_afte
         p = warp_probs(target(torch.tensor([prompt + prefix])).logits[0, -1], params).double()
         statistic, df = chi_square(torch.bincount(torch.tensor(rows), minlength=vocab).double(), p)
         assert len(rows) > 200 and statistic < chi_square_999(df)
+
+
+def test_per_request_adaptive_gamma_in_the_engine_keeps_every_output_and_moves_gamma(models):
+    target, draft = models
+    batch = prompts(4, seed=42)
+    params = [SamplingParams(max_new_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.9, max_new_tokens=20, seed=7, ignore_eos=True)] * 2
+    engine = SpeculativeEngine(target, draft, 2, EngineConfig(max_num_seqs=4), adaptive=True, max_gamma=6)
+    requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
+    engine.run()
+    assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
+    assert len(set(engine.stats.gammas)) > 1 and max(engine.stats.gammas) <= 6
+    assert not engine.wanted  # forgotten with the requests

@@ -43,14 +43,20 @@ from moe.serving.speculative import SpeculativeStats, verify, verify_greedy
 
 class SpeculativeEngine(Engine):
     def __init__(self, model: Transformer, draft: Transformer, gamma: int = 4,
-                 config: EngineConfig | None = None, clock=time.perf_counter):
+                 config: EngineConfig | None = None, clock=time.perf_counter,
+                 adaptive: bool = False, max_gamma: int = 16):
+        """With `adaptive`, each request keeps its own γ: one more after a step where all its
+        proposals passed, one fewer after a rejection, between 1 and `max_gamma`."""
         super().__init__(model, config, clock)
-        if gamma < 1:
-            raise ValueError(f"gamma (tokens proposed per step) must be at least 1, got {gamma}")
+        if not 1 <= gamma <= max_gamma:
+            raise ValueError(f"gamma (tokens proposed per step) must be between 1 and max_gamma = "
+                             f"{max_gamma}, got {gamma}")
         if draft.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} differs from the target's "
                              f"{model.cfg.vocab_size}; the draft must share the tokenizer")
         self.draft, self.gamma = draft, gamma
+        self.adaptive, self.max_gamma = adaptive, max_gamma
+        self.wanted: dict[int, int] = {}  # request id -> its own γ (adaptive)
         # The draft catches up on a request from its first token, writing its K/V into the
         # request's blocks: blocks shared through the prefix cache must not be written.
         self.blocks.prefix_caching = False
@@ -62,13 +68,16 @@ class SpeculativeEngine(Engine):
 
     def forget(self, request: Request) -> None:
         self.draft_cached.pop(request.request_id, None)
+        self.wanted.pop(request.request_id, None)
 
     # -- propose -------------------------------------------------------------------------
 
     def _room(self, request: Request) -> int:
         """γ for a decoding request: within the context, max_new_tokens and free blocks.
         The draft writes positions up to len(tokens) + γ - 2, inside what the target holds."""
-        gamma = min(self.gamma, self.cfg.max_seq_len - len(request.tokens) - 1,
+        wanted = self.wanted.get(request.request_id, self.gamma)
+        self.stats.gammas.append(wanted)
+        gamma = min(wanted, self.cfg.max_seq_len - len(request.tokens) - 1,
                     request.params.max_new_tokens - len(request.output) - 1)
         while gamma > 0 and not self.blocks.can_hold(request.request_id, request.num_cached + 1 + gamma):
             gamma -= 1
@@ -146,3 +155,7 @@ class SpeculativeEngine(Engine):
             self.draft_cached[rid] = min(self.draft_cached[rid], scheduled.request.num_cached)
         self.stats.record_round(len(scheduled.proposals), n_ok)
         self.stats.generated += n_kept
+        if self.adaptive and scheduled.proposals:
+            wanted = self.wanted.get(rid, self.gamma)
+            passed = n_ok == len(scheduled.proposals)
+            self.wanted[rid] = min(wanted + 1, self.max_gamma) if passed else max(wanted - 1, 1)
