@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe.training.run_folder import metrics_rows, newest  # noqa: E402
+
 
 def validation_variety(setup: dict, windows: int = 2000, size: int = 300) -> dict:
     """What the samples' distinct-4-gram share is to be read against: the same share in
@@ -38,11 +40,11 @@ def validation_variety(setup: dict, windows: int = 2000, size: int = 300) -> dic
 
 
 def record(run: Path, command: str, wall_s: float | None) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    rows = metrics_rows(run)
     setup = json.loads((run / "setup.json").read_text())
     train = [r for r in rows if "ce" in r]
     evals = [r["eval"] for r in rows if "eval" in r]
-    samples = next((r["samples"] for r in reversed(rows) if "samples" in r), [])
+    samples = newest(rows, "samples", [])
     final = evals[-1] if evals else {}
     keep = [k for k in final if k != "task_routing"]
     return {

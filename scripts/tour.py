@@ -38,6 +38,7 @@ from moe.cost.estimate import Layout, estimate, largest_batch  # noqa: E402
 from moe.cost.hardware import PRESETS  # noqa: E402
 from moe.io.checkpoint import load_config, resolve_checkpoint  # noqa: E402
 from moe.model.transformer import count_parameters  # noqa: E402
+from moe.training.run_folder import metrics_rows, newest  # noqa: E402
 
 # toy sizes for --quick: the same steps, each a few seconds
 QUICK_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_expert=32",
@@ -85,29 +86,15 @@ def commands(out: Path, quick: bool, threads: int) -> dict[str, list[str]]:
     }
 
 
-def final_eval(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return next(r["eval"] for r in reversed(rows) if "eval" in r)
-
-
-def samples(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return next((r["samples"] for r in reversed(rows) if "samples" in r), [])
-
-
-def routing(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return next((r["routing"] for r in reversed(rows) if r.get("routing")), [])
-
-
 def report(out: Path, steps: dict[str, list[str]], seconds: dict[str, float], roofline_text: str) -> str:
     """report.md: every figure read from the files the steps wrote."""
     target_setup = json.loads((out / "target" / "setup.json").read_text())
     counts = count_parameters(load_config(resolve_checkpoint(out / "target")))
-    target, draft = final_eval(out / "target"), final_eval(out / "draft")
+    target_rows = metrics_rows(out / "target")
+    target, draft = newest(target_rows, "eval"), newest(metrics_rows(out / "draft"), "eval")
     serving = json.loads((out / "serving.json").read_text())
     speculative = json.loads((out / "speculative.json").read_text())
-    layers = routing(out / "target")
+    layers = newest(target_rows, "routing", [])
     gpt4 = load_model_config(ROOT / "configs/gpt4.toml")
     cluster = Layout(tensor=8, pipeline=16)
     lines = [
@@ -135,7 +122,7 @@ def report(out: Path, steps: dict[str, list[str]], seconds: dict[str, float], ro
         "Greedy samples (first 300 bytes; the share of distinct 4-byte windows is about 0.6 for "
         "the validation files' own text and a few percent for a loop):", "",
     ]
-    for sample in samples(out / "target"):
+    for sample in newest(target_rows, "samples", []):
         lines += [f"- `{sample['prompt']!r}` ({sample['distinct_4grams']:.0%} distinct):", "",
                   "  ```python", *("  " + line for line in (sample["prompt"] + sample["text"]).splitlines()),
                   "  ```", ""]

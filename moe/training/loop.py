@@ -206,6 +206,7 @@ def text_bits_per_byte(model: Transformer, corpus: Corpus, cfg: TrainConfig, dev
         windows = np.linspace(0, n_windows - 1, cfg.eval_batches * cfg.batch_size).round().astype(np.int64)
     nats = np.zeros(len(windows))
     nbytes = np.zeros(len(windows))
+    ntokens = np.zeros(len(windows))
     fits = [w * T + T + 1 <= len(tokens) for w in windows]  # only the split's last window is short
     full = [i for i, ok in enumerate(fits) if ok]
     batch = 4 * cfg.batch_size
@@ -218,9 +219,10 @@ def text_bits_per_byte(model: Transformer, corpus: Corpus, cfg: TrainConfig, dev
         loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].to(device).flatten(),
                                reduction="none").view(len(group), -1)  # [b, t]
         nats[group] = loss.sum(-1).double().cpu().numpy()
+        ntokens[group] = loss.shape[1]
         nbytes[group] = corpus.token_bytes[window[:, 1:].numpy()].sum(-1)
     bpb = nats.sum() / math.log(2) / max(nbytes.sum(), 1)
-    result = {"val_loss": float(nats.sum() / sum(min(T, len(tokens) - 1 - w * T) for w in windows)),
+    result = {"val_loss": float(nats.sum() / ntokens.sum()),
               "val_bpb": float(bpb), "val_bytes": int(nbytes.sum()),
               "val_share": float(len(windows) / n_windows)}
     if len(windows) < n_windows:

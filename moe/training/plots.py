@@ -13,11 +13,11 @@ with I(task; expert) and I(task; expert | token) in bits; moe.training.loop.task
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from moe.training.data import TASKS
+from moe.training.run_folder import metrics_rows
 
 
 def write_plots(run: str | Path) -> list[Path]:
@@ -29,7 +29,7 @@ def write_plots(run: str | Path) -> list[Path]:
         print("plots skipped: matplotlib is not installed (pip install -e \".[plots]\")")
         return []
     run = Path(run)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     train = [r for r in rows if "ce" in r]
     evals = [r for r in rows if "eval" in r]
     written = []

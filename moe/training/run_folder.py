@@ -100,6 +100,16 @@ def resumed_setup(run: Path, config: str | None, overrides: list[str]) -> dict[s
     return setup
 
 
+def metrics_rows(run: Path) -> list[dict]:
+    """RUN/metrics.jsonl as rows, oldest first (plots, scripts/tour.py, scripts/record_run.py)."""
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line]
+
+
+def newest(rows: list[dict], key: str, default: Any = None) -> Any:
+    """The value of `key` in the newest row that has it (non-empty), else `default`."""
+    return next((row[key] for row in reversed(rows) if row.get(key)), default)
+
+
 def metrics_up_to(run: Path, step: int) -> str:
     """RUN/metrics.jsonl's lines of steps up to `step` (what the resumed run keeps); lines that
     do not parse (torn by a kill or a power cut) are dropped with a warning."""
