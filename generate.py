@@ -39,7 +39,7 @@ from moe.io.checkpoint import load_model, stored_dtype
 from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
-from moe.model.transformer import Transformer
+from moe.model.transformer import Transformer, require_causal
 from moe.serving.sampling import SamplingParams
 from moe.serving.stopping import Detokenizer
 from moe.serving.text import TextStream, TextTokenizer, load_tokenizer, text_pieces
@@ -121,11 +121,15 @@ def engine_settings(args) -> dict:
 
 
 def build_model(args) -> tuple[Transformer, str]:
+    """The model to generate from, refused at once if it cannot generate (expert choice)."""
     dtype = getattr(torch, args.dtype)
     if args.ckpt:
-        return load_model(args.ckpt, args.device, dtype).eval(), str(args.ckpt)
+        model = load_model(args.ckpt, args.device, dtype).eval()
+        require_causal(model.cfg)
+        return model, str(args.ckpt)
     torch.manual_seed(0)
     cfg = load_model_config(args.config, args.set)
+    require_causal(cfg)
     return Transformer(cfg).to(args.device, dtype).eval(), f"random init of {args.config}"
 
 

@@ -54,6 +54,11 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_coef: float = 0.001  # weight of the router z-loss
     router_jitter: float = 0.0  # multiplicative noise on router input while training
+    router_score: str = "softmax"  # "softmax" over the E logits | "sigmoid" of each (DeepSeek-V3)
+    balance: str = "aux_loss"  # "aux_loss" (Switch loss, aux_loss_coef) | "bias": a per-expert selection bias, no aux loss
+    bias_update_rate: float = 0.001  # balance = "bias": each step, bias += rate * sign(mean load - load)
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), width d_expert
+    routing: str = "token_choice"  # "token_choice" (each token picks K) | "expert_choice" (each expert picks its capacity; not causal)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_base: float = 10000.0  # rotary position base frequency
     max_seq_len: int = 256  # longest sequence (prompt + generation)
@@ -97,6 +102,20 @@ class ModelConfig:
         _require(self.rope_base > 1, "rope_base", f"must be above 1, got {self.rope_base}")
         _require(self.kernel_backend in ("auto", "triton", "torch"), "kernel_backend",
                  f"must be \"auto\", \"triton\" or \"torch\", got {self.kernel_backend!r}")
+        _require(self.router_score in ("softmax", "sigmoid"), "router_score",
+                 f"must be \"softmax\" or \"sigmoid\", got {self.router_score!r}")
+        _require(self.balance in ("aux_loss", "bias"), "balance",
+                 f"must be \"aux_loss\" or \"bias\", got {self.balance!r}")
+        _require(self.routing in ("token_choice", "expert_choice"), "routing",
+                 f"must be \"token_choice\" or \"expert_choice\", got {self.routing!r}")
+        _require(self.bias_update_rate >= 0, "bias_update_rate",
+                 f"must be non-negative, got {self.bias_update_rate}")
+        _require(self.n_shared_experts >= 0, "n_shared_experts",
+                 f"must be 0 or more, got {self.n_shared_experts}")
+        if self.routing == "expert_choice" and self.balance == "bias":
+            raise ConfigError("model.balance = \"bias\" does not go with model.routing = \"expert_choice\": "
+                              "expert choice gives every expert exactly its capacity, so there is "
+                              "no load to balance; use balance = \"aux_loss\" (its loss is then constant)")
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_every > 0 and (layer + 1) % self.moe_every == 0

@@ -28,6 +28,8 @@ from train import greedy_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
+VARIANTS = ["model.router_score=\"sigmoid\"", "model.balance=\"bias\"", "model.bias_update_rate=0.05",
+            "model.n_shared_experts=1"]
 
 
 def _settings(tmp: Path, aux_loss_coef: float) -> list[str]:
@@ -53,14 +55,16 @@ def _train(tmp: Path, run: str, settings: list[str], extra: list[str] = ()) -> s
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two-rank runs shared by the tests: DDP with the load-balancing loss off, FSDP2 and
-    expert parallel (2 of the 4 experts per rank) with it on."""
+    """Two-rank runs shared by the tests: DDP with the load-balancing loss off, FSDP2 with
+    it on, and expert parallel (2 of the 4 experts per rank) with the routing variants that
+    keep state or weights outside the experts: sigmoid scores, the balance bias (its update
+    must see the global batch's load) and a shared expert."""
     tmp = tmp_path_factory.mktemp("distributed")
     (tmp / "data.txt").write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
     out = {"tmp": tmp}
     for name, extra_settings, aux, extra in (("ddp", [], 0.0, []),
                                              ("fsdp", ["train.parallel=\"fsdp\""], 0.01, []),
-                                             ("expert", [], 0.01, ["--expert-parallel", "2"])):
+                                             ("expert", VARIANTS, 0.01, ["--expert-parallel", "2"])):
         settings = _settings(tmp, aux) + extra_settings
         out[name] = (_train(tmp, name, settings, extra), settings, extra)
     return out
@@ -92,6 +96,8 @@ def _assert_same_parameters(trained: Transformer, reference: Transformer) -> Non
     # summation order moves a weight by a small fraction of the learning rate.
     for (name, a), b in zip(trained.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for (name, a), b in zip(trained.named_buffers(), reference.buffers()):  # the balance biases
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_ddp_over_two_ranks_with_batch_b_equals_one_process_with_batch_2b(runs):
@@ -107,7 +113,10 @@ def test_two_ranks_equal_one_process_accumulating_their_two_batches(runs, mode):
     # Each rank's loss (load-balancing term included) is over its own B sequences, exactly
     # like each micro-batch's loss when one process accumulates 2 micro-batches of B.
     settings = runs[mode][1]
-    _assert_same_parameters(load_model(runs["tmp"] / mode), _reference(runs["tmp"], settings, one_batch=False))
+    trained = load_model(runs["tmp"] / mode)
+    _assert_same_parameters(trained, _reference(runs["tmp"], settings, one_batch=False))
+    if mode == "expert":  # the biases moved, by the same global loads in both
+        assert all(bias.abs().sum() > 0 for bias in trained.buffers())
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "expert"])

@@ -67,19 +67,19 @@ def test_aux_loss_is_one_under_uniform_routing_and_larger_under_imbalance():
     n, e = 64, 8
     uniform = torch.zeros(n, e)  # every expert equally likely
     ids = torch.arange(n * 2).reshape(n, 2) % e
-    stats = RoutingStats(uniform, ids, torch.bincount(ids.flatten(), minlength=e), torch.tensor(0))
+    stats = RoutingStats(uniform, uniform.softmax(-1), ids, torch.bincount(ids.flatten(), minlength=e), torch.tensor(0))
     assert load_balancing_loss(stats).item() == pytest.approx(1.0, abs=1e-6)
     skewed = torch.zeros(n, e)
     skewed[:, 0] = 4.0
     skewed[:, 1] = 3.0
     _, ids = route(skewed, 2)
-    stats = RoutingStats(skewed, ids, torch.bincount(ids.flatten(), minlength=e), torch.tensor(0))
+    stats = RoutingStats(skewed, skewed.softmax(-1), ids, torch.bincount(ids.flatten(), minlength=e), torch.tensor(0))
     assert load_balancing_loss(stats).item() > 3.0
 
 
 def test_z_loss_is_mean_squared_logsumexp():
     logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
-    stats = RoutingStats(logits, torch.zeros(2, 1, dtype=torch.long), torch.tensor([2, 0]), torch.tensor(0))
+    stats = RoutingStats(logits, logits.softmax(-1), torch.zeros(2, 1, dtype=torch.long), torch.tensor([2, 0]), torch.tensor(0))
     expect = (logits.logsumexp(-1) ** 2).mean()
     torch.testing.assert_close(router_z_loss(stats), expect)
 

@@ -14,8 +14,8 @@ from moe.io.checkpoint import load_model, save_model
 from moe.io.files import CheckpointError
 from moe.config import TrainConfig
 from moe.model.transformer import Transformer
-from moe.training.loop import (distillation_loss, lr_at, make_optimizer, routing_metrics, save_checkpoint,
-                          train_step)
+from moe.training.loop import (distillation_loss, lr_at, make_optimizer, routing_counts, routing_metrics,
+                               save_checkpoint, train_step)
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +59,12 @@ def test_routing_metrics_see_collapse_and_balance():
     torch.manual_seed(0)
     model = Transformer(tiny_config(n_experts=4))
     output = model(torch.randint(0, 256, (2, 16)))
-    healthy = routing_metrics(output.routing, n_layers=2)
+    healthy = routing_metrics(routing_counts(output.routing, n_layers=2))
     assert len(healthy) == 2 and sum(healthy[0]["load"]) == pytest.approx(1.0)
     assert 0.25 <= healthy[0]["jain"] <= 1.0 and healthy[0]["max_over_ideal"] >= 1.0
     stats = output.routing[0]
     stats.tokens_per_expert = torch.tensor([64, 0, 0, 0])  # every slot on expert 0
-    collapsed = routing_metrics([stats], n_layers=1)[0]
+    collapsed = routing_metrics(routing_counts([stats], n_layers=1))[0]
     assert collapsed["dead"] == 3 and collapsed["jain"] == pytest.approx(0.25)
     assert collapsed["max_over_ideal"] == pytest.approx(4.0)
 

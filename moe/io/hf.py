@@ -133,6 +133,13 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     if cfg.experts_per_token < 2:
         raise CheckpointError("model.experts_per_token = 1 has no Mixtral form: Mixtral "
                               "renormalises the top-k weights, ours keeps the raw probability")
+    variants = {"router_score": (cfg.router_score, "softmax"), "balance": (cfg.balance, "aux_loss"),
+                "n_shared_experts": (cfg.n_shared_experts, 0), "routing": (cfg.routing, "token_choice")}
+    for key, (value, mixtral) in variants.items():
+        if value != mixtral:
+            raise CheckpointError(f"model.{key} = {value!r} has no Mixtral form: Mixtral routes each "
+                                  f"token to its top-k of a softmax with no bias, no shared experts "
+                                  f"(model.{key} = {mixtral!r}); keep this model in our format")
     if cfg.capacity_factor is not None:
         warnings.warn(f"model.capacity_factor = {cfg.capacity_factor} is not exported: Mixtral "
                       "is dropless, so the exported model never drops tokens", stacklevel=3)

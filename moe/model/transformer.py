@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.model.attention import Attention, rope_angles
-from moe.config import ModelConfig
+from moe.config import ConfigError, ModelConfig
 from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats, load_balancing_loss, router_z_loss
 
 
@@ -95,6 +95,8 @@ class Transformer(nn.Module):
         """tokens [B, T]; positions [B, T] (default 0..T-1); cache: see moe/serving/cache.py."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+        if cache is not None:
+            require_causal(self.cfg)
         if positions is None:
             if cache is not None:
                 raise ValueError("with a cache, pass positions: where each new token sits")
@@ -112,6 +114,19 @@ class Transformer(nn.Module):
                 routing.append(stats)
         logits = self.lm_head(self.norm(x))  # [B, T, V]
         return ModelOutput(logits, routing)
+
+
+def require_causal(cfg: ModelConfig) -> None:
+    """Refuse generation from a model whose outputs depend on later tokens. Expert choice
+    routes each token by comparing it with every token of the batch, so at training time
+    token t's experts depend on tokens after t; decoding one token at a time would route it
+    among a different set and give a different model. Every cached forward (all generation,
+    the engine, speculation, the server) comes through here."""
+    if cfg.routing == "expert_choice":
+        raise ConfigError("model.routing = \"expert_choice\" is not causal (each expert picks its "
+                          "tokens from the whole batch, later tokens included), so this model "
+                          "cannot generate token by token; train with routing = \"token_choice\" "
+                          "to generate")
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +149,9 @@ def model_loss(cfg: ModelConfig, output: ModelOutput, targets: Tensor,
     zero = ce.new_zeros(())
     aux = torch.stack([load_balancing_loss(s) for s in output.routing]).mean() if output.routing else zero
     z = torch.stack([router_z_loss(s) for s in output.routing]).mean() if output.routing else zero
-    total = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    # balance = "bias" balances without a loss: the aux figure is reported, not trained on.
+    aux_coef = cfg.aux_loss_coef if cfg.balance == "aux_loss" else 0.0
+    total = ce + aux_coef * aux + cfg.z_loss_coef * z
     return Loss(total, ce, aux, z)
 
 
@@ -147,14 +164,16 @@ class ParameterCount:
     embedding: int  # input embedding (+ output head when untied)
     attention: int  # q, k, v, o projections, all layers
     dense_ffn: int  # dense SwiGLU layers
-    experts: int  # all experts of all MoE layers
+    experts: int  # all routed experts of all MoE layers
+    shared_experts: int  # always-on experts of all MoE layers (every token runs them)
     router: int
     norms: int
     active_experts: int  # the K experts per MoE layer that one token runs through
 
     @property
     def total(self) -> int:
-        return self.embedding + self.attention + self.dense_ffn + self.experts + self.router + self.norms
+        return (self.embedding + self.attention + self.dense_ffn + self.experts + self.shared_experts
+                + self.router + self.norms)
 
     @property
     def active(self) -> int:
@@ -164,7 +183,7 @@ class ParameterCount:
 
     @property
     def shared(self) -> int:
-        """Everything but the experts (what the reporting calls shared attention parameters)."""
+        """Everything but the routed experts (what the reporting calls shared parameters)."""
         return self.total - self.experts
 
 
@@ -178,6 +197,7 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         attention=cfg.n_layers * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd),
         dense_ffn=n_dense * 3 * d * cfg.d_ff,
         experts=n_moe * cfg.n_experts * per_expert,
+        shared_experts=n_moe * cfg.n_shared_experts * per_expert,
         router=n_moe * d * cfg.n_experts,
         norms=(2 * cfg.n_layers + 1) * d,
         active_experts=n_moe * cfg.experts_per_token * per_expert,

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from kernels.moe_dispatch import expert_counts
 from kernels.ops import expert_dispatch
-from moe.model.moe_layer import MoELayer, RoutingStats, expert_capacity, route, swiglu
+from moe.model.moe_layer import MoELayer, copy_routing, swiglu
 from moe.model.transformer import Transformer
 
 EXPERT_FLAG = "is_expert_shard"  # attribute set on the w_in / w_out parameters we slice
@@ -145,34 +145,28 @@ class ExpertParallelMoE(MoELayer):
 
     def __init__(self, layer: MoELayer, plan: ExpertParallelPlan):
         nn.Module.__init__(self)  # not MoELayer's: it would allocate all E experts again
-        self.k = layer.k
-        self.capacity_factor = layer.capacity_factor
-        self.jitter = layer.jitter
-        self.kernel_backend = layer.kernel_backend
-        self.router = layer.router
+        copy_routing(layer, self)
         mine = slice(plan.local_experts.start, plan.local_experts.stop)
         self.w_in = nn.Parameter(layer.w_in.detach()[mine].clone())  # [L, D, 2F]
         self.w_out = nn.Parameter(layer.w_out.detach()[mine].clone())  # [L, F, D]
         for param in (self.w_in, self.w_out):
             setattr(param, EXPERT_FLAG, True)
+        # Shared experts stay whole on every rank, like the router: each rank runs its own
+        # tokens through them, so their gradients are averaged like any shared weight's.
+        self.shared_w_in, self.shared_w_out = layer.shared_w_in, layer.shared_w_out
         self.plan = plan
 
     def extra_repr(self) -> str:
         experts = self.plan.local_experts
         return f"experts {experts.start}..{experts.stop - 1} of {self.plan.n_experts} on this rank"
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RoutingStats]:
+    def run_experts(self, x: Tensor, expert_ids: Tensor, weights: Tensor,
+                    capacity: int | None) -> tuple[Tensor, Tensor]:
+        """MoELayer's routing (whatever the variant) has chosen expert_ids [N, K] with
+        weights [N, K] for this rank's rows x [N, D]; send the rows to the ranks owning
+        those experts and combine what comes back -> (y [N, D], dropped slots)."""
         plan = self.plan
-        batch_shape = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])  # [N, D]
         n_tokens, n_experts, n_local = x.shape[0], plan.n_experts, len(plan.local_experts)
-        router_in = x
-        if self.training and self.jitter > 0:
-            router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.router(router_in).float()  # [N, E]
-        weights, expert_ids = route(logits, self.k)  # [N, K] each
-        capacity = (expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor)
-                    if self.training else None)  # dropless at inference, as MoELayer
         # ---- sort the slots by expert (so by owning rank), capacity on this rank's slots --
         slot_expert = expert_ids.t().reshape(-1)  # [S], slot s = choice * N + token
         slot_weight = weights.to(x.dtype).t().reshape(-1)  # [S]
@@ -200,9 +194,7 @@ class ExpertParallelMoE(MoELayer):
                                    plan.bytes_moved, "combine")  # [kept, D]
         # ---- combine in token order ------------------------------------------------------
         y = torch.zeros_like(x).index_add_(0, tokens, returned * slot_weight[order, None])
-        tokens_per_expert = expert_counts(expert_ids, n_experts)
-        stats = RoutingStats(logits, expert_ids, tokens_per_expert, dropped)
-        return y.reshape(*batch_shape, -1), stats
+        return y, dropped
 
     def _run_local_experts(self, rows: Tensor, local_ids: Tensor) -> Tensor:
         """rows [R, D] through expert local_ids [R] each, as MoELayer's dispatch with K = 1."""

@@ -70,7 +70,7 @@ from moe.model.attention import Attention
 from moe.config import ModelConfig
 from moe.parallel.expert_parallel import ExpertParallelMoE, check_same_model
 from moe.model.transformer import Transformer
-from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats
+from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats, copy_routing
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,11 +186,13 @@ class TensorParallelMoE(MoELayer):
 
     def __init__(self, layer: MoELayer, plan: TensorParallelPlan):
         nn.Module.__init__(self)  # not MoELayer's: it would allocate the full experts again
-        self.k, self.capacity_factor = layer.k, layer.capacity_factor
-        self.jitter, self.kernel_backend = layer.jitter, layer.kernel_backend
-        self.router = layer.router
+        copy_routing(layer, self)
         self.w_in = _frozen(_hidden_columns(layer.w_in, plan))  # [E, D, 2F/P]
         self.w_out = _frozen(_hidden_rows(layer.w_out, plan))  # [E, F/P, D]
+        self.shared_w_in = self.shared_w_out = None  # shared experts split the same way
+        if layer.shared_w_in is not None:
+            self.shared_w_in = _frozen(_hidden_columns(layer.shared_w_in, plan))  # [S, D, 2F/P]
+            self.shared_w_out = _frozen(_hidden_rows(layer.shared_w_out, plan))  # [S, F/P, D]
         self.plan = plan
 
     def extra_repr(self) -> str:

@@ -44,6 +44,7 @@ from moe.io.checkpoint import load_model, write_model
 from moe.io.files import CheckpointError, write_directory_atomically, write_text_atomically
 from moe.config import TrainConfig
 from moe.training.data import TASKS, Corpus, task_batch
+from moe.model.moe_layer import MoELayer, update_balance_bias
 from moe.model.transformer import Transformer, model_loss
 from moe.tokenizer import PAD
 
@@ -135,34 +136,53 @@ or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
         optimizer.step()
     totals["grad_norm"] = grad_norm.item()
     totals["lr"] = optimizer.param_groups[0]["lr"]
-    totals["routing"] = routing_metrics([stats for r in routing for stats in r], len(routing[0]),
-                                        sum_over_ranks)
+    counts = routing_counts([stats for r in routing for stats in r], len(routing[0]), sum_over_ranks)
+    if not totals["skipped"]:
+        balance_experts(unwrap(model), counts)
+    totals["routing"] = routing_metrics(counts)
     return totals
+
+
+def balance_experts(model: Transformer, counts: Tensor | None) -> None:
+    """balance = "bias": move each MoE layer's selection bias toward even load, from the
+    step's loads `counts` [L, E + 3] (routing_counts: every micro-batch and rank)."""
+    if counts is None or model.cfg.balance != "bias":
+        return
+    layers = [block.ffn for block in model.blocks if isinstance(block.ffn, MoELayer)]
+    for layer, row in zip(layers, counts):
+        update_balance_bias(layer, row[:-3])
 
 
 # ---------------------------------------------------------------------------------------
 # Routing health
 # ---------------------------------------------------------------------------------------
 
-def routing_metrics(stats: list, n_layers: int,
-                    sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
+def routing_counts(stats: list, n_layers: int,
+                   sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
     """Per MoE layer, from the RoutingStats of one step (micro-batches summed, and with
     `sum_over_ranks` the ranks too: the whole global batch's routing, as one process
-    accumulating the same micro-batches would see it)."""
+    accumulating the same micro-batches would see it): [L, E + 3] float64 of expert loads,
+    router entropy summed over tokens, tokens, dropped slots; None for a dense model."""
     rows = []
     for layer in range(n_layers):
         mine = stats[layer::n_layers]
         load = torch.stack([s.tokens_per_expert.double().cpu() for s in mine]).sum(0)  # [E]
-        probs = torch.cat([s.router_logits.detach().float() for s in mine]).softmax(-1)  # [N, E]
+        probs = torch.cat([s.router_probs.detach().float() for s in mine])  # [N, E]
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # [N]
         rows.append(torch.cat([load, torch.tensor([float(entropy.sum()), entropy.numel(),
                                                    float(sum(s.dropped for s in mine))],
                                                   dtype=torch.float64)]))
     if not rows:  # a dense model
+        return None
+    raw = torch.stack(rows)  # [L, E + 3]
+    return sum_over_ranks(raw) if sum_over_ranks is not None else raw
+
+
+def routing_metrics(raw: Tensor | None) -> list[dict]:
+    """Per MoE layer, from routing_counts: each expert's share of the load, the busiest over
+    the ideal, Jain's fairness, dead experts, the router's mean entropy, dropped slots."""
+    if raw is None:
         return []
-    raw = torch.stack(rows)  # [L, E + 3]: expert loads, entropy sum, tokens, dropped
-    if sum_over_ranks is not None:
-        raw = sum_over_ranks(raw)
     layers = []
     for row in raw:
         load, (entropy_sum, tokens, dropped) = row[:-3], row[-3:].tolist()
@@ -258,10 +278,11 @@ def task_report(model: Transformer, corpus: Corpus, device: torch.device, batch:
         real = inputs.flatten() != PAD
         token, task = inputs.flatten()[real], token_task[real]
         for layer, stats in enumerate(output.routing):
-            ids = stats.expert_ids.cpu()[real]  # [n, K]
+            ids = stats.expert_ids.cpu()[real]  # [n, K]; expert choice: [n, E], -1 = not taken
             for k in range(ids.shape[1]):
-                routing[layer].index_put_((token, task, ids[:, k]), torch.ones(len(token), dtype=torch.float64),
-                                          accumulate=True)
+                taken = ids[:, k] >= 0
+                routing[layer].index_put_((token[taken], task[taken], ids[taken, k]),
+                                          torch.ones(int(taken.sum()), dtype=torch.float64), accumulate=True)
     result = {f"acc_{task}": float(c / max(n, 1)) for task, c, n in zip(TASKS, correct, count)}
     result["acc_mean"] = float(np.mean(correct / np.maximum(count, 1)))  # each task counts the same
     result["val_loss"] = nats / max(answer_tokens, 1)  # answer tokens: one byte each, or EOS
