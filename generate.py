@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -155,12 +156,25 @@ def encode_prompt(tokenizer: TextTokenizer, prompt: str, bos: bool) -> list[int]
 
 
 def stream_prompt(model: Transformer, prompt: list[int], params: SamplingParams,
-                  detok: Detokenizer) -> None:
-    """Print text as tokens arrive, holding back what may yet change or start a stop string."""
-    for piece in text_pieces(stream(model, prompt, params, detok), params, detok):
+                  detok: Detokenizer, compile: bool = False) -> None:
+    """Print text as tokens arrive, holding back what may yet change or start a stop string;
+    with `compile`, the decode step's compile time goes to stderr once it is known."""
+    tokens = stream(model, prompt, params, detok, compile)
+    for piece in text_pieces(report_compile(tokens) if compile else tokens, params, detok):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def report_compile(tokens):
+    """Pass `tokens` through; the time between the first (from the prompt's forward) and the
+    second (the first decode step, which compiles) goes to stderr."""
+    began = None
+    for i, token in enumerate(tokens):
+        if i == 1:
+            print(f"[compile: the first decode step took {time.perf_counter() - began:.1f} s]", file=sys.stderr)
+        began = time.perf_counter()
+        yield token
 
 
 def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams,
@@ -206,10 +220,12 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
 
 def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
                tokenizer: TextTokenizer, bos: bool, draft: Transformer | None = None,
-               gamma: int = 4, adaptive: bool = False) -> None:
-    if draft is not None:
+               gamma: int = 4, adaptive: bool = False, prompt_lookup: bool = False) -> None:
+    if draft is not None or prompt_lookup:
+        from moe.serving.speculative import PromptLookupProposer
         from moe.serving.speculative_engine import SpeculativeEngine
-        engine = SpeculativeEngine(model, draft, gamma, engine_config, adaptive=adaptive)
+        engine = SpeculativeEngine(model, draft, gamma, engine_config, adaptive=adaptive,
+                                   lookup=PromptLookupProposer() if prompt_lookup else None)
     else:
         engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
@@ -245,7 +261,7 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
             sink.close()
     if out:
         print(f"{counts['results']} results -> {out} ({counts['refused']} refused)")
-    if draft is not None:  # the speculative statistics, as --prompt prints them
+    if draft is not None or prompt_lookup:  # the speculative statistics, as --prompt prints them
         print(json.dumps(engine.stats.as_dict()), file=sys.stderr)
 
 
@@ -283,14 +299,18 @@ def main_generate(argv: list[str]) -> None:
                         help="speculative decoding without a draft: propose from earlier text")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
+    parser.add_argument("--compile", action="store_true",
+                        help="--prompt: torch.compile the decode step first (pays for long outputs)")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
-    if args.prompt_file is not None and args.prompt_lookup:
-        raise ValueError("--prompt-lookup works with --prompt only: the engine that serves --prompt-file "
-                         "speculates with a --draft; drop the flag, give a --draft, or give --prompt")
+    if args.compile and (args.prompt_file is not None or args.draft or args.prompt_lookup):
+        raise ValueError("--compile compiles the plain decode step of --prompt; the engine (--prompt-file) "
+                         "and speculative decoding run eager: drop --compile or those flags")
+    if args.draft and args.prompt_lookup:
+        raise ValueError("--draft and --prompt-lookup are two ways to propose tokens: give one")
     if args.adaptive and not (args.draft or args.prompt_lookup):
-        raise ValueError("--adaptive changes γ of speculative decoding: give --draft (or --prompt-lookup "
-                         "with --prompt) too, or drop it")
+        raise ValueError("--adaptive changes γ of speculative decoding: give --draft or --prompt-lookup "
+                         "too, or drop it")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -304,11 +324,11 @@ def main_generate(argv: list[str]) -> None:
         if args.draft or args.prompt_lookup:
             speculate_prompt(model, args, prompt, params, detok)
         else:
-            stream_prompt(model, prompt, params, detok)
+            stream_prompt(model, prompt, params, detok, args.compile)
     else:
         draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
         serve_file(model, args.prompt_file, args.out, config, tokenizer, args.bos, draft,
-                   args.speculate, args.adaptive)
+                   args.speculate, args.adaptive, args.prompt_lookup)
 
 
 # ---------------------------------------------------------------------------------------

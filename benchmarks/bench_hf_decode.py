@@ -6,12 +6,15 @@ tokens. One tiny randomly initialised MixtralForCausalLM is saved with save_pret
 loaded by both sides; each side decodes the same prompts greedily with its KV cache:
 
     ours:          moe.io.checkpoint.load_model(folder), then moe.serving.generation.prefill and
-                   decode_step over the contiguous moe.serving.cache.KVCache, argmax per step
+                   the decode step of moe/serving/static_decode.py over the contiguous
+                   moe.serving.cache.KVCache, argmax per step: eager, and compiled
+                   (torch.compile of the whole static-shape step; its compile time is
+                   reported apart and not counted)
     transformers:  MixtralForCausalLM.generate(do_sample=False), its default cache
 
 The generated tokens must be identical (asserted) before any time counts. Repeats are
-interleaved (ours, theirs, ours, ...) so background load hits both alike; the best repeat
-of each is kept, and the figure is the ratio of tokens/s, at batch 1 and batch 8.
+interleaved (eager, compiled, theirs, eager, ...) so background load hits all alike; the
+best repeat of each is kept, and the figures are ratios of tokens/s, at batch 1 and 8.
 
     python benchmarks/bench_hf_decode.py            # CPU, 2 threads
     python benchmarks/bench_hf_decode.py --quick    # fewer tokens and repeats
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +37,8 @@ import transformers
 
 from moe.serving.cache import KVCache
 from moe.io.checkpoint import load_model
-from moe.serving.generation import decode_step, generate, prefill
+from moe.serving.generation import generate, prefill
+from moe.serving.static_decode import DecodeStep
 from moe.model.transformer import Transformer
 from moe.serving.sampling import SamplingParams
 
@@ -54,17 +59,21 @@ def random_mixtral(seed: int) -> transformers.MixtralForCausalLM:
     return model
 
 
+def decoder(model: Transformer, batch: int, slots: int, compile: bool) -> DecodeStep:
+    """One decode step with its own cache, kept across repeats (compiled once)."""
+    cache = KVCache(model.cfg, batch, slots, model.embed.weight.device, model.embed.weight.dtype)
+    return DecodeStep(model, cache, compile)
+
+
 @torch.no_grad()
-def ours_greedy(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def ours_greedy(step: DecodeStep, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """prompts [B, T] -> new tokens [B, new_tokens], KV-cached, argmax each step."""
     batch, length = prompts.shape
-    cache = KVCache(model.cfg, batch, length + new_tokens, prompts.device,
-                    model.embed.weight.dtype)
-    token = prefill(model, prompts, cache)[:, -1].argmax(dim=-1)  # [B]
+    token = prefill(step.model, prompts, step.cache)[:, -1].argmax(dim=-1)  # [B]
     out = [token]
-    for step in range(new_tokens - 1):
-        positions = torch.full((batch,), length + step, device=prompts.device)  # [B]
-        token = decode_step(model, token, positions, cache).argmax(dim=-1)  # [B]
+    for i in range(new_tokens - 1):
+        positions = torch.full((batch,), length + i, device=prompts.device)  # [B]
+        token = step(token, positions).argmax(dim=-1)  # [B]
         out.append(token)
     return torch.stack(out, dim=1)  # [B, new_tokens]
 
@@ -90,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 2 repeats")
+    parser.add_argument("--no-compile", action="store_true", help="eager only (no torch.compile side)")
     parser.add_argument("--out", default="benchmarks/results/hf_decode_cpu.json")
     args = parser.parse_args()
     if args.quick:
@@ -106,32 +116,41 @@ def main() -> None:
         prompts = torch.randint(0, MIXTRAL["vocab_size"], (batch, args.prompt_len),
                                 generator=torch.Generator().manual_seed(batch))
         expected = theirs_greedy(reference, prompts, args.new_tokens)  # also warms up
-        got = ours_greedy(ours, prompts, args.new_tokens)
-        assert torch.equal(got, expected), f"batch {batch}: tokens differ from transformers"
+        slots = args.prompt_len + args.new_tokens
+        sides = {"eager": decoder(ours, batch, slots, compile=False)}
+        if not args.no_compile:
+            sides["compiled"] = decoder(ours, batch, slots, compile=True)
+        for name, step in sides.items():  # the compiled side compiles here, untimed
+            got = ours_greedy(step, prompts, args.new_tokens)
+            assert torch.equal(got, expected), f"batch {batch}, {name}: tokens differ from transformers"
         if batch == 1:  # the engine's plain generation path gives the same tokens too
             params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
             assert generate(ours, prompts[0].tolist(), params) == expected[0].tolist()
-        ours_times, theirs_times = [], []
+        times = {name: [] for name in [*sides, "transformers"]}
         for _ in range(args.repeats):
-            seconds, got = timed(lambda: ours_greedy(ours, prompts, args.new_tokens))
-            assert torch.equal(got, expected)
-            ours_times.append(seconds)
+            for name, step in sides.items():
+                seconds, got = timed(lambda: ours_greedy(step, prompts, args.new_tokens))
+                assert torch.equal(got, expected)
+                times[name].append(seconds)
             seconds, got = timed(lambda: theirs_greedy(reference, prompts, args.new_tokens))
             assert torch.equal(got, expected)
-            theirs_times.append(seconds)
+            times["transformers"].append(seconds)
         tokens = batch * args.new_tokens
         row = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "identical_tokens": True,
-               "ours_tokens_per_s": tokens / min(ours_times),
-               "transformers_tokens_per_s": tokens / min(theirs_times),
-               "ours_s": ours_times, "transformers_s": theirs_times}
-        row["speedup"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+               **{f"{name}_tokens_per_s": tokens / min(t) for name, t in times.items()},
+               **{f"{name}_s": t for name, t in times.items()}}
+        for name in sides:
+            row[f"{name}_over_transformers"] = row[f"{name}_tokens_per_s"] / row["transformers_tokens_per_s"]
+        if "compiled" in sides:
+            row["compile_s"] = sides["compiled"].compile_seconds
         runs.append(row)
-        print(f"batch {batch}: ours {row['ours_tokens_per_s']:.0f} tok/s, transformers "
-              f"{row['transformers_tokens_per_s']:.0f} tok/s, ours/transformers "
-              f"{row['speedup']:.2f}x (identical tokens)")
+        print(f"batch {batch}: " + ", ".join(f"{name} {row[f'{name}_tokens_per_s']:.0f} tok/s" for name in times)
+              + "; " + ", ".join(f"{name}/transformers {row[f'{name}_over_transformers']:.2f}x" for name in sides)
+              + (f"; compile {row['compile_s']:.1f} s" if "compile_s" in row else "") + " (identical tokens)")
 
-    result = {"benchmark": "greedy decode, tiny random Mixtral, ours vs transformers.generate",
+    result = {"benchmark": "greedy decode, tiny random Mixtral, ours (eager, compiled) vs transformers.generate",
+              "command": "python " + " ".join(sys.argv),
               "device": "cpu", "threads": args.threads, "dtype": "float32",
               "mixtral_config": MIXTRAL,
               "transformers_attention": reference.config._attn_implementation,

@@ -80,6 +80,39 @@ def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: T
     return y, dropped
 
 
+def dispatch_dense(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
+                   w_out: Tensor) -> tuple[Tensor, Tensor]:
+    """The same sum computed by every expert for every token, the unchosen ones weighted 0:
+    two batched matmuls over all E experts, static shapes, no host sync, dropless.
+
+    E / K times the arithmetic of the sorted dispatch, so it pays only where arithmetic is
+    not the cost: a few tokens through small experts, a decode step of a small model, where
+    the sorted form's E little matmuls and its Python loop cost more than reading all E
+    experts (kernels.ops.expert_dispatch decides).
+    """
+    check_expert_ids(expert_ids, w_in.shape[0])
+    n_experts, (n_tokens, d_model) = w_in.shape[0], x.shape
+    gates = weights.new_zeros(n_tokens, n_experts).scatter_add_(1, expert_ids, weights)  # [N, E], 0 = not chosen
+    gate, up = torch.bmm(x.expand(n_experts, n_tokens, d_model), w_in).chunk(2, dim=-1)  # 2 x [E, N, F]
+    hidden = F.silu(gate) * up * gates.t()[..., None]  # [E, N, F]
+    return torch.bmm(hidden, w_out).sum(0), expert_ids.new_zeros(())  # [N, D]
+
+
+def dispatch_gathered(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
+                      w_out: Tensor) -> tuple[Tensor, Tensor]:
+    """The same sum, each (token, choice) slot gathering its expert's weights: static
+    shapes, no host sync, dropless (gpt-fast's Mixtral). What a compiled decode step runs:
+    a graph cannot hold the sorted form's loop over counts read back from the device, and
+    reading only the K chosen experts per token beats the dense form there."""
+    check_expert_ids(expert_ids, w_in.shape[0])
+    (n_tokens, k), slot_expert = expert_ids.shape, expert_ids.reshape(-1)  # [N * K], token-major
+    rows = x.repeat_interleave(k, dim=0)[:, None]  # [N * K, 1, D]
+    gate, up = torch.bmm(rows, w_in[slot_expert])[:, 0].chunk(2, dim=-1)  # 2 x [N * K, F]
+    hidden = (F.silu(gate) * up * weights.reshape(-1, 1))[:, None]  # [N * K, 1, F]
+    out = torch.bmm(hidden, w_out[slot_expert])[:, 0]  # [N * K, D]
+    return out.view(n_tokens, k, -1).sum(1), expert_ids.new_zeros(())
+
+
 def check_expert_ids(expert_ids: Tensor, n_experts: int) -> None:
     """Refuse expert ids outside 0 .. E-1 on both paths, without a host sync on a GPU
     (an asynchronous device assert; on CPU it raises at once)."""

@@ -12,7 +12,9 @@ Triton" tests the same code the model runs.
     varlen_attention   packed ragged sequences (cu_seqlens)
     paged_attention    a ragged serving step over a paged KV cache (PagedLayout)
     masked_attention   the contiguous cache: any [B, T, S] mask (reference only)
-    expert_dispatch    tokens through their K experts, weighted and summed
+    expert_dispatch    tokens through their K experts, weighted and summed (Triton, the
+                       sorted reference; at inference, for a few tokens the dense form,
+                       in a compiled graph the gathered one)
 
 Shapes: B batch, T tokens, H query heads, G KV heads, Dh head_dim, N tokens, K experts per
 token, D d_model, F expert width, E experts.
@@ -31,7 +33,8 @@ from kernels.attention import (paged_attention_grouped, paged_attention_triton,
                                varlen_causal_attention_reference, varlen_causal_attention_triton)
 from kernels.attention_backward import varlen_causal_attention_trainable
 from kernels.backend import needs_grad, use_triton
-from kernels.moe_dispatch import dispatch_and_combine, dispatch_and_combine_triton
+from kernels.moe_dispatch import (dispatch_and_combine, dispatch_and_combine_triton, dispatch_dense,
+                                  dispatch_gathered)
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 
 
@@ -91,8 +94,27 @@ def expert_dispatch(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor
              if torch.is_autocast_enabled(x.device.type) else x.dtype)
     x, weights = x.to(dtype), weights.to(dtype)
     w_in, w_out = w_in.to(dtype), w_out.to(dtype)
-    dispatch = dispatch_and_combine
     if use_triton(backend, x, w_in, has_backward=True):
         dispatch = (dispatch_and_combine_trainable if needs_grad(x, weights, w_in, w_out)
                     else dispatch_and_combine_triton)
-    return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
+        return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
+    if capacity is None and not needs_grad(x, weights, w_in, w_out):
+        if torch.compiler.is_compiling():  # a compiled decode step (moe/serving/static_decode.py)
+            return dispatch_gathered(x, expert_ids, weights, w_in, w_out)
+        if few_tokens_small_experts(x.shape[0], w_in, w_out):
+            return dispatch_dense(x, expert_ids, weights, w_in, w_out)
+    return dispatch_and_combine(x, expert_ids, weights, w_in, w_out, capacity)
+
+
+DENSE_MAX_PAIRS = 1024  # token x expert products the dense form may compute (N x E)
+DENSE_MAX_WEIGHTS = 4 * 2**20  # expert weights of one layer (16 MB in float32)
+
+
+def few_tokens_small_experts(n_tokens: int, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether running every expert on every token beats the sorted dispatch: few tokens
+    (N x E <= 1024) through a layer whose experts are small (<= 4M weights in all). On 2 CPU
+    threads with 16 experts of 128 x 128, 8 decodes take 0.14 ms dense against 0.69 ms
+    sorted (benchmarks/results/kernels_cpu.json); a large layer's experts cost their bytes,
+    and there the sorted form reads only the chosen ones."""
+    return (n_tokens * w_in.shape[0] <= DENSE_MAX_PAIRS
+            and w_in.numel() + w_out.numel() <= DENSE_MAX_WEIGHTS)

@@ -4,8 +4,8 @@ Why a script and not hand-drawn diagrams: a diagram drawn by hand says what the 
 the day it was drawn. Each picture here is built from the real data structures, on a
 small seeded example: `route` and `align_slots` sort the slots of the dispatch picture,
 a real `PagedKVCache` hands out the blocks of the block-table picture and lays out the
-ragged step, `verify` accepts and rejects the speculative proposals, and the expert-
-parallel counts are grouped the way `ExpertParallelMoE.forward` groups them. When the
+ragged step, `accept` accepts and rejects the speculative proposals, and the expert-
+parallel counts are grouped the way `ExpertParallelMoE.run_experts` groups them. When the
 code changes, rerunning this redraws the pictures, so they cannot drift from it; where a
 picture relies on a fact (a slot is dropped, a proposal is rejected), the script checks
 it and stops with a message if the code no longer does that. Seeded and drawn with the
@@ -40,7 +40,7 @@ from moe.model.moe_layer import expert_capacity, route  # noqa: E402
 from moe.serving.blocks import BlockManager  # noqa: E402
 from moe.serving.cache import PagedKVCache  # noqa: E402
 from moe.serving.sampling import sample_at  # noqa: E402
-from moe.serving.speculative import verify  # noqa: E402
+from moe.serving.speculative import accept  # noqa: E402
 
 DPI = 100
 INCHES_PER_UNIT = 0.5
@@ -412,7 +412,7 @@ VOCAB, GAMMA = "abcdefgh", 4
 def speculative_case(seed: int) -> dict:
     """Draft distributions q [γ, V] with the draft's draws x_i from them, target
     distributions p [γ + 1, V] near q (a draft that mostly agrees), the target's own draws
-    y_i with the same noise (`sample_at`, the request seeded `seed`), and what `verify` keeps."""
+    y_i with the same noise (`sample_at`, the request seeded `seed`), and what `accept` keeps."""
     gen = torch.Generator().manual_seed(seed)
     n_vocab = len(VOCAB)
     draft_logits = 1.5 * torch.randn(GAMMA, n_vocab, generator=gen)  # [γ, V]
@@ -420,9 +420,9 @@ def speculative_case(seed: int) -> dict:
     proposals = [sample_at(q[i], seed, i) for i in range(GAMMA)]  # x_1..x_γ
     target_logits = torch.cat([draft_logits, 1.5 * torch.randn(1, n_vocab, generator=gen)])
     p = (target_logits + 1.0 * torch.randn(GAMMA + 1, n_vocab, generator=gen)).softmax(-1)  # [γ + 1, V]
-    kept, n_accepted = verify(proposals, p, seed, 0)
-    return dict(q=q, p=p, proposals=proposals, kept=kept, n_accepted=n_accepted, seed=seed,
-                draws=[sample_at(p[i], seed, i) for i in range(GAMMA + 1)])
+    draws = [sample_at(p[i], seed, i) for i in range(GAMMA + 1)]  # the target's own draws
+    kept, n_accepted = accept(proposals, draws)
+    return dict(q=q, p=p, proposals=proposals, kept=kept, n_accepted=n_accepted, seed=seed, draws=draws)
 
 
 def find_case(wanted) -> dict:
@@ -466,7 +466,7 @@ def draw_speculative_round(path: Path) -> Path:
     rejected = find_case(lambda n: 1 <= n < GAMMA - 1)  # some accepted, one rejected
     bonus = find_case(lambda n: n == GAMMA)
     fig = plt.figure(figsize=(12, 7.4))
-    fig.suptitle(f"A speculative round (moe.serving.speculative.verify), gamma = {GAMMA}, "
+    fig.suptitle(f"A speculative round (moe.serving.speculative.accept), gamma = {GAMMA}, "
                  f"toy vocabulary '{VOCAB}'", fontsize=12, weight="bold", y=0.985)
     grid = fig.add_gridspec(2, GAMMA + 1, height_ratios=[1.0, 1.2], left=0.05, right=0.98,
                             top=0.85, bottom=0.02, hspace=0.22, wspace=0.25)
@@ -520,7 +520,7 @@ EP_RANKS, EP_EXPERTS, EP_TOKENS, EP_K, EP_D = 4, 8, 8, 2, 16
 
 def expert_parallel_counts(seed: int = 0) -> dict:
     """Per rank: route its own N tokens with the replicated router, count slots per expert and
-    group them by owning rank, as ExpertParallelMoE.forward does (dropless); then the count
+    group them by owning rank, as ExpertParallelMoE.run_experts does (dropless); then the count
     exchange: what each rank receives from each source."""
     gen = torch.Generator().manual_seed(seed)
     router = torch.randn(EP_EXPERTS, EP_D, generator=gen)  # [E, D], the same on every rank
@@ -579,7 +579,7 @@ def draw_expert_parallel(path: Path) -> Path:
                       "combine: expert outputs back (the splits reversed)",
                       "expert's rank (sends)", "token's rank (receives)")
     fig.text(0.08, 0.03, "Counts from route() on each rank's tokens, counted per expert and grouped by "
-             "owning rank (counts.view(P, L) in ExpertParallelMoE.forward), then exchanged.\n"
+             "owning rank (counts.view(P, L) in ExpertParallelMoE.run_experts), then exchanged.\n"
              f"Each rank sends N x K = {EP_TOKENS * EP_K} rows (dropless) and gets back as many; dashed "
              "diagonal: rows that stay on their own rank (all_to_all copies them locally).",
              fontsize=8, color="#333333")

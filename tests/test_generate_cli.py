@@ -110,7 +110,8 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(checkpoint, tm
         "--device 'foo' is not a torch device": ["--ckpt", path, "--prompt", "hi", "--device", "foo"],
         "config file nope.toml does not exist": ["bench", "--config", "nope.toml"],
         "--slots must each be at least 1": ["bench", "--set", "model.n_layers=1", "--slots", 0],
-        "--prompt-lookup works with --prompt only": ["--ckpt", path, "--prompt-file", prompts, "--prompt-lookup"],
+        "--draft and --prompt-lookup are two ways": ["--ckpt", path, "--prompt-file", prompts, "--prompt-lookup",
+                                                     "--draft", path],
         "--adaptive changes γ of speculative decoding": ["--ckpt", path, "--prompt-file", prompts, "--adaptive"],
     }
     for message, result in run_all(cases).items():

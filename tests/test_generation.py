@@ -56,3 +56,27 @@ def test_the_kv_cache_is_sized_to_the_request_not_the_context(make_model, monkey
     assert sizes == [8] and len(out) == 5  # 3 prompt + 5 new, not max_seq_len = 64
     monkeypatch.setattr(generation, "KVCache", lambda cfg, b, n, *a: real(cfg, b, cfg.max_seq_len, *a))
     assert generate(model, [1, 2, 3], params) == out  # as with a context-sized cache
+
+
+@torch.no_grad()
+def test_the_dense_and_gathered_dispatches_equal_the_sorted_one():
+    from kernels.moe_dispatch import dispatch_and_combine, dispatch_dense, dispatch_gathered
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    w_in, w_out = torch.randn(4, 16, 24, generator=g), torch.randn(4, 12, 16, generator=g)  # E = 4, F = 12
+    ids = torch.tensor([[0, 3], [3, 0], [1, 2], [2, 1], [0, 1]])
+    weights = torch.rand(5, 2, generator=g)
+    expected, _ = dispatch_and_combine(x, ids, weights, w_in, w_out, None)
+    for dispatch in (dispatch_dense, dispatch_gathered):
+        got, dropped = dispatch(x, ids, weights, w_in, w_out)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert dropped == 0
+
+
+@torch.no_grad()
+def test_the_compiled_decode_step_generates_what_eager_does(make_model):
+    # fullgraph=True: a graph break (a host sync, a data-dependent branch) fails the compile
+    torch._dynamo.reset()
+    model = make_model(seed=2, n_kv_heads=2)
+    prompt, params = [7, 3, 99, 12], SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert generate(model, prompt, params, compile=True) == generate(model, prompt, params)

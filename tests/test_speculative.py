@@ -3,8 +3,8 @@ import torch
 
 from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
-from moe.serving.sampling import SamplingParams, warp_probs
-from moe.serving.speculative import PromptLookupProposer, speculative_generate, verify, verify_greedy
+from moe.serving.sampling import SamplingParams, draw_tokens, sample_at, warp_probs
+from moe.serving.speculative import PromptLookupProposer, accept, speculative_generate
 from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
@@ -168,14 +168,32 @@ def test_bad_arguments_are_refused_by_name(models, make_model):
 
 def test_the_acceptance_rule_with_one_hot_distributions_is_the_greedy_rule():
     g = torch.Generator().manual_seed(0)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=8)
     for _ in range(50):
         gamma = int(torch.randint(1, 6, (1,), generator=g))
         best = torch.randint(0, 3, (gamma + 1,), generator=g).tolist()
         proposals = torch.randint(0, 3, (gamma,), generator=g).tolist()
-        p = torch.nn.functional.one_hot(torch.tensor(best), 3).float()  # [γ + 1, V]
-        q = torch.nn.functional.one_hot(torch.tensor(proposals), 3).float()  # [γ, V]
-        expected = verify_greedy(proposals, best)
-        assert verify(proposals, p, int(torch.randint(0, 1000, (1,), generator=g)), 5) == expected
+        one_hot = torch.nn.functional.one_hot(torch.tensor(best), 3).bool()  # [γ + 1, V]
+        logits = torch.zeros(gamma + 1, 3).masked_fill(~one_hot, float("-inf"))
+        seed = int(torch.randint(0, 1000, (1,), generator=g))
+        [draws] = draw_tokens([logits], [sampled], [seed], [5])
+        assert draws == best  # every draw from a one-hot distribution is its token
+        n_ok = next((i for i, (x, y) in enumerate(zip(proposals, best)) if x != y), gamma)
+        assert accept(proposals, draws) == (proposals[:n_ok] + [best[n_ok]], n_ok)
+
+
+def test_batched_draws_equal_one_request_at_a_time():
+    # the engine's step and a verification draw every request's rows in one argmax; each row
+    # must be the draw that request would get alone (sample_at), greedy and sampled mixed
+    g = torch.Generator().manual_seed(1)
+    settings = [SamplingParams(), SamplingParams(temperature=0.8, top_k=5),
+                SamplingParams(temperature=1.3, top_p=0.7), SamplingParams(temperature=1.0)]
+    blocks = [torch.randn(int(torch.randint(1, 5, (1,), generator=g)), 40, generator=g) for _ in settings]
+    seeds, starts = [3, 4, 5, 6], [10, 0, 7, 31]
+    drawn = draw_tokens(blocks, settings, seeds, starts)
+    for logits, params, seed, start, tokens in zip(blocks, settings, seeds, starts, drawn):
+        alone = [sample_at(warp_probs(row, params), seed, start + i) for i, row in enumerate(logits)]
+        assert tokens == alone
 
 
 @pytest.mark.parametrize("gamma, num_blocks", [(1, None), (3, None), (6, None), (4, 12)])
@@ -250,6 +268,23 @@ def test_sampled_tokens_follow_the_target_at_the_second_and_third_positions_afte
         p = warp_probs(target(torch.tensor([prompt + prefix])).logits[0, -1], params).double()
         statistic, df = chi_square(torch.bincount(torch.tensor(rows), minlength=vocab).double(), p)
         assert len(rows) > 200 and statistic < chi_square_999(df)
+
+
+@pytest.mark.parametrize("num_blocks", [None, 12])
+def test_prompt_lookup_in_the_engine_equals_plain_generation_whatever_the_pool(models, num_blocks):
+    target, _ = models
+    batch = [p[:4] * 3 for p in prompts(5, seed=43)]  # prompts that repeat themselves: lookups find matches
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, ignore_eos=True)
+              for i, n in enumerate([16, 5, 23, 9, 30])]
+    engine = SpeculativeEngine(target, gamma=4, lookup=PromptLookupProposer(), adaptive=True,
+                               config=EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
+    requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
+    engine.run()
+    assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
+    assert 0 < engine.stats.accepted < engine.stats.proposed
+    if num_blocks:
+        assert engine.preemptions > 0
 
 
 def test_per_request_adaptive_gamma_in_the_engine_keeps_every_output_and_moves_gamma(models):

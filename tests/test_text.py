@@ -84,10 +84,10 @@ def decoded(tok, ids, prompt=()):
     return whole[len(tok.decode(list(prompt), skip_special_tokens=True)):]
 
 
-def serve(capsys, folder, tmp_path, **request):
+def serve(capsys, folder, tmp_path, *flags, **request):
     infile = tmp_path / "in.jsonl"
     infile.write_text(json.dumps({"prompt": PROMPT, **request}) + "\n")
-    out, _ = run(capsys, "--ckpt", folder, "--prompt-file", infile)
+    out, _ = run(capsys, "--ckpt", folder, "--prompt-file", infile, *flags)
     return json.loads(out)
 
 
@@ -100,9 +100,9 @@ def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral
     folder, tok = mixtral
     prompts = []
 
-    def recording_stream(model, prompt, params, detok):
+    def recording_stream(model, prompt, params, detok, compile=False):
         prompts.append(prompt)
-        return stream(model, prompt, params, detok)
+        return stream(model, prompt, params, detok, compile)
 
     monkeypatch.setattr(cli, "stream", recording_stream)
     out, err = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--bos", "--max-new-tokens", 20,
@@ -113,7 +113,7 @@ def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral
     assert f"tokenizer: {folder / 'tokenizer.json'}" in err
 
 
-@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "engine"])
+@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "engine", "engine-prompt-lookup"])
 def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mode):
     folder, tok = mixtral
     prompt = tok.encode(PROMPT, add_special_tokens=False).ids
@@ -121,8 +121,9 @@ def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mo
     stop = full[len(full) // 2: len(full) // 2 + 3]  # may start inside a token
     expected = full[:full.find(stop)]
     assert 0 < len(expected) < len(full) - 3
-    if mode == "engine":
-        result = serve(capsys, folder, tmp_path, max_new_tokens=24, ignore_eos=True, stop=stop)
+    if mode.startswith("engine"):
+        flags = ["--prompt-lookup"] if mode == "engine-prompt-lookup" else []
+        result = serve(capsys, folder, tmp_path, *flags, max_new_tokens=24, ignore_eos=True, stop=stop)
         assert (result["text"], result["finish_reason"]) == (expected, "stop")
     else:
         extra = ["--prompt-lookup"] if mode == "prompt-lookup" else []

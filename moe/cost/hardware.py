@@ -69,7 +69,9 @@ def measure_hardware(device: str | None = None, seconds: float = 0.3) -> Hardwar
         sync()
         return amount * count / (time.perf_counter() - start)
 
-    src = torch.empty(2**28 if cuda else 2**25, dtype=torch.uint8, device=device)  # 256 / 32 MiB
+    # 256 MiB on a GPU; 1 GiB on a CPU, above any last-level cache (this machine's: 300 MiB),
+    # so the copy measures memory rather than cache
+    src = torch.empty(2**28 if cuda else 2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     bandwidth = rate(lambda: dst.copy_(src), 2 * src.numel())
     n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from kernels.ops import causal_attention
 from moe.config import ModelConfig
+from moe.profiling import label
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,9 +77,10 @@ class Attention(nn.Module):
         k = rearrange(self.wk(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         v = rearrange(self.wv(x), "b t (g d) -> b g t d", g=self.n_kv_heads)  # [B, G, T, Dh]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # the cache stores K/V and runs the paged or masked attention
-            out = cache.attend(self.layer, q, k, v, positions)
-        else:
-            out = causal_attention(q, k, v, self.kernel_backend,
-                                   self.dropout if self.training else 0.0)  # kernels/ops.py
+        with label("attention"):  # a profiler label (benchmarks/bench_decode.py)
+            if cache is not None:  # the cache stores K/V and runs the paged or masked attention
+                out = cache.attend(self.layer, q, k, v, positions)
+            else:
+                out = causal_attention(q, k, v, self.kernel_backend,
+                                       self.dropout if self.training else 0.0)  # kernels/ops.py
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))  # [B, T, D]

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from kernels.moe_dispatch import expert_counts
 from kernels.ops import expert_dispatch
 from moe.config import ModelConfig
+from moe.profiling import label
 
 
 def swiglu(x: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
@@ -199,29 +200,34 @@ class MoELayer(nn.Module):
         batch_shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # [N, D]
         n_tokens = x.shape[0]
-        logits = self.router_logits(x)  # [N, E]
-        n_experts = logits.shape[-1]
-        scores = router_scores(logits, self.score)  # [N, E]
+        with label("router"):  # profiler labels (benchmarks/bench_decode.py)
+            logits = self.router_logits(x)  # [N, E]
+            n_experts = logits.shape[-1]
+            scores = router_scores(logits, self.score)  # [N, E]
         if self.routing == "expert_choice":
             # Every expert is full by construction, in training and at inference alike.
             capacity = min(n_tokens, expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor or 1.0))
             tokens, weights = expert_choice(scores, capacity)  # [E * C] each
             experts = torch.arange(n_experts, device=x.device).repeat_interleave(capacity)  # [E * C]
-            rows, _ = self.run_experts(x[tokens], experts[:, None], weights[:, None], None)  # [E * C, D]
+            with label("dispatch"):
+                rows, _ = self.run_experts(x[tokens], experts[:, None], weights[:, None], None)  # [E * C, D]
             y = torch.zeros_like(x).index_add_(0, tokens, rows.to(x.dtype))
             expert_ids = torch.full_like(logits, -1, dtype=torch.int64).index_put_((tokens, experts), experts)
             tokens_per_expert = torch.full((n_experts,), capacity, dtype=torch.int64, device=x.device)
             dropped = (expert_ids < 0).all(-1).sum()  # tokens no expert took: residual only
         else:
-            weights, expert_ids = route(logits, self.k, self.score, self.balance_bias)  # [N, K] each
+            with label("router"):
+                weights, expert_ids = route(logits, self.k, self.score, self.balance_bias)  # [N, K] each
             # Capacity is a training device (it bounds each expert's work per batch); at inference
             # every layer is dropless, so a token's output never depends on what shares its batch.
             capacity = (expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor)
                         if self.training else None)
-            y, dropped = self.run_experts(x, expert_ids, weights, capacity)
+            with label("dispatch"):
+                y, dropped = self.run_experts(x, expert_ids, weights, capacity)
             tokens_per_expert = expert_counts(expert_ids, n_experts)
         if self.shared_w_in is not None:
-            y = y + self.run_shared_experts(x)
+            with label("dispatch"):
+                y = y + self.run_shared_experts(x)
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         stats = RoutingStats(logits, probs, expert_ids, tokens_per_expert, dropped)
         return y.reshape(*batch_shape, -1), stats

@@ -37,11 +37,16 @@ class KVCache:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k, v [B, G, T, Dh] at `positions` [B, T], then attend q [B, H, T, Dh] over
-        slots 0..position of each query."""
-        end = int(positions.max()) + 1
-        if end > self.max_len or int(positions.min()) < 0:
-            raise ValueError(f"position {end - 1} is outside this cache of {self.max_len} slots; "
-                             "make the cache (max_len) or model.max_seq_len larger")
+        slots 0..position of each query. Eager forwards read the slots up to the furthest
+        position; a compiled one (moe/serving/static_decode.py) reads all max_len slots,
+        masked, so its shapes never change and nothing waits for the host."""
+        if torch.compiler.is_compiling():
+            end = self.max_len  # the caller keeps positions inside the cache
+        else:
+            end = int(positions.max()) + 1
+            if end > self.max_len or int(positions.min()) < 0:
+                raise ValueError(f"position {end - 1} is outside this cache of {self.max_len} slots; "
+                                 "make the cache (max_len) or model.max_seq_len larger")
         rows = torch.arange(q.shape[0], device=q.device)[:, None]  # [B, 1]
         # Advanced indices (rows, positions) around a slice put [B, T] first: [B, T, G, Dh].
         self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)

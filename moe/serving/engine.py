@@ -50,11 +50,12 @@ import torch
 from torch import Tensor
 
 from moe.model.transformer import Transformer, require_causal
+from moe.profiling import label
 from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from moe.serving.generation import timed_forward
 from moe.serving.requests import Request, refusal_reason
-from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -180,7 +181,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[tuple[Request, int]]:
         """Run one iteration; returns (request, new token) for every token emitted."""
-        scheduled = self.schedule()
+        with label("schedule"):  # profiler labels (benchmarks/bench_decode.py)
+            scheduled = self.schedule()
         if not scheduled:
             return []
         try:
@@ -189,7 +191,8 @@ class Engine:
         except Exception as error:  # noqa: BLE001: one bad step must not stop the server
             self.fail(scheduled, error)
             return []
-        return self.postprocess(scheduled, logits)
+        with label("postprocess"):
+            return self.postprocess(scheduled, logits)
 
     def fail(self, scheduled: list[Scheduled], error: Exception) -> None:
         """A forward raised: the requests of this step fail with the reason, their blocks go
@@ -265,14 +268,15 @@ class Engine:
 
     def run_model(self, scheduled: list[Scheduled]) -> Tensor:
         """One forward over the step's ragged row -> logits [N, V]."""
-        tokens, positions, query_lens = [], [], []
-        for s in scheduled:
-            new = s.tokens
-            tokens += new
-            positions += range(s.request.num_cached, s.request.num_cached + len(new))
-            query_lens.append(len(new))
-        self.cache.set_layout(self.blocks, [s.request.request_id for s in scheduled], query_lens,
-                              [s.request.num_cached + q for s, q in zip(scheduled, query_lens)])
+        with label("layout"):
+            tokens, positions, query_lens = [], [], []
+            for s in scheduled:
+                new = s.tokens
+                tokens += new
+                positions += range(s.request.num_cached, s.request.num_cached + len(new))
+                query_lens.append(len(new))
+            self.cache.set_layout(self.blocks, [s.request.request_id for s in scheduled], query_lens,
+                                  [s.request.num_cached + q for s, q in zip(scheduled, query_lens)])
         self.batch_sizes.append(len(scheduled))
         self.block_utilisation.append(self.blocks.used_blocks / self.blocks.num_blocks)
         self.steps += 1
@@ -324,17 +328,12 @@ class Engine:
 
     def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
         """(new tokens, proposals accepted) per completing request, from its rows of logits.
-        No proposals here: one token each; greedy rows in one argmax, the others one by one,
-        each the request's own draw for its position (sample_at)."""
-        if not completing:
-            return []
-        rows = torch.stack([scores[-1] for _, scores in completing])  # [S, V]
-        tokens = rows.argmax(dim=-1).tolist()
-        for i, (s, _) in enumerate(completing):
-            if not s.request.params.greedy:
-                probs = warp_probs(rows[i], s.request.params)  # [V]
-                tokens[i] = sample_at(probs, s.request.seed, len(s.request.tokens))
-        return [([token], 0) for token in tokens]
+        No proposals here: one token each, the request's own draw for its position
+        (argmax when greedy), all requests in one argmax and one host transfer."""
+        requests = [s.request for s, _ in completing]
+        drawn = draw_tokens([scores[-1:] for _, scores in completing], [r.params for r in requests],
+                            [r.seed for r in requests], [len(r.tokens) for r in requests])
+        return [(tokens, 0) for tokens in drawn]
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:
         """A hook after a request took its new tokens: `n_ok` proposals accepted, `n_kept`

@@ -6,7 +6,8 @@ token, and it is what `generate.py --prompt` streams from.
 
     prefill:      prompt [B, T] at positions 0..T-1 -> K/V of all T tokens cached,
                   logits of the last position -> first new token
-    decode_step:  one token per row [B, 1] at its own position -> next logits
+    decode step:  one token per row [B, 1] at its own position -> next logits
+                  (moe/serving/static_decode.py: eager, or compiled with --compile)
 
 `timed_forward` is the one forward whose time is recorded (the engines' and the
 speculative loops' draft/target times): it synchronises the device before and after, so
@@ -27,6 +28,7 @@ from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
 from moe.serving.requests import check_request
 from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
+from moe.serving.static_decode import DecodeStep
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -35,12 +37,6 @@ def prefill(model: Transformer, tokens: Tensor, cache) -> Tensor:
     """tokens [B, T] -> logits [B, T, V]; writes K/V of positions 0..T-1 into `cache`."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [B, T]
     return model(tokens, positions, cache).logits
-
-
-@torch.no_grad()
-def decode_step(model: Transformer, tokens: Tensor, positions: Tensor, cache) -> Tensor:
-    """tokens [B] at positions [B] -> logits [B, V] of the next token."""
-    return model(tokens[:, None], positions[:, None], cache).logits[:, -1]
 
 
 def synchronize(device: torch.device) -> None:
@@ -65,8 +61,9 @@ def timed_forward(model: Transformer, tokens: list[int], positions: list[int], c
 
 
 def stream(model: Transformer, prompt: list[int], params: SamplingParams,
-           detok: Detokenizer = BYTES) -> Iterator[int]:
-    """Yield the new tokens of one request as they are generated (the finishing one too)."""
+           detok: Detokenizer = BYTES, compile: bool = False) -> Iterator[int]:
+    """Yield the new tokens of one request as they are generated (the finishing one too);
+    with `compile`, the decode step is compiled first (moe/serving/static_decode.py)."""
     cfg = model.cfg
     check_request(cfg, prompt, params)
     if getattr(model, "tensor_parallel", None) is not None and not params.greedy and params.seed is None:
@@ -79,6 +76,7 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams,
     cache = KVCache(cfg, 1, min(cfg.max_seq_len, len(prompt) + params.max_new_tokens), device, dtype)
     seed = draw_seed(params)
     logits = prefill(model, torch.tensor([prompt], device=device), cache)[:, -1]  # [1, V]
+    step = DecodeStep(model, cache, compile)
     generated: list[int] = []
     while True:
         token = (int(logits[0].argmax()) if params.greedy
@@ -89,11 +87,10 @@ def stream(model: Transformer, prompt: list[int], params: SamplingParams,
         if reason:
             return
         position = len(prompt) + len(generated) - 1
-        logits = decode_step(model, torch.tensor([token], device=device),
-                             torch.tensor([position], device=device), cache)
+        logits = step(torch.tensor([token], device=device), torch.tensor([position], device=device))
 
 
 def generate(model: Transformer, prompt: list[int], params: SamplingParams,
-             detok: Detokenizer = BYTES) -> list[int]:
+             detok: Detokenizer = BYTES, compile: bool = False) -> list[int]:
     """The new tokens of one request (see `stream`)."""
-    return list(stream(model, prompt, params, detok))
+    return list(stream(model, prompt, params, detok, compile))

@@ -1,8 +1,10 @@
 """Sampling: turn the logits of the last position into the next token.
 
-Why split into `warp_probs` and `sample`: the warped distribution is a value of its own.
-Speculative decoding needs the target's and the draft's probabilities to accept or reject
-a proposal exactly, and tests can compare distributions; `sample` then only draws.
+Why split into `warp_probs` and `sample_at`: the warped distribution is a value of its
+own. Tests compare distributions with it, and speculative decoding draws the target's and
+the draft's tokens from it with shared noise; `sample_at` then only draws. `draw_tokens`
+is the batched form every decoding loop uses: all the requests of a step (and all the
+positions a verification checks) in one argmax and one transfer to the host.
 
 Warping order (as in Hugging Face and vLLM): temperature, then top-k, then top-p (nucleus).
 Temperature 0 means greedy: the distribution is one-hot on the argmax (the first index on
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from moe.profiling import label
+
 
 
 @dataclass
@@ -131,3 +136,27 @@ def sample_at(probs: Tensor, seed: int, position: int) -> int:
     one-hot p gives its argmax; a zero-probability token is never drawn)."""
     noise = gumbel_noise(seed, position, probs.shape[-1]).to(probs.device)
     return int((probs.double().log() + noise).argmax())
+
+
+def draw_tokens(scores: list[Tensor], params: list[SamplingParams], seeds: list[int],
+                starts: list[int]) -> list[list[int]]:
+    """Many requests' draws at once: block b holds logits scores[b] [W_b, V] for positions
+    starts[b] .. starts[b] + W_b - 1 of a request with `params[b]` and seed `seeds[b]`;
+    its row i becomes that request's token for its position: the argmax when greedy, else
+    sample_at's draw from the warped distribution, argmax(log p + G(seed, position)). One
+    argmax over every block and one transfer to the host, whatever mix of settings the
+    requests have (an engine step, a verification, a draft step)."""
+    if not scores:
+        return []
+    with label("sampling"):  # a profiler label (benchmarks/bench_decode.py)
+        keys = []  # [W_b, V] float64 each: what to take the argmax of
+        for logits, p, seed, start in zip(scores, params, seeds, starts):
+            if p.greedy:
+                keys.append(logits.double())
+            else:
+                noise = torch.stack([gumbel_noise(seed, start + i, logits.shape[-1])
+                                     for i in range(logits.shape[0])])
+                keys.append(warp_probs(logits, p).double().log() + noise.to(logits.device))
+        flat = torch.cat(keys).argmax(dim=-1).tolist()
+    bounds = torch.tensor([0] + [len(s) for s in scores]).cumsum(0).tolist()
+    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]

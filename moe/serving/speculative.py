@@ -49,7 +49,7 @@ from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
 from moe.serving.generation import synchronize
 from moe.serving.requests import check_request
-from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
+from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -175,11 +175,8 @@ class DraftProposer:
         logits = logits[torch.arange(len(rows), device=logits.device), last]  # [B, V]
         tokens: list[list[int]] = [[] for _ in seqs]
         for i in range(max(gammas)):
-            if params.greedy:
-                drawn = logits.argmax(dim=-1).tolist()  # [B]
-            else:
-                q = warp_probs(logits, params)  # [B, V]
-                drawn = [sample_at(q[b], seeds[b], len(seq) + i) for b, seq in enumerate(seqs)]
+            drawn = [d for d, in draw_tokens(list(logits[:, None]), [params] * len(seqs), seeds,
+                                             [len(seq) + i for seq in seqs])]  # [B]
             for b, g in enumerate(gammas):
                 if i < g:
                     tokens[b].append(drawn[b])
@@ -231,25 +228,16 @@ class PromptLookupProposer:
 # Verification: the accept / reject rule for one sequence
 # ---------------------------------------------------------------------------------------
 
-def verify(proposals: list[int], p: Tensor, seed: int, start: int) -> tuple[list[int], int]:
-    """proposals (γ) for positions start.., p [γ + 1, V] target probabilities there ->
-    (new tokens, number of proposals accepted): a proposal is accepted while it is the
-    target's own draw for its position (sample_at with the request's seed); the first one
-    that is not is replaced by that draw, and when all pass the draw after them is added."""
-    for i, token in enumerate(proposals):
-        drawn = sample_at(p[i], seed, start + i)
-        if drawn != token:
-            return proposals[:i] + [drawn], i
-    return proposals + [sample_at(p[len(proposals)], seed, start + len(proposals))], len(proposals)
-
-
-def verify_greedy(proposals: list[int], best: list[int]) -> tuple[list[int], int]:
-    """`verify` for greedy requests, without the tensors: best (γ + 1) are the target's
-    argmaxes; proposals pass while they equal them, then the target's choice follows."""
+def accept(proposals: list[int], draws: list[int]) -> tuple[list[int], int]:
+    """proposals (γ) and the target's own draws (γ + 1) for the same positions
+    (moe.serving.sampling.draw_tokens, all rows of a step at once) -> (new tokens, number
+    of proposals accepted): proposals pass while they equal the target's draw; the first
+    one that does not is replaced by the draw, and when all pass the draw after them is
+    added. Greedy and sampled requests alike: a greedy draw is the argmax."""
     n_ok = 0
-    while n_ok < len(proposals) and proposals[n_ok] == best[n_ok]:
+    while n_ok < len(proposals) and proposals[n_ok] == draws[n_ok]:
         n_ok += 1
-    return proposals[:n_ok] + [best[n_ok]], n_ok
+    return proposals[:n_ok] + [draws[n_ok]], n_ok
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,14 +297,13 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         stats.target_time_s += time.perf_counter() - start
         stats.target_calls += 1
 
+        firsts = [len(r) - v - 1 for r, v in zip(rows, valid)]  # output index predicting the first proposal
+        draws = draw_tokens([logits[b, f:f + len(x) + 1] for b, (f, x) in enumerate(zip(firsts, proposals))],
+                            [params] * len(active), [seeds[i] for i in active],
+                            [len(r) for r in rows])  # [γ_b + 1] per row, one host transfer
         finished, all_passed = [], True
         for b, i in enumerate(active):
-            first = len(rows[b]) - valid[b] - 1  # output index that predicts the first proposal
-            scores = logits[b, first:first + len(proposals[b]) + 1]  # [γ + 1, V]
-            if params.greedy:
-                new, n_ok = verify_greedy(proposals[b], scores.argmax(dim=-1).tolist())
-            else:
-                new, n_ok = verify(proposals[b], warp_probs(scores, params), seeds[i], len(rows[b]))
+            new, n_ok = accept(proposals[b], draws[b])
             stats.record_round(len(proposals[b]), n_ok)
             all_passed &= n_ok == len(proposals[b])
             valid[b] = len(rows[b]) + n_ok

@@ -1,6 +1,7 @@
 """Speculative decoding inside continuous batching: every decoding request gets its own γ
-proposals from the draft, the target verifies all of them in the engine's one ragged forward,
-and each request keeps its own number of accepted tokens.
+proposals from the draft (or from prompt lookup, which needs no model), the target verifies
+all of them in the engine's one ragged forward, and each request keeps its own number of
+accepted tokens.
 
 Why a subclass of the engine: scheduling, preemption, prefill chunks, the forward and
 retiring are the same; only two hooks of a step change (moe/serving/engine.py):
@@ -10,11 +11,12 @@ retiring are the same; only two hooks of a step change (moe/serving/engine.py):
                when its KV blocks and length limits allow; the draft, with its own K/V pool
                under the target's block tables (one block manager for both), catches up on
                the tokens it has not seen and samples γ_b tokens per request; each of its
-               forwards is one ragged row of just the requests still proposing
+               forwards is one ragged row of just the requests still proposing. Prompt
+               lookup instead copies what followed the request's last n-gram earlier on
     run        one target forward over all scheduled tokens: prefill chunks, plain decodes,
                and (last token + proposals) of speculating requests
-    verify     each speculating request runs the acceptance rule of
-               moe/serving/speculative.py on its γ_b + 1 rows
+    verify     the target's draws for every request's γ_b + 1 rows at once, then each
+               speculating request runs the acceptance rule of moe/serving/speculative.py
     roll back  a request's cached length grows by 1 + accepted only; its rejected slots are
                simply overwritten later (paged slots are written by position too)
 
@@ -37,34 +39,40 @@ from moe.serving.cache import PagedKVCache
 from moe.serving.engine import Engine, EngineConfig, Scheduled
 from moe.serving.generation import timed_forward
 from moe.serving.requests import Request
-from moe.serving.sampling import sample_at, warp_probs
-from moe.serving.speculative import SpeculativeStats, verify, verify_greedy
+from moe.serving.sampling import draw_tokens
+from moe.serving.speculative import PromptLookupProposer, SpeculativeStats, accept
 
 
 class SpeculativeEngine(Engine):
-    def __init__(self, model: Transformer, draft: Transformer, gamma: int = 4,
+    def __init__(self, model: Transformer, draft: Transformer | None = None, gamma: int = 4,
                  config: EngineConfig | None = None, clock=time.perf_counter,
-                 adaptive: bool = False, max_gamma: int = 16):
-        """With `adaptive`, each request keeps its own γ: one more after a step where all its
+                 adaptive: bool = False, max_gamma: int = 16,
+                 lookup: PromptLookupProposer | None = None):
+        """Proposals from a `draft` model or, without one, from `lookup` (prompt lookup:
+        what followed the latest earlier occurrence of the request's last tokens). With
+        `adaptive`, each request keeps its own γ: one more after a step where all its
         proposals passed, one fewer after a rejection, between 1 and `max_gamma`."""
         super().__init__(model, config, clock)
         if not 1 <= gamma <= max_gamma:
             raise ValueError(f"gamma (tokens proposed per step) must be between 1 and max_gamma = "
                              f"{max_gamma}, got {gamma}")
-        if draft.cfg.vocab_size != model.cfg.vocab_size:
+        if (draft is None) == (lookup is None):
+            raise ValueError("give exactly one of draft= (a model) or lookup= (a PromptLookupProposer)")
+        if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
             raise ValueError(f"draft vocab_size {draft.cfg.vocab_size} differs from the target's "
                              f"{model.cfg.vocab_size}; the draft must share the tokenizer")
-        self.draft, self.gamma = draft, gamma
+        self.draft, self.lookup, self.gamma = draft, lookup, gamma
         self.adaptive, self.max_gamma = adaptive, max_gamma
         self.wanted: dict[int, int] = {}  # request id -> its own γ (adaptive)
-        # The draft catches up on a request from its first token, writing its K/V into the
-        # request's blocks: blocks shared through the prefix cache must not be written.
-        self.blocks.prefix_caching = False
-        param = next(draft.parameters())
-        self.draft_cache = PagedKVCache(draft.cfg, self.blocks.num_blocks, self.blocks.block_size,
-                                        param.device, param.dtype)  # the target's block tables
         self.draft_cached: dict[int, int] = {}  # request id -> draft cache slots that agree
         self.stats = SpeculativeStats()
+        if draft is not None:
+            # The draft catches up on a request from its first token, writing its K/V into the
+            # request's blocks: blocks shared through the prefix cache must not be written.
+            self.blocks.prefix_caching = False
+            param = next(draft.parameters())
+            self.draft_cache = PagedKVCache(draft.cfg, self.blocks.num_blocks, self.blocks.block_size,
+                                            param.device, param.dtype)  # the target's block tables
 
     def forget(self, request: Request) -> None:
         self.draft_cached.pop(request.request_id, None)
@@ -99,7 +107,7 @@ class SpeculativeEngine(Engine):
 
     def propose(self, scheduled: list[Scheduled]) -> None:
         """γ_b tokens per decoding request, each the draft's draw for its position with the
-        request's own noise (sample_at), so it matches the target's draw wherever the two
+        request's own noise (draw_tokens), so it matches the target's draw wherever the two
         distributions allow."""
         gammas: dict[int, int] = {}
         for s in scheduled:
@@ -110,16 +118,18 @@ class SpeculativeEngine(Engine):
                     gammas[request.request_id] = gamma
                     self.blocks.reserve(request.request_id, request.num_cached + 1 + gamma)
         speculating = {s.request.request_id: s for s in scheduled if s.request.request_id in gammas}
+        if self.lookup is not None:  # no model: up to γ_b tokens each, often fewer or none
+            for rid, s in speculating.items():
+                s.proposals.extend(self.lookup.lookup(s.request.tokens, gammas[rid]))
+            return
         rows = [(s.request, s.request.tokens[self.draft_cached.get(rid, 0):],
                  self.draft_cached.get(rid, 0)) for rid, s in speculating.items()]
         for i in range(max(gammas.values(), default=0)):
             logits = self._draft_forward(rows)  # [R, V]
-            for b, (request, _, _) in enumerate(rows):
-                if request.params.greedy:
-                    token = int(logits[b].argmax())
-                else:
-                    q = warp_probs(logits[b], request.params)  # [V]
-                    token = sample_at(q, request.seed, len(request.tokens) + i)
+            requests = [request for request, _, _ in rows]
+            drawn = draw_tokens(list(logits[:, None]), [r.params for r in requests], [r.seed for r in requests],
+                                [len(r.tokens) + i for r in requests])  # one host transfer per draft step
+            for request, (token,) in zip(requests, drawn):
                 speculating[request.request_id].proposals.append(token)
             rows = [(r, [speculating[r.request_id].proposals[-1]], len(r.tokens) + i)
                     for r, _, _ in rows if gammas[r.request_id] > i + 1]
@@ -138,16 +148,11 @@ class SpeculativeEngine(Engine):
 
     def verify(self, completing: list[tuple[Scheduled, Tensor]]) -> list[tuple[list[int], int]]:
         """The acceptance rule per request on its [γ + 1, V] rows (one token when it
-        proposed nothing)."""
-        results = []
-        for s, scores in completing:
-            params = s.request.params
-            if params.greedy:
-                results.append(verify_greedy(s.proposals, scores.argmax(dim=-1).tolist()))
-            else:
-                results.append(verify(s.proposals, warp_probs(scores, params), s.request.seed,
-                                      len(s.request.tokens)))
-        return results
+        proposed nothing); the target's draws for every request in one host transfer."""
+        requests = [s.request for s, _ in completing]
+        draws = draw_tokens([scores for _, scores in completing], [r.params for r in requests],
+                            [r.seed for r in requests], [len(r.tokens) for r in requests])
+        return [accept(s.proposals, d) for (s, _), d in zip(completing, draws)]
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:
         rid = scheduled.request.request_id

@@ -23,9 +23,10 @@ import torch
 
 from moe.model.transformer import Transformer
 from moe.serving.cache import KVCache
-from moe.serving.generation import decode_step, prefill
+from moe.serving.generation import prefill
+from moe.serving.static_decode import DecodeStep
 from moe.serving.requests import Request
-from moe.serving.sampling import draw_seed, sample_at, warp_probs
+from moe.serving.sampling import draw_seed, draw_tokens
 from moe.serving.stopping import finish_reason
 
 
@@ -44,19 +45,18 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
         request.status, request.seed = "running", draw_seed(request.params)
     cache = KVCache(cfg, n, cfg.max_seq_len, param.device, param.dtype)
     logits = prefill(model, tokens.to(param.device), cache)  # [B, T, V]
+    step = DecodeStep(model, cache)
     logits = logits[torch.arange(n), (lengths - 1).to(param.device)]  # [B, V]
     live_per_step = []
     while True:
         live = [r for r in batch if r.status == "running"]
         live_per_step.append(len(live))
-        next_tokens = logits.argmax(dim=-1).tolist()  # [B]
+        next_tokens = draw_tokens(list(logits[:, None]), [r.params for r in batch], [r.seed for r in batch],
+                                  [len(r.tokens) for r in batch])  # [B] of [token]
         now = clock()
-        for row, request in enumerate(batch):
+        for (token,), request in zip(next_tokens, batch):
             if request.status != "running":
                 continue
-            token = next_tokens[row]
-            if not request.params.greedy:
-                token = sample_at(warp_probs(logits[row], request.params), request.seed, len(request.tokens))
             request.output.append(token)
             request.token_times.append(now)
             if request.first_token_time is None:
@@ -71,4 +71,4 @@ def run_static_batch(model: Transformer, batch: list[Request], clock=time.perf_c
         last = torch.tensor([r.tokens[-1] for r in batch], device=param.device)  # [B]
         positions = torch.tensor([min(len(r.tokens) - 1, cfg.max_seq_len - 1) for r in batch],
                                  device=param.device)  # [B]
-        logits = decode_step(model, last, positions, cache)  # [B, V]
+        logits = step(last, positions)  # [B, V]
