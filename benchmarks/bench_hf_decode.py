@@ -17,6 +17,7 @@ interleaved (eager, compiled, theirs, eager, ...) so background load hits all al
 best repeat of each is kept, and the figures are ratios of tokens/s, at batch 1 and 8.
 
     python benchmarks/bench_hf_decode.py            # CPU, 2 threads
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/bench_hf_decode.py   # a cold compile
     python benchmarks/bench_hf_decode.py --quick    # fewer tokens and repeats
 
 Results go to benchmarks/results/hf_decode_cpu.json.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -151,6 +153,9 @@ def main() -> None:
 
     result = {"benchmark": "greedy decode, tiny random Mixtral, ours (eager, compiled) vs transformers.generate",
               "command": "python " + " ".join(sys.argv),
+              "inductor_cache": ("fresh: TORCHINDUCTOR_CACHE_DIR=" + os.environ["TORCHINDUCTOR_CACHE_DIR"]
+                                 if "TORCHINDUCTOR_CACHE_DIR" in os.environ
+                                 else "the default one, warm after a first run (compile_s is then lower)"),
               "device": "cpu", "threads": args.threads, "dtype": "float32",
               "mixtral_config": MIXTRAL,
               "transformers_attention": reference.config._attn_implementation,

@@ -172,9 +172,8 @@ def paged_layout(tables: list[list[int]], query_lens: list[int], seq_lens: list[
     prefill chunk beside 15 decodes cost a 240 x 240 and a 15 x 1 x S score grid, not
     16 x 240 x 240."""
     width = max(len(t) for t in tables)
-    block_tables = torch.zeros(len(tables), width, dtype=torch.int32)  # [B, MB]; padding -> block 0
-    for b, table in enumerate(tables):
-        block_tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                dtype=torch.int32)  # [B, MB]; padding -> block 0
     starts = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     by_length: dict[int, list[int]] = {}
@@ -183,7 +182,7 @@ def paged_layout(tables: list[list[int]], query_lens: list[int], seq_lens: list[
             by_length.setdefault(n_new, []).append(b)
     groups = []
     for n_new, members in by_length.items():
-        index = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + n_new) for b in members])
+        index = (starts[members][:, None] + torch.arange(n_new)).reshape(-1)  # [B_g * n_new] query rows
         group_width = max(len(tables[b]) for b in members)
         group_starts = torch.arange(0, (len(members) + 1) * n_new, n_new, dtype=torch.int32,
                                     device=device)  # [B_g + 1]

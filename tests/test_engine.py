@@ -238,3 +238,25 @@ def test_abort_frees_blocks_and_finished_requests_are_handed_off(model, alone):
 def test_engine_settings_below_one_are_refused_not_read_as_the_default(key):
     with pytest.raises(ValueError, match=f"engine.{key} must be at least 1"):
         EngineConfig(**{key: 0})
+
+
+def test_token_range_reads_the_sequence_without_building_it():
+    from moe.serving.requests import Request
+    request = Request(0, [1, 2, 3], SamplingParams(), output=[4, 5])
+    for start in range(6):
+        for stop in range(start, 7):
+            assert request.token_range(start, stop) == request.tokens[start:stop]
+    assert request.length == len(request.tokens) == 5
+
+
+def test_a_profiled_engine_step_names_where_its_time_goes(make_model):
+    from torch.profiler import profile
+    from moe.profiling import label
+    engine = Engine(make_model(), EngineConfig(max_num_seqs=2))
+    for prompt in ([3, 4, 5], [6, 7]):
+        engine.add_request(prompt, SamplingParams(temperature=0.8, max_new_tokens=3, seed=1, ignore_eos=True))
+    with profile() as prof:
+        engine.step()
+    names = {event.key for event in prof.key_averages()}
+    assert {"schedule", "layout", "attention", "router", "dispatch", "sampling", "postprocess"} <= names
+    assert type(label("x")).__name__ == "nullcontext"  # no profiler: a label costs nothing

@@ -94,12 +94,6 @@ class BlockManager:
                 else:
                     self.free_blocks.append(block)
 
-    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
-        """Pool slots of positions start .. end - 1 of `seq_id` (blocks already reserved)."""
-        table = self.tables[seq_id]
-        return [table[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(start, end)]
-
     # -- prefix caching ----------------------------------------------------------------
 
     def _name(self, parent: int | None, tokens: tuple[int, ...]) -> int:

@@ -112,11 +112,16 @@ class PagedKVCache:
         if blocks.num_blocks != self.num_blocks or blocks.block_size != self.block_size:
             raise ValueError(f"block manager of {blocks.num_blocks} x {blocks.block_size} does not "
                              f"match this pool of {self.num_blocks} x {self.block_size}")
-        slots = [slot for seq, n_new, n_all in zip(seq_ids, query_lens, seq_lens)
-                 for slot in blocks.slots(seq, n_all - n_new, n_all)]
-        self.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.k.device)  # [N]
         self.layout = paged_layout([blocks.tables[s] for s in seq_ids], query_lens, seq_lens,
                                    self.block_size, self.k.device)
+        # the pool slot of every new token, from the layout's tensors (no loop over tokens)
+        new = torch.tensor(query_lens, device=self.k.device)  # [B]
+        seq_of = torch.repeat_interleave(torch.arange(len(seq_ids), device=self.k.device), new)  # [N]
+        first = self.layout.seq_lens.long() - new  # [B] position of each sequence's first new token
+        position = first[seq_of] + torch.arange(len(seq_of), device=self.k.device) \
+            - self.layout.query_start[:-1].long()[seq_of]  # [N]
+        block = self.layout.block_tables[seq_of, position // self.block_size].long()  # [N]
+        self.slot_mapping = block * self.block_size + position % self.block_size  # [N]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""

@@ -90,12 +90,12 @@ class Scheduled:
     @property
     def tokens(self) -> list[int]:
         start = self.request.num_cached
-        return self.request.tokens[start:start + self.n] + self.proposals
+        return self.request.token_range(start, start + self.n) + self.proposals
 
     @property
     def completes(self) -> bool:
         """Whether this step caches the request's last pending token (so it takes new ones)."""
-        return self.request.num_cached + self.n == len(self.request.tokens)
+        return self.request.num_cached + self.n == self.request.length
 
 
 class Engine:
@@ -212,7 +212,7 @@ class Engine:
 
     def _pending(self, request: Request, budget: int) -> int:
         chunk = self.config.prefill_chunk or budget
-        return min(len(request.tokens) - request.num_cached, budget, chunk)
+        return min(request.length - request.num_cached, budget, chunk)
 
     def preempt(self, request: Request) -> None:
         self.forget(request)
@@ -288,7 +288,7 @@ class Engine:
 
     def postprocess(self, scheduled: list[Scheduled], logits: Tensor) -> list[tuple[Request, int]]:
         """Cache what ran, take each finishing request's new tokens, retire the finished."""
-        ends = torch.tensor([len(s.tokens) for s in scheduled]).cumsum(0).tolist()
+        ends = torch.tensor([s.n + len(s.proposals) for s in scheduled]).cumsum(0).tolist()
         completing = [(s, logits[end - len(s.proposals) - 1:end])  # [1 + γ, V] from the last known token
                       for s, end in zip(scheduled, ends) if s.completes]
         for s in scheduled:
@@ -298,7 +298,7 @@ class Engine:
         now, emitted = self.clock(), []
         for (s, scores), (new, n_ok) in zip(completing, self.verify(completing)):
             request = s.request
-            known = len(request.tokens)
+            known = request.length
             request.num_cached += s.n + n_ok
             request.output += new
             self.name_full_blocks(request)
@@ -332,7 +332,7 @@ class Engine:
         (argmax when greedy), all requests in one argmax and one host transfer."""
         requests = [s.request for s, _ in completing]
         drawn = draw_tokens([scores[-1:] for _, scores in completing], [r.params for r in requests],
-                            [r.seed for r in requests], [len(r.tokens) for r in requests])
+                            [r.seed for r in requests], [r.length for r in requests])
         return [(tokens, 0) for tokens in drawn]
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:

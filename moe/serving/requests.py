@@ -38,7 +38,21 @@ class Request:
 
     @property
     def tokens(self) -> list[int]:
+        """prompt + output: a new list each time; a step needs `length` or `token_range`."""
         return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        """len(tokens), without building it."""
+        return len(self.prompt) + len(self.output)
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """tokens[start:stop], copying only those (a decode step reads one token, not the
+        whole sequence)."""
+        n = len(self.prompt)
+        if start >= n:
+            return self.output[start - n:stop - n]
+        return self.prompt[start:stop] + self.output[:max(0, stop - n)]
 
     @property
     def text(self) -> str:

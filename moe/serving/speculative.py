@@ -175,8 +175,8 @@ class DraftProposer:
         logits = logits[torch.arange(len(rows), device=logits.device), last]  # [B, V]
         tokens: list[list[int]] = [[] for _ in seqs]
         for i in range(max(gammas)):
-            drawn = [d for d, in draw_tokens(list(logits[:, None]), [params] * len(seqs), seeds,
-                                             [len(seq) + i for seq in seqs])]  # [B]
+            drawn = [block[0] for block in draw_tokens(list(logits[:, None]), [params] * len(seqs), seeds,
+                                                       [len(seq) + i for seq in seqs])]  # [B]
             for b, g in enumerate(gammas):
                 if i < g:
                     tokens[b].append(drawn[b])

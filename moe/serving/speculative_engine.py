@@ -85,7 +85,7 @@ class SpeculativeEngine(Engine):
         The draft writes positions up to len(tokens) + γ - 2, inside what the target holds."""
         wanted = self.wanted.get(request.request_id, self.gamma)
         self.stats.gammas.append(wanted)
-        gamma = min(wanted, self.cfg.max_seq_len - len(request.tokens) - 1,
+        gamma = min(wanted, self.cfg.max_seq_len - request.length - 1,
                     request.params.max_new_tokens - len(request.output) - 1)
         while gamma > 0 and not self.blocks.can_hold(request.request_id, request.num_cached + 1 + gamma):
             gamma -= 1
@@ -122,20 +122,20 @@ class SpeculativeEngine(Engine):
             for rid, s in speculating.items():
                 s.proposals.extend(self.lookup.lookup(s.request.tokens, gammas[rid]))
             return
-        rows = [(s.request, s.request.tokens[self.draft_cached.get(rid, 0):],
+        rows = [(s.request, s.request.token_range(self.draft_cached.get(rid, 0), s.request.length),
                  self.draft_cached.get(rid, 0)) for rid, s in speculating.items()]
         for i in range(max(gammas.values(), default=0)):
             logits = self._draft_forward(rows)  # [R, V]
             requests = [request for request, _, _ in rows]
             drawn = draw_tokens(list(logits[:, None]), [r.params for r in requests], [r.seed for r in requests],
-                                [len(r.tokens) + i for r in requests])  # one host transfer per draft step
+                                [r.length + i for r in requests])  # one host transfer per draft step
             for request, (token,) in zip(requests, drawn):
                 speculating[request.request_id].proposals.append(token)
-            rows = [(r, [speculating[r.request_id].proposals[-1]], len(r.tokens) + i)
+            rows = [(r, [speculating[r.request_id].proposals[-1]], r.length + i)
                     for r, _, _ in rows if gammas[r.request_id] > i + 1]
         for s in speculating.values():
             rid = s.request.request_id
-            self.draft_cached[rid] = len(s.request.tokens) + gammas[rid] - 1
+            self.draft_cached[rid] = s.request.length + gammas[rid] - 1
 
     # -- run and verify ------------------------------------------------------------------
 
@@ -151,7 +151,7 @@ class SpeculativeEngine(Engine):
         proposed nothing); the target's draws for every request in one host transfer."""
         requests = [s.request for s, _ in completing]
         draws = draw_tokens([scores for _, scores in completing], [r.params for r in requests],
-                            [r.seed for r in requests], [len(r.tokens) for r in requests])
+                            [r.seed for r in requests], [r.length for r in requests])
         return [accept(s.proposals, d) for (s, _), d in zip(completing, draws)]
 
     def accepted(self, scheduled: Scheduled, n_ok: int, n_kept: int) -> None:
