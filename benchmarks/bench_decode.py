@@ -19,6 +19,7 @@ something on a named GPU):
               as a share of the measured time per token.
 
     .venv/bin/python benchmarks/bench_decode.py --ckpt runs/tiny --threads 2
+    python3 benchmarks/bench_decode.py --ckpt runs/tiny      # on a GPU: there by default
 
 Writes benchmarks/results/decode_cpu.json (decode_gpu.json on a GPU, with its name).
 """
@@ -42,7 +43,7 @@ from moe.io.checkpoint import load_model
 from moe.model.transformer import Transformer, count_parameters
 from moe.serving.cache import KVCache
 from moe.serving.engine import Engine, EngineConfig
-from moe.serving.generation import prefill
+from moe.serving.generation import prefill, synchronize
 from moe.serving.sampling import SamplingParams
 from moe.serving.static_decode import DecodeStep
 
@@ -52,30 +53,31 @@ LARGE = dict(vocab_size=4096, d_model=1024, n_layers=8, n_heads=8, n_kv_heads=1,
              n_experts=16, experts_per_token=2, max_seq_len=256)
 
 
-def best_median(fn, repeats: int, inner: int) -> float:
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(seconds one call of fn takes, the device's queued work included; what it returned)."""
+    synchronize(device)
+    began = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - began, result
+
+
+def best_median(fn, repeats: int, inner: int, device: torch.device) -> float:
     """The lowest, over `repeats` blocks, of the median time of `inner` calls of fn."""
-    blocks = []
-    for _ in range(repeats):
-        times = []
-        for _ in range(inner):
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-        blocks.append(statistics.median(times))
-    return min(blocks)
+    return min(statistics.median(timed(fn, device)[0] for _ in range(inner)) for _ in range(repeats))
 
 
 @torch.no_grad()
-def bench_dispatch(repeats: int) -> list[dict]:
+def bench_dispatch(repeats: int, device: torch.device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     n_experts, d_model, d_hidden = 16, 128, 128
-    w_in = torch.randn(n_experts, d_model, 2 * d_hidden, generator=g) * 0.1
-    w_out = torch.randn(n_experts, d_hidden, d_model, generator=g) * 0.1
+    w_in = (torch.randn(n_experts, d_model, 2 * d_hidden, generator=g) * 0.1).to(device)
+    w_out = (torch.randn(n_experts, d_hidden, d_model, generator=g) * 0.1).to(device)
     rows = []
     for n in (1, 2, 8, 16, 64, 256):
-        x = torch.randn(n, d_model, generator=g)
-        ids = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(n)])  # [N, 2]
-        weights = torch.rand(n, 2, generator=g)
+        x = torch.randn(n, d_model, generator=g).to(device)
+        ids = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(n)]).to(device)  # [N, 2]
+        weights = torch.rand(n, 2, generator=g).to(device)
         forms = {"sorted": lambda: dispatch_and_combine(x, ids, weights, w_in, w_out, None),
                  "dense": lambda: dispatch_dense(x, ids, weights, w_in, w_out),
                  "gathered": lambda: dispatch_gathered(x, ids, weights, w_in, w_out)}
@@ -83,7 +85,7 @@ def bench_dispatch(repeats: int) -> list[dict]:
         row = {"tokens": n}
         for name, form in forms.items():
             torch.testing.assert_close(form()[0], expected, rtol=1e-4, atol=1e-4)
-            row[f"{name}_us"] = 1e6 * best_median(form, repeats, 50)
+            row[f"{name}_us"] = 1e6 * best_median(form, repeats, 50, device)
         row["dense_over_sorted"] = row["dense_us"] / row["sorted_us"]
         rows.append(row)
         print(f"dispatch N {n:3d}: " + ", ".join(f"{k} {row[f'{k}_us']:.0f} us" for k in forms), flush=True)
@@ -105,6 +107,7 @@ def bench_engine(model: Transformer, slots: int, repeats: int, prompt_len: int =
     tokens over a contiguous cache at the same positions, and the step's profile split."""
     new_tokens = steps + 8
     config = EngineConfig(max_num_seqs=slots, max_num_batched_tokens=slots * prompt_len)
+    device = next(model.parameters()).device
 
     def decoding_engine() -> Engine:
         engine = Engine(model, config)
@@ -116,24 +119,19 @@ def bench_engine(model: Transformer, slots: int, repeats: int, prompt_len: int =
     engine_times, bare_times = [], []
     for _ in range(repeats):
         engine = decoding_engine()
-        times = []
-        for _ in range(steps):
-            began = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - began)
-        engine_times.append(statistics.median(times))
-        cache = KVCache(model.cfg, slots, prompt_len + new_tokens)
-        prompts = torch.tensor(engine_requests(Engine(model, config), slots, prompt_len, 1, model.cfg.vocab_size))
+        cache = KVCache(model.cfg, slots, prompt_len + new_tokens, device, next(model.parameters()).dtype)
+        prompts = torch.tensor(engine_requests(Engine(model, config), slots, prompt_len, 1, model.cfg.vocab_size),
+                               device=device)
         prefill(model, prompts, cache)
         step = DecodeStep(model, cache)
-        tokens = torch.zeros(slots, dtype=torch.long)
-        times = []
-        for i in range(steps):
-            positions = torch.full((slots,), prompt_len + i)
-            began = time.perf_counter()
-            step(tokens, positions)
-            times.append(time.perf_counter() - began)
-        bare_times.append(statistics.median(times))
+        tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        engine_step, bare_step = [], []
+        for i in range(steps):  # alternating, so both see the same background load
+            engine_step.append(timed(engine.step, device)[0])
+            positions = torch.full((slots,), prompt_len + i, device=device)
+            bare_step.append(timed(lambda: step(tokens, positions), device)[0])
+        engine_times.append(statistics.median(engine_step))
+        bare_times.append(statistics.median(bare_step))
     engine = decoding_engine()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -163,40 +161,51 @@ def last_level_cache() -> int | None:
 
 
 @torch.no_grad()
-def bench_roofline(threads: int, tokens: int) -> dict:
+def bench_roofline(threads: int, tokens: int, device: torch.device) -> dict:
     """Batch-1 greedy decode of the LARGE config: measured ms per token against the time to
-    read, once per token, the weights it uses (all but the routed experts, plus the experts
-    its routing actually picked) and its KV cache, at the measured copy bandwidth."""
-    hw = measure_hardware("cpu")
+    read, once per token, the weights it uses (all but the routed experts, plus the K
+    experts per layer its routing picked) and its KV cache, at the measured copy bandwidth.
+    On a GPU the weights are bf16 and the step is compiled (CUDA graphs): eager launches
+    alone would take longer than reading the bytes."""
+    cuda = device.type == "cuda"
     cfg = ModelConfig(**LARGE, kernel_backend="torch")
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = Transformer(cfg).to(device, dtype).eval()
     counts = count_parameters(cfg)
     per_expert = 3 * cfg.d_model * cfg.d_expert
-    prompt_len = 16
-    cache = KVCache(cfg, 1, prompt_len + tokens + 1)
+    prompt_len, size = 16, torch.tensor([], dtype=dtype).element_size()
+    cache = KVCache(cfg, 1, prompt_len + tokens + 1, device, dtype)
     prompt = torch.randint(3, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    token = prefill(model, prompt, cache)[:, -1].argmax(-1)
-    step = DecodeStep(model, cache)
-    times = []
-    for i in range(tokens):
-        began = time.perf_counter()
-        logits = step(token, torch.tensor([prompt_len + i]))
-        times.append(time.perf_counter() - began)
+    token = prefill(model, prompt.to(device), cache)[:, -1].argmax(-1)
+    step = DecodeStep(model, cache, compile=cuda)
+    for _ in range(3):  # compiles, then records the CUDA graph; writes position prompt_len again below
+        step(token, torch.tensor([prompt_len], device=device))
+    times, bandwidths = [], []
+    for i in range(tokens):  # the bandwidth measured between tokens: both under the same load
+        if i % 4 == 0:
+            bandwidths.append(measure_hardware(device.type).bandwidth)
+        position = torch.tensor([prompt_len + i], device=device)
+        seconds, logits = timed(lambda: step(token, position), device)
+        times.append(seconds)
         token = logits.argmax(-1)
+    bandwidth = statistics.median(bandwidths)
     touched = cfg.experts_per_token * len(cfg.moe_layers)  # one token: exactly K distinct per layer
     context = prompt_len + tokens / 2
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * 4
-    weight_bytes = ((counts.total - counts.experts) + touched * per_expert) * 4
-    measured = statistics.median(times[2:]) if len(times) > 4 else statistics.median(times)
-    roofline = (weight_bytes + kv_bytes) / hw.bandwidth
-    result = {"config": LARGE, "total_params": counts.total, "weight_bytes_total": counts.total * 4,
-              "last_level_cache_bytes": last_level_cache(), "threads": threads,
-              "copy_bandwidth_bytes_per_s": hw.bandwidth, "experts_touched_per_token": touched,
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * size
+    weight_bytes = ((counts.total - counts.experts) + touched * per_expert) * size
+    measured = statistics.median(times)
+    roofline = (weight_bytes + kv_bytes) / bandwidth
+    result = {"config": LARGE, "dtype": str(dtype), "compiled": cuda, "total_params": counts.total,
+              "weight_bytes_total": counts.total * size,
+              "last_level_cache_bytes": (torch.cuda.get_device_properties(device).L2_cache_size
+                                         if cuda else last_level_cache()), "threads": threads,
+              "copy_bandwidth_bytes_per_s": bandwidth, "experts_touched_per_token": touched,
               "bytes_read_per_token": weight_bytes + kv_bytes, "measured_ms_per_token": 1e3 * measured,
-              "roofline_ms_per_token": 1e3 * roofline, "share_of_roofline": roofline / measured}
+              "roofline_ms_per_token": 1e3 * roofline, "share_of_roofline": roofline / measured,
+              "compile_s": step.compile_seconds}
     print(f"roofline: {result['bytes_read_per_token'] / 1e6:.0f} MB per token at "
-          f"{hw.bandwidth / 1e9:.1f} GB/s = {1e3 * roofline:.1f} ms; measured {1e3 * measured:.1f} ms; "
+          f"{bandwidth / 1e9:.1f} GB/s = {1e3 * roofline:.1f} ms; measured {1e3 * measured:.1f} ms; "
           f"{result['share_of_roofline']:.0%} of the roofline", flush=True)
     return result
 
@@ -209,20 +218,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--roofline-tokens", type=int, default=12)
     parser.add_argument("--skip", nargs="*", default=[], choices=["dispatch", "engine", "roofline"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = "cpu"
-    result = {"command": "python " + " ".join(sys.argv), "device": device, "threads": args.threads,
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"command": "python " + " ".join(sys.argv), "device": name, "threads": args.threads,
               "checkpoint": args.ckpt}
     if "dispatch" not in args.skip:
-        result["dispatch"] = bench_dispatch(args.repeats)
+        result["dispatch"] = bench_dispatch(args.repeats, device)
     if "engine" not in args.skip:
-        model = load_model(args.ckpt).eval()
+        model = load_model(args.ckpt, device).eval()
         result["engine"] = [bench_engine(model, slots, args.repeats) for slots in args.slots]
     if "roofline" not in args.skip:
-        result["roofline"] = bench_roofline(args.threads, args.roofline_tokens)
-    out = Path(args.out or f"benchmarks/results/decode_{device}.json")
+        result["roofline"] = bench_roofline(args.threads, args.roofline_tokens, device)
+    out = Path(args.out or f"benchmarks/results/decode_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
