@@ -73,6 +73,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         default=ENGINE_DEFAULTS.prefix_caching,
                         help="recompute every prompt in full (default: reuse cached prefix blocks)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step first: --prompt's, or the engine's all-decode "
+                             "steps (pays for long runs; the compile time is printed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
                         help="weights and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -118,7 +121,8 @@ def engine_settings(args) -> dict:
     """EngineConfig's fields from the engine flags, all but max_num_seqs (--max-num-seqs or --slots)."""
     return dict(max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk=args.prefill_chunk,
                 block_size=args.block_size, num_blocks=args.num_blocks,
-                kv_cache_bytes=mb_to_bytes(args.kv_cache_mb), prefix_caching=args.prefix_caching)
+                kv_cache_bytes=mb_to_bytes(args.kv_cache_mb), prefix_caching=args.prefix_caching,
+                compile=args.compile)
 
 
 def build_model(args) -> tuple[Transformer, str]:
@@ -261,6 +265,9 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
             sink.close()
     if out:
         print(f"{counts['results']} results -> {out} ({counts['refused']} refused)")
+    if engine.decode_graph is not None and engine.decode_graph.compile_seconds is not None:
+        print(f"[compile: the engine's decode step compiled in {engine.decode_graph.compile_seconds:.1f} s]",
+              file=sys.stderr)
     if draft is not None or prompt_lookup:  # the speculative statistics, as --prompt prints them
         print(json.dumps(engine.stats.as_dict()), file=sys.stderr)
 
@@ -299,13 +306,11 @@ def main_generate(argv: list[str]) -> None:
                         help="speculative decoding without a draft: propose from earlier text")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
-    parser.add_argument("--compile", action="store_true",
-                        help="--prompt: torch.compile the decode step first (pays for long outputs)")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
-    if args.compile and (args.prompt_file is not None or args.draft or args.prompt_lookup):
-        raise ValueError("--compile compiles the plain decode step of --prompt; the engine (--prompt-file) "
-                         "and speculative decoding run eager: drop --compile or those flags")
+    if args.compile and args.prompt is not None and (args.draft or args.prompt_lookup):
+        raise ValueError("--compile with --prompt compiles the plain decode step, and speculative decoding "
+                         "of one prompt runs eager: drop --compile, or use --prompt-file")
     if args.draft and args.prompt_lookup:
         raise ValueError("--draft and --prompt-lookup are two ways to propose tokens: give one")
     if args.adaptive and not (args.draft or args.prompt_lookup):

@@ -10,9 +10,10 @@ something on a named GPU):
               expert's weights; what a compiled step runs). kernels/ops.py picks dense
               for few tokens through small experts from these figures.
 2. engine     the engine's step at 8 and 16 slots, every request decoding, on the trained
-              tiny model, against a bare batched forward of the same tokens over a
-              contiguous cache; and the step split by the profiler labels the code carries
-              (schedule, layout, attention, router, dispatch, sampling, postprocess).
+              tiny model, eager and with its compiled all-decode step, against a bare
+              batched forward of the same tokens over a contiguous cache; and the eager
+              step split by the profiler labels the code carries (schedule, layout,
+              attention, router, dispatch, sampling, postprocess).
 3. roofline   decode at batch 1 on a large config (weights at least 4x this machine's
               last-level cache): bytes of weights and KV read per token over the copy
               bandwidth measured in the same run (moe.cost.hardware.measure_hardware),
@@ -43,7 +44,8 @@ from moe.io.checkpoint import load_model
 from moe.model.transformer import Transformer, count_parameters
 from moe.serving.cache import KVCache
 from moe.serving.engine import Engine, EngineConfig
-from moe.serving.generation import prefill, synchronize
+from moe.profiling import synchronize
+from moe.serving.generation import prefill
 from moe.serving.sampling import SamplingParams
 from moe.serving.static_decode import DecodeStep
 
@@ -103,50 +105,64 @@ def engine_requests(engine: Engine, slots: int, prompt_len: int, new_tokens: int
 @torch.no_grad()
 def bench_engine(model: Transformer, slots: int, repeats: int, prompt_len: int = 64,
                  steps: int = 24) -> dict:
-    """Median engine step with every slot decoding, against a bare forward of [slots, 1]
-    tokens over a contiguous cache at the same positions, and the step's profile split."""
+    """Median engine step with every slot decoding, eager and with the compiled all-decode
+    step (EngineConfig.compile), against a bare forward of [slots, 1] tokens over a
+    contiguous cache at the same positions, the three timed in turn; and the eager step's
+    profile split."""
     new_tokens = steps + 8
-    config = EngineConfig(max_num_seqs=slots, max_num_batched_tokens=slots * prompt_len)
     device = next(model.parameters()).device
+    engines = {name: Engine(model, EngineConfig(max_num_seqs=slots, max_num_batched_tokens=slots * prompt_len,
+                                                compile=name == "compiled"))
+               for name in ("eager", "compiled")}
 
-    def decoding_engine() -> Engine:
-        engine = Engine(model, config)
+    def start_decoding(engine: Engine) -> None:
         engine_requests(engine, slots, prompt_len, new_tokens, model.cfg.vocab_size)
         while not all(r.output for r in engine.running) or len(engine.running) < slots:
             engine.step()  # prefill: every request takes its first token
-        return engine
+        engine.step()  # the first all-decode step (the compiled engine compiles here)
 
-    engine_times, bare_times = [], []
+    times = {"eager": [], "compiled": [], "bare": []}
     for _ in range(repeats):
-        engine = decoding_engine()
+        for engine in engines.values():
+            start_decoding(engine)
         cache = KVCache(model.cfg, slots, prompt_len + new_tokens, device, next(model.parameters()).dtype)
-        prompts = torch.tensor(engine_requests(Engine(model, config), slots, prompt_len, 1, model.cfg.vocab_size),
+        prompts = torch.tensor(engine_requests(Engine(model), slots, prompt_len, 1, model.cfg.vocab_size),
                                device=device)
         prefill(model, prompts, cache)
         step = DecodeStep(model, cache)
         tokens = torch.zeros(slots, dtype=torch.long, device=device)
-        engine_step, bare_step = [], []
-        for i in range(steps):  # alternating, so both see the same background load
-            engine_step.append(timed(engine.step, device)[0])
+        block = {name: [] for name in times}
+        for i in range(steps):  # in turn, so all three see the same background load
+            for name, engine in engines.items():
+                block[name].append(timed(engine.step, device)[0])
             positions = torch.full((slots,), prompt_len + i, device=device)
-            bare_step.append(timed(lambda: step(tokens, positions), device)[0])
-        engine_times.append(statistics.median(engine_step))
-        bare_times.append(statistics.median(bare_step))
-    engine = decoding_engine()
+            block["bare"].append(timed(lambda: step(tokens, positions), device)[0])
+        for name in times:
+            times[name].append(statistics.median(block[name]))
+        for engine in engines.values():
+            engine.run()
+            engine.take_finished()
+    engine = engines["eager"]
+    start_decoding(engine)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
+    engine.run()
     totals = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key in LABELS}  # ms
-    step_ms, bare_ms = 1e3 * min(engine_times), 1e3 * min(bare_times)
+    step_ms, compiled_ms, bare_ms = (1e3 * min(times[name]) for name in ("eager", "compiled", "bare"))
     split = {label: totals.get(label, 0.0) for label in LABELS}
     split["other"] = max(0.0, step_ms - sum(split.values()))
     result = {"slots": slots, "prompt_len": prompt_len, "engine_step_ms": step_ms, "bare_forward_ms": bare_ms,
-              "engine_over_bare": step_ms / bare_ms, "split_ms": split,
-              "split_note": "profiled steps run slower than the timed ones (the profiler's own cost); "
-                            "labels are inclusive: dispatch and router inside the forward, sampling inside postprocess"}
-    print(f"engine {slots} slots: step {step_ms:.2f} ms, bare forward {bare_ms:.2f} ms, "
-          f"{result['engine_over_bare']:.2f}x; split " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()),
-          flush=True)
+              "engine_over_bare": step_ms / bare_ms, "compiled_engine_step_ms": compiled_ms,
+              "compiled_engine_over_bare": compiled_ms / bare_ms,
+              "compile_s": engines["compiled"].decode_graph.compile_seconds, "split_ms": split,
+              "split_note": "of the eager step; profiled steps run slower than the timed ones (the profiler's "
+                            "own cost); labels are inclusive: dispatch and router inside the forward, "
+                            "sampling inside postprocess"}
+    print(f"engine {slots} slots: step {step_ms:.2f} ms eager, {compiled_ms:.2f} ms compiled "
+          f"(compile {result['compile_s']:.1f} s), bare forward {bare_ms:.2f} ms; eager "
+          f"{result['engine_over_bare']:.2f}x, compiled {result['compiled_engine_over_bare']:.2f}x the bare forward; "
+          "split " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()), flush=True)
     return result
 
 

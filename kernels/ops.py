@@ -94,15 +94,17 @@ def expert_dispatch(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor
              if torch.is_autocast_enabled(x.device.type) else x.dtype)
     x, weights = x.to(dtype), weights.to(dtype)
     w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+    inference = capacity is None and not needs_grad(x, weights, w_in, w_out)
+    if inference and torch.compiler.is_compiling():
+        # a compiled decode step (moe/serving/static_decode.py): plain tensor ops, which the
+        # compiler fuses on any device, rather than a Python loop or a kernel launch of ours
+        return dispatch_gathered(x, expert_ids, weights, w_in, w_out)
     if use_triton(backend, x, w_in, has_backward=True):
         dispatch = (dispatch_and_combine_trainable if needs_grad(x, weights, w_in, w_out)
                     else dispatch_and_combine_triton)
         return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
-    if capacity is None and not needs_grad(x, weights, w_in, w_out):
-        if torch.compiler.is_compiling():  # a compiled decode step (moe/serving/static_decode.py)
-            return dispatch_gathered(x, expert_ids, weights, w_in, w_out)
-        if few_tokens_small_experts(x.shape[0], w_in, w_out):
-            return dispatch_dense(x, expert_ids, weights, w_in, w_out)
+    if inference and few_tokens_small_experts(x.shape[0], w_in, w_out):
+        return dispatch_dense(x, expert_ids, weights, w_in, w_out)
     return dispatch_and_combine(x, expert_ids, weights, w_in, w_out, capacity)
 
 

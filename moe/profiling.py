@@ -1,4 +1,5 @@
-"""Profiler labels that cost nothing unless a profiler is recording.
+"""Measuring: profiler labels that cost nothing unless a profiler is recording, and the
+device synchronisation every timed forward needs.
 
 Why: `benchmarks/bench_decode.py` splits a decode step's time into schedule, layout,
 attention, router, dispatch, sampling and postprocess with `torch.profiler`, which needs
@@ -21,3 +22,10 @@ def label(name: str):
     if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
         return nullcontext()
     return record_function(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; CPU needs nothing), so
+    a timer around a forward measures the forward and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

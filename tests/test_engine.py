@@ -260,3 +260,22 @@ def test_a_profiled_engine_step_names_where_its_time_goes(make_model):
     names = {event.key for event in prof.key_averages()}
     assert {"schedule", "layout", "attention", "router", "dispatch", "sampling", "postprocess"} <= names
     assert type(label("x")).__name__ == "nullcontext"  # no profiler: a label costs nothing
+
+
+def test_the_compiled_all_decode_step_serves_what_the_eager_engine_does(make_model):
+    # one graph for every all-decode step: padding rows, padded block tables, the scratch slot;
+    # an 8-block pool for 3 slots forces preemptions in between
+    torch._dynamo.reset()
+    model = make_model(seed=4)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21], [22]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, ignore_eos=True)
+              for i, n in enumerate([12, 5, 14, 9, 11])]
+    outputs = []
+    for compile in (False, True):
+        engine = Engine(model, EngineConfig(max_num_seqs=3, block_size=4, num_blocks=8, compile=compile))
+        requests = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+        engine.run()
+        outputs.append([r.output for r in requests])
+    assert outputs[0] == outputs[1] == [generate(model, p, q) for p, q in zip(prompts, params)]
+    assert engine.preemptions > 0 and engine.decode_graph.compile_seconds is not None

@@ -87,9 +87,12 @@ class PagedKVCache:
                              f"{num_blocks}, block_size={block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kernel_backend = cfg.kernel_backend  # which attention runs: kernels/ops.py
-        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB, bs, G, Dh]
+        # one block more than the block manager hands out: where the padding rows of a
+        # static decode step write (PagedDecodeView), so they never touch a sequence's blocks
+        self.scratch_slot = num_blocks * block_size
+        shape = (cfg.n_layers, num_blocks + 1, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
 
@@ -128,9 +131,33 @@ class PagedKVCache:
         if q.shape[0] != 1 or q.shape[2] != self.slot_mapping.shape[0]:
             raise ValueError(f"a paged step runs one ragged row of {self.slot_mapping.shape[0]}"
                              f" tokens, got q of shape {tuple(q.shape)}; call set_layout first")
-        k_pool, v_pool = self.k[layer], self.v[layer]  # [NB, bs, G, Dh]
+        k_pool, v_pool = self.k[layer], self.v[layer]  # [NB + 1, bs, G, Dh]
         k_pool.view(-1, *k_pool.shape[2:])[self.slot_mapping] = k[0].transpose(0, 1).to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[self.slot_mapping] = v[0].transpose(0, 1).to(v_pool.dtype)
         out = paged_attention(q[0].transpose(0, 1), k_pool, v_pool, self.layout,
                               self.kernel_backend)  # [N, H, Dh], kernels/ops.py
         return out.transpose(0, 1)[None]  # [1, H, N, Dh]
+
+
+class PagedDecodeView:
+    """One decode step of B rows (one new token each) over a PagedKVCache's pool, with
+    shapes that never change: B is the engine's slot count (padding rows write the scratch
+    slot and read one masked key) and every block table is padded to the longest sequence,
+    so one compiled graph serves every all-decode step (moe/serving/static_decode.py).
+
+    slot_mapping [B] pool slot of each new token; block_tables [B, MB]; seq_lens [B]."""
+
+    def __init__(self, cache: PagedKVCache, slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor):
+        self.cache, self.slot_mapping = cache, slot_mapping
+        self.block_tables, self.seq_lens = block_tables, seq_lens
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q [B, H, 1, Dh], k and v [B, G, 1, Dh] -> [B, H, 1, Dh]."""
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # [NB + 1, bs, G, Dh]
+        k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, self.slot_mapping, k[:, :, 0].to(k_pool.dtype))
+        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, self.slot_mapping, v[:, :, 0].to(v_pool.dtype))
+        keys = k_pool[self.block_tables].flatten(1, 2).transpose(1, 2)  # [B, G, MB * bs, Dh]
+        values = v_pool[self.block_tables].flatten(1, 2).transpose(1, 2)
+        slots = torch.arange(keys.shape[2], device=q.device)  # [S]
+        mask = (slots[None, :] < self.seq_lens[:, None])[:, None, :]  # [B, 1, S]
+        return masked_attention(q, keys, values, mask)  # kernels/ops.py

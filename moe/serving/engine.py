@@ -54,6 +54,7 @@ from moe.profiling import label
 from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from moe.serving.generation import timed_forward
+from moe.serving.static_decode import PagedDecodeStep
 from moe.serving.requests import Request, refusal_reason
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
@@ -68,6 +69,7 @@ class EngineConfig:
     num_blocks: int | None = None  # KV pool size; None = max_num_seqs full-length sequences
     kv_cache_bytes: int | None = None  # size the pool from a memory budget instead of num_blocks
     prefix_caching: bool = True  # reuse the K/V of full blocks of a prompt prefix seen before
+    compile: bool = False  # run all-decode steps through one compiled static-shape step (static_decode.py)
 
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -126,6 +128,7 @@ class Engine:
         self.batch_sizes: deque[int] = deque(maxlen=STATS_WINDOW)  # sequences in each step
         self.block_utilisation: deque[float] = deque(maxlen=STATS_WINDOW)  # used / all blocks
         self.forward_time_s = 0.0  # model forwards, device synchronised
+        self.decode_graph = PagedDecodeStep(model, self.cache, self.config.max_num_seqs) if self.config.compile else None
 
     # -- requests ----------------------------------------------------------------------
 
@@ -280,7 +283,11 @@ class Engine:
         self.batch_sizes.append(len(scheduled))
         self.block_utilisation.append(self.blocks.used_blocks / self.blocks.num_blocks)
         self.steps += 1
-        logits, seconds = timed_forward(self.model, tokens, positions, self.cache)
+        if self.decode_graph is not None and len(tokens) == len(scheduled):  # every request decodes one token
+            logits, seconds = self.decode_graph(tokens, positions, [self.blocks.tables[s.request.request_id]
+                                                                    for s in scheduled])
+        else:
+            logits, seconds = timed_forward(self.model, tokens, positions, self.cache)
         self.forward_time_s += seconds
         return logits
 

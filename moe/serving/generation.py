@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from moe.model.transformer import Transformer
+from moe.profiling import synchronize
 from moe.serving.cache import KVCache
 from moe.serving.requests import check_request
 from moe.serving.sampling import SamplingParams, draw_seed, sample_at, warp_probs
@@ -37,12 +38,6 @@ def prefill(model: Transformer, tokens: Tensor, cache) -> Tensor:
     """tokens [B, T] -> logits [B, T, V]; writes K/V of positions 0..T-1 into `cache`."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [B, T]
     return model(tokens, positions, cache).logits
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously; CPU needs nothing)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from moe.model.transformer import Transformer
+from moe.profiling import synchronize
 from moe.serving.cache import KVCache
-from moe.serving.generation import synchronize
 from moe.serving.requests import check_request
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason

@@ -20,21 +20,33 @@ removes the launch cost of each kernel as well. The first call compiles (seconds
 
 Used by plain generation (`moe.serving.generation.stream`, `generate.py --prompt
 --compile`) and `benchmarks/bench_hf_decode.py`. The engine's steps are ragged (prefill
-chunks beside decodes, a batch that changes every step) and stay eager; capturing one
-graph per batch size there is how vLLM does it and is not done here.
+chunks beside decodes, a batch that changes every step), so `PagedDecodeStep` takes only
+its all-decode steps, in one graph padded to the engine's slots and to the longest block
+table (vLLM captures one graph per batch-size bucket instead); the rest stay eager, as do
+speculative rounds, whose widths change every round.
 
 Shapes: B rows, V vocab, S max_len slots.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch import Tensor
 
 from moe.model.transformer import Transformer
-from moe.serving.cache import KVCache
+from moe.serving.cache import KVCache, PagedDecodeView, PagedKVCache
+from moe.profiling import synchronize
+
+
+def compiled(fn, device: torch.device):
+    """torch.compile of a static-shape step: on CUDA captured as a CUDA graph; on a CPU with
+    the kernels called from generated C++ rather than Python (about 0.1 ms less per step
+    for the tiny models here)."""
+    settings = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp_wrapper": True})
+    return torch.compile(fn, fullgraph=True, dynamic=False, **settings)
 
 
 class DecodeStep:
@@ -46,11 +58,7 @@ class DecodeStep:
         self.compile_seconds: float | None = None
         self._step = self._forward
         if compile:
-            # CUDA: captured as a CUDA graph; CPU: the kernels called from generated C++
-            # rather than Python (about 0.1 ms less per step for the tiny models here)
-            cuda = next(model.parameters()).device.type == "cuda"
-            settings = dict(mode="reduce-overhead") if cuda else dict(options={"cpp_wrapper": True})
-            self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, **settings)
+            self._step = compiled(self._forward, next(model.parameters()).device)
 
     @torch.no_grad()
     def _forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
@@ -69,3 +77,42 @@ class DecodeStep:
         logits = self._step(tokens, positions)  # the first call compiles
         self.compile_seconds = time.perf_counter() - began
         return logits
+
+
+class PagedDecodeStep:
+    """The engine's all-decode steps (every running request brings one token) through one
+    compiled graph: `slots` rows always (the engine's max_num_seqs; the rows past the
+    step's requests are padding), block tables padded to the longest sequence the model
+    allows. Steps with prompt chunks or speculative proposals stay eager."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, slots: int):
+        self.model, self.cache, self.slots = model, cache, slots
+        self.device = next(model.parameters()).device
+        self.width = math.ceil(model.cfg.max_seq_len / cache.block_size)  # MB: blocks of the longest sequence
+        self.compile_seconds: float | None = None
+        self._step = compiled(self._forward, self.device)
+
+    @torch.no_grad()
+    def _forward(self, tokens: Tensor, positions: Tensor, slot_mapping: Tensor, block_tables: Tensor,
+                 seq_lens: Tensor) -> Tensor:
+        view = PagedDecodeView(self.cache, slot_mapping, block_tables, seq_lens)
+        return self.model(tokens[:, None], positions[:, None], view).logits[:, 0]  # [slots, V]
+
+    def __call__(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> tuple[Tensor, float]:
+        """One token per request at `positions`, each request's block table -> (logits
+        [len(tokens), V], seconds of the forward, device synchronised)."""
+        n, pad, bs = len(tokens), self.slots - len(tokens), self.cache.block_size
+        slot_mapping = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)] + [self.cache.scratch_slot] * pad
+        padded = [t + [0] * (self.width - len(t)) for t in tables] + [[0] * self.width] * pad
+        args = [torch.tensor(x, device=self.device) for x in (tokens + [0] * pad, positions + [0] * pad,
+                                                             slot_mapping, padded, [p + 1 for p in positions] + [1] * pad)]
+        synchronize(self.device)
+        began = time.perf_counter()
+        if self.compile_seconds is None:
+            logits = self._step(*args)  # the first call compiles
+            self.compile_seconds = time.perf_counter() - began
+        else:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):  # as DecodeStep
+                logits = self._step(*args)
+        synchronize(self.device)
+        return logits[:n], time.perf_counter() - began
