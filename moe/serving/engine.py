@@ -54,9 +54,9 @@ from moe.profiling import label
 from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
 from moe.serving.generation import timed_forward
-from moe.serving.static_decode import PagedDecodeStep
 from moe.serving.requests import Request, refusal_reason
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
+from moe.serving.static_decode import PagedDecodeStep
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -128,7 +128,8 @@ class Engine:
         self.batch_sizes: deque[int] = deque(maxlen=STATS_WINDOW)  # sequences in each step
         self.block_utilisation: deque[float] = deque(maxlen=STATS_WINDOW)  # used / all blocks
         self.forward_time_s = 0.0  # model forwards, device synchronised
-        self.decode_graph = PagedDecodeStep(model, self.cache, self.config.max_num_seqs) if self.config.compile else None
+        self.decode_graph = (PagedDecodeStep(model, self.cache, self.config.max_num_seqs)
+                             if self.config.compile else None)  # all-decode steps, compiled
 
     # -- requests ----------------------------------------------------------------------
 
@@ -278,12 +279,14 @@ class Engine:
                 tokens += new
                 positions += range(s.request.num_cached, s.request.num_cached + len(new))
                 query_lens.append(len(new))
-            self.cache.set_layout(self.blocks, [s.request.request_id for s in scheduled], query_lens,
-                                  [s.request.num_cached + q for s, q in zip(scheduled, query_lens)])
+            all_decode = self.decode_graph is not None and len(tokens) == len(scheduled)  # one token each
+            if not all_decode:
+                self.cache.set_layout(self.blocks, [s.request.request_id for s in scheduled], query_lens,
+                                      [s.request.num_cached + q for s, q in zip(scheduled, query_lens)])
         self.batch_sizes.append(len(scheduled))
         self.block_utilisation.append(self.blocks.used_blocks / self.blocks.num_blocks)
         self.steps += 1
-        if self.decode_graph is not None and len(tokens) == len(scheduled):  # every request decodes one token
+        if all_decode:  # the compiled static-shape step builds its own padded layout
             logits, seconds = self.decode_graph(tokens, positions, [self.blocks.tables[s.request.request_id]
                                                                     for s in scheduled])
         else:

@@ -102,10 +102,13 @@ class PagedDecodeStep:
         """One token per request at `positions`, each request's block table -> (logits
         [len(tokens), V], seconds of the forward, device synchronised)."""
         n, pad, bs = len(tokens), self.slots - len(tokens), self.cache.block_size
-        slot_mapping = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)] + [self.cache.scratch_slot] * pad
-        padded = [t + [0] * (self.width - len(t)) for t in tables] + [[0] * self.width] * pad
-        args = [torch.tensor(x, device=self.device) for x in (tokens + [0] * pad, positions + [0] * pad,
-                                                             slot_mapping, padded, [p + 1 for p in positions] + [1] * pad)]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]  # where each new K/V goes
+        rows = (tokens + [0] * pad,  # padding rows: token 0 at position 0, writing the scratch slot
+                positions + [0] * pad,
+                slots + [self.cache.scratch_slot] * pad,
+                [t + [0] * (self.width - len(t)) for t in tables] + [[0] * self.width] * pad,  # [slots, MB]
+                [p + 1 for p in positions] + [1] * pad)  # sequence lengths after this step
+        args = [torch.tensor(row, device=self.device) for row in rows]
         synchronize(self.device)
         began = time.perf_counter()
         if self.compile_seconds is None:
