@@ -113,6 +113,8 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(checkpoint, tm
         "--draft and --prompt-lookup are two ways": ["--ckpt", path, "--prompt-file", prompts, "--prompt-lookup",
                                                      "--draft", path],
         "--adaptive changes γ of speculative decoding": ["--ckpt", path, "--prompt-file", prompts, "--adaptive"],
+        "--compile with --prompt compiles the plain decode step": ["--ckpt", path, "--prompt", "hi",
+                                                                   "--prompt-lookup", "--compile"],
     }
     for message, result in run_all(cases).items():
         assert result.returncode == 2 and result.stdout == "", result.stderr
