@@ -94,12 +94,10 @@ def bench_dispatch(repeats: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def engine_requests(engine: Engine, slots: int, prompt_len: int, new_tokens: int, vocab: int) -> list[list[int]]:
+def make_prompts(slots: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The same `slots` random prompts for the engines and the bare forward."""
     g = torch.Generator().manual_seed(slots)
-    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(slots)]
-    for prompt in prompts:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    return prompts
+    return [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(slots)]
 
 
 @torch.no_grad()
@@ -116,7 +114,8 @@ def bench_engine(model: Transformer, slots: int, repeats: int, prompt_len: int =
                for name in ("eager", "compiled")}
 
     def start_decoding(engine: Engine) -> None:
-        engine_requests(engine, slots, prompt_len, new_tokens, model.cfg.vocab_size)
+        for prompt in make_prompts(slots, prompt_len, model.cfg.vocab_size):
+            engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
         while not all(r.output for r in engine.running) or len(engine.running) < slots:
             engine.step()  # prefill: every request takes its first token
         engine.step()  # the first all-decode step (the compiled engine compiles here)
@@ -126,8 +125,7 @@ def bench_engine(model: Transformer, slots: int, repeats: int, prompt_len: int =
         for engine in engines.values():
             start_decoding(engine)
         cache = KVCache(model.cfg, slots, prompt_len + new_tokens, device, next(model.parameters()).dtype)
-        prompts = torch.tensor(engine_requests(Engine(model), slots, prompt_len, 1, model.cfg.vocab_size),
-                               device=device)
+        prompts = torch.tensor(make_prompts(slots, prompt_len, model.cfg.vocab_size), device=device)
         prefill(model, prompts, cache)
         step = DecodeStep(model, cache)
         tokens = torch.zeros(slots, dtype=torch.long, device=device)

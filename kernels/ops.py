@@ -115,8 +115,8 @@ DENSE_MAX_WEIGHTS = 4 * 2**20  # expert weights of one layer (16 MB in float32)
 def few_tokens_small_experts(n_tokens: int, w_in: Tensor, w_out: Tensor) -> bool:
     """Whether running every expert on every token beats the sorted dispatch: few tokens
     (N x E <= 1024) through a layer whose experts are small (<= 4M weights in all). On 2 CPU
-    threads with 16 experts of 128 x 128 the dense form takes a fifth to a quarter of the sorted
-    one's time for 8 tokens, about a third for 64, and loses at 256
+    threads with 16 experts of 128 x 128 the dense form takes about a quarter of the sorted
+    one's time for 8 tokens, under half for 64, and loses at 256
     (benchmarks/results/decode_cpu.json); a large layer's experts cost their bytes, and
     there the sorted form reads only the chosen ones."""
     return (n_tokens * w_in.shape[0] <= DENSE_MAX_PAIRS

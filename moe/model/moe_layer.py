@@ -101,7 +101,11 @@ def route(logits: Tensor, k: int, score: str = "softmax",
 
     `bias` [E] (balance = "bias") shifts which experts are selected and nothing else: the
     weights are the unbiased scores of the chosen experts, so no gradient ever sees it."""
-    scores = router_scores(logits, score)  # [N, E]
+    return top_k(router_scores(logits, score), k, bias)
+
+
+def top_k(scores: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`route` from the scores [N, E] already computed (the layer keeps them for its losses)."""
     ids = (scores if bias is None else scores + bias).topk(k, dim=-1).indices  # [N, K], best first
     weights = scores.gather(-1, ids)
     if k > 1:
@@ -204,6 +208,8 @@ class MoELayer(nn.Module):
             logits = self.router_logits(x)  # [N, E]
             n_experts = logits.shape[-1]
             scores = router_scores(logits, self.score)  # [N, E]
+            if self.routing == "token_choice":
+                weights, expert_ids = top_k(scores, self.k, self.balance_bias)  # [N, K] each
         if self.routing == "expert_choice":
             # Every expert is full by construction, in training and at inference alike.
             capacity = min(n_tokens, expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor or 1.0))
@@ -216,8 +222,6 @@ class MoELayer(nn.Module):
             tokens_per_expert = torch.full((n_experts,), capacity, dtype=torch.int64, device=x.device)
             dropped = (expert_ids < 0).all(-1).sum()  # tokens no expert took: residual only
         else:
-            with label("router"):
-                weights, expert_ids = route(logits, self.k, self.score, self.balance_bias)  # [N, K] each
             # Capacity is a training device (it bounds each expert's work per batch); at inference
             # every layer is dropless, so a token's output never depends on what shares its batch.
             capacity = (expert_capacity(n_tokens, self.k, n_experts, self.capacity_factor)

@@ -149,10 +149,10 @@ def draw_tokens(scores: list[Tensor], params: list[SamplingParams], seeds: list[
     if not scores:
         return []
     with label("sampling"):  # a profiler label (benchmarks/bench_decode.py)
-        keys = []  # [W_b, V] float64 each: what to take the argmax of
+        keys = []  # [W_b, V] each: what to take the argmax of (cat promotes to float64 if any sample)
         for logits, p, seed, start in zip(scores, params, seeds, starts):
             if p.greedy:
-                keys.append(logits.double())
+                keys.append(logits)
             else:
                 noise = torch.stack([gumbel_noise(seed, start + i, logits.shape[-1])
                                      for i in range(logits.shape[0])])
