@@ -70,8 +70,9 @@ def commands(out: Path, quick: bool, threads: int) -> dict[str, list[str]]:
     draft_model = ["--set=model.vocab_size=512", "--set=model.d_model=32"] if quick else []
     bench = ["--n-requests", "16", "--slots", "4", "--repeats", "1"] if quick else ["--n-requests", "64",
                                                                                    "--slots", "8", "--repeats", "2"]
-    speculative = (["--n-prompts", "2", "--prompt-len", "16", "--new-tokens", "16", "--repeats", "1",
-                    "--gammas", "2"] if quick else ["--n-prompts", "4", "--repeats", "2", "--gammas", "2", "4"])
+    speculative = ["--batches", "1", "--grid-batches"] + (  # batch 1, no batch grid
+        ["--n-prompts", "2", "--prompt-len", "24", "--new-tokens", "16", "--repeats", "1", "--gammas", "2"]
+        if quick else ["--n-prompts", "4", "--repeats", "2", "--gammas", "2", "4"])
     return {
         "target": [python, "train.py", "--config", "configs/tiny.toml", "--out", str(out / "target"),
                    "--overwrite", "--quiet", *model, *train],
@@ -159,13 +160,15 @@ def report(out: Path, steps: dict[str, list[str]], seconds: dict[str, float], ro
               f"    {shlex.join(steps['draft'])}",
               f"    {shlex.join(steps['speculative'])}", "",
               f"The draft ({draft['val_bpb']:.3f} bits per byte) proposes γ tokens, the target checks them "
-              "in one forward; greedy output is identical to plain decoding (checked on every prompt).", "",
-              "| mode | target forwards per token | tokens/s | speedup | predicted |",
-              "| --- | --- | --- | --- | --- |"]
+              "in one forward; greedy and seeded sampled output is identical to plain decoding (checked "
+              "on every prompt).", "",
+              "| mode | decoding | target forwards per token | tokens/s | speedup | predicted |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in speculative["runs"]:
-        lines.append(f"| {r['mode']} | {r['target_forwards_per_token']:.2f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['mode']} | {'T = 1' if r['sampled'] else 'greedy'} | "
+                     f"{r['target_forwards_per_token']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r.get('speedup', 1.0):.2f}x | "
-                     + (f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else "") + " |")
+                     + (f"{r['predicted']:.2f}x" if "predicted" in r else "") + " |")
     rows = []
     for hardware, generated in (("A100-40GB", 819), ("H100", 1475)):
         hw = PRESETS[hardware]
