@@ -131,7 +131,7 @@ def plain_decode(model, prompts: list[list[int]], params: SamplingParams,
             out.append(token)
         if step + 1 < params.max_new_tokens:
             start = time.perf_counter()
-            logits, last = ragged_forward(model, cache, [d for d in draws], positions), [0] * len(prompts)
+            logits, last = ragged_forward(model, cache, draws, positions), [0] * len(prompts)
             forward_s += time.perf_counter() - start
     if timing is not None:
         timing["forward_s"] += forward_s
