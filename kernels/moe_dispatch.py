@@ -24,7 +24,8 @@ the first `capacity` slots of each expert and first choices win the places.
 
     combine: y[n] = sum over choices j of out[j * N + n]        # token order, deterministic
 
-`dispatch_and_combine` (the reference, one batched matmul per expert) and
+`dispatch_and_combine` (the reference, one batched matmul per expert), `dispatch_grouped`
+(the same loop as two grouped matmuls, for CPU training) and
 `dispatch_and_combine_triton` share one signature; `kernels.ops.expert_dispatch` picks one.
 
 Shapes: N tokens, D d_model, F expert hidden width, E experts, K experts per token,
@@ -78,6 +79,33 @@ def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: T
             y.index_add_(0, rows, out * slot_weight[order[start:start + count], None])
         start += count
     return y, dropped
+
+
+def dispatch_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
+                     w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
+    """The reference's sum with its loop over experts replaced by two grouped matmuls
+    (torch's F.grouped_mm over the sorted rows, one group per expert): one gather of the
+    rows and one scatter back, where the loop does one of each per expert, and no host
+    sync. What training runs on CPU, where the loop's per-expert gathers, zero-filled
+    gradients and scatters cost as much as the matmuls."""
+    n_tokens, k = expert_ids.shape
+    n_experts = w_in.shape[0]
+    check_expert_ids(expert_ids, n_experts)
+    slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
+    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
+    counts = expert_counts(slot_expert, n_experts)  # [E]
+    if capacity is not None:
+        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
+        rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
+        order = order[rank < capacity]  # keep the first `capacity` slots of each run
+        counts = counts.clamp(max=capacity)
+    ends = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group
+    tokens = order % n_tokens  # [kept] token of each sorted slot
+    gate, up = F.grouped_mm(x.index_select(0, tokens), w_in, offs=ends).chunk(2, dim=-1)  # 2 x [kept, F]
+    out = F.grouped_mm(F.silu(gate) * up, w_out, offs=ends)  # [kept, D]
+    slot_weight = weights.t().reshape(-1)[order, None]  # [kept, 1]
+    y = torch.zeros_like(x).index_add_(0, tokens, out * slot_weight)
+    return y, slot_expert.new_tensor(slot_expert.numel()) - order.numel()
 
 
 def dispatch_dense(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,

@@ -13,8 +13,9 @@ Triton" tests the same code the model runs.
     paged_attention    a ragged serving step over a paged KV cache (PagedLayout)
     masked_attention   the contiguous cache: any [B, T, S] mask (reference only)
     expert_dispatch    tokens through their K experts, weighted and summed (Triton, the
-                       sorted reference; at inference, for a few tokens the dense form,
-                       in a compiled graph the gathered one)
+                       sorted reference; CPU training the grouped-matmul form; at
+                       inference, for a few tokens the dense form, in a compiled graph
+                       the gathered one)
 
 Shapes: B batch, T tokens, H query heads, G KV heads, Dh head_dim, N tokens, K experts per
 token, D d_model, F expert width, E experts.
@@ -34,7 +35,7 @@ from kernels.attention import (paged_attention_grouped, paged_attention_triton,
 from kernels.attention_backward import varlen_causal_attention_trainable
 from kernels.backend import needs_grad, use_triton
 from kernels.moe_dispatch import (dispatch_and_combine, dispatch_and_combine_triton, dispatch_dense,
-                                  dispatch_gathered)
+                                  dispatch_gathered, dispatch_grouped)
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 
 
@@ -105,6 +106,9 @@ def expert_dispatch(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor
         return dispatch(x, expert_ids, weights, w_in, w_out, capacity)
     if inference and few_tokens_small_experts(x.shape[0], w_in, w_out):
         return dispatch_dense(x, expert_ids, weights, w_in, w_out)
+    if not inference and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # CPU training (F.grouped_mm has no compiled CPU form in torch 2.13)
+        return dispatch_grouped(x, expert_ids, weights, w_in, w_out, capacity)
     return dispatch_and_combine(x, expert_ids, weights, w_in, w_out, capacity)
 
 
