@@ -40,7 +40,7 @@ from moe.io.checkpoint import load_model, stored_dtype
 from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
-from moe.model.transformer import Transformer, require_causal
+from moe.model.transformer import Transformer, require_cacheable
 from moe.serving.sampling import SamplingParams
 from moe.serving.stopping import Detokenizer
 from moe.serving.text import TextStream, TextTokenizer, load_tokenizer, text_pieces
@@ -130,11 +130,11 @@ def build_model(args) -> tuple[Transformer, str]:
     dtype = getattr(torch, args.dtype)
     if args.ckpt:
         model = load_model(args.ckpt, args.device, dtype).eval()
-        require_causal(model.cfg)
+        require_cacheable(model.cfg)
         return model, str(args.ckpt)
     torch.manual_seed(0)
     cfg = load_model_config(args.config, args.set)
-    require_causal(cfg)
+    require_cacheable(cfg)
     return Transformer(cfg).to(args.device, dtype).eval(), f"random init of {args.config}"
 
 

@@ -59,6 +59,7 @@ class ModelConfig:
     bias_update_rate: float = 0.001  # balance = "bias": each step, bias += rate * sign(mean load - load)
     n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), width d_expert
     routing: str = "token_choice"  # "token_choice" (each token picks K) | "expert_choice" (each expert picks its capacity; not causal)
+    short_conv: int = 0  # width W of a causal depthwise convolution on each attention input (Canon layers); 0 = none
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_base: float = 10000.0  # rotary position base frequency
     max_seq_len: int = 256  # longest sequence (prompt + generation)
@@ -112,6 +113,8 @@ class ModelConfig:
                  f"must be non-negative, got {self.bias_update_rate}")
         _require(self.n_shared_experts >= 0, "n_shared_experts",
                  f"must be 0 or more, got {self.n_shared_experts}")
+        _require(self.short_conv >= 0, "short_conv",
+                 f"must be 0 (none) or a width of 1 or more, got {self.short_conv}")
         if self.routing == "expert_choice" and self.balance == "bias":
             raise ConfigError("model.balance = \"bias\" does not go with model.routing = \"expert_choice\": "
                               "expert choice gives every expert exactly its capacity, so there is "

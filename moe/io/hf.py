@@ -140,6 +140,10 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype) -> dict:
             raise CheckpointError(f"model.{key} = {value!r} has no Mixtral form: Mixtral routes each "
                                   f"token to its top-k of a softmax with no bias, no shared experts "
                                   f"(model.{key} = {mixtral!r}); keep this model in our format")
+    if cfg.short_conv:
+        raise CheckpointError(f"model.short_conv = {cfg.short_conv} has no Mixtral form: a Mixtral "
+                              "layer feeds its attention the normed residual alone; keep this model "
+                              "in our format")
     if cfg.capacity_factor is not None:
         warnings.warn(f"model.capacity_factor = {cfg.capacity_factor} is not exported: Mixtral "
                       "is dropless, so the exported model never drops tokens", stacklevel=3)

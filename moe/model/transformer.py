@@ -6,6 +6,10 @@ Data flow, one forward pass:
       -> N x ( x += Attention(RMSNorm(x));  x += FFN(RMSNorm(x)) )   FFN = MoE or dense
       -> RMSNorm -> LM head -> logits [B, T, V]
 
+With model.short_conv = W each attention input h first takes in its W - 1 predecessors,
+h_t + sum_j a_j * h_(t-j) per channel (moe/model/short_conv.py), so that one attention layer
+can match on what came just before a token, the job of a second layer otherwise.
+
 Every MoE layer also returns its routing statistics; `model_loss` turns them into the
 load-balancing and z-losses once, outside the layers, so there is no hidden global state.
 
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from moe.model.attention import Attention, rope_angles
 from moe.config import ConfigError, ModelConfig
 from moe.model.moe_layer import DenseFFN, MoELayer, RoutingStats, load_balancing_loss, router_z_loss
+from moe.model.short_conv import ShortConv
 
 
 class RMSNorm(nn.Module):
@@ -48,13 +53,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.short_conv = ShortConv(cfg.d_model, cfg.short_conv) if cfg.short_conv else None
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg) if cfg.is_moe_layer(layer) else DenseFFN(cfg.d_model, cfg.d_ff)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope, positions: Tensor, cache) -> tuple[Tensor, RoutingStats | None]:
-        x = x + self.dropout(self.attention(self.attention_norm(x), rope, positions, cache))
+        h = self.attention_norm(x)
+        if self.short_conv is not None:
+            h = self.short_conv(h)
+        x = x + self.dropout(self.attention(h, rope, positions, cache))
         out = self.ffn(self.ffn_norm(x))
         out, stats = out if isinstance(self.ffn, MoELayer) else (out, None)
         return x + self.dropout(out), stats
@@ -96,7 +105,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         if cache is not None:
-            require_causal(self.cfg)
+            require_cacheable(self.cfg)
         if positions is None:
             if cache is not None:
                 raise ValueError("with a cache, pass positions: where each new token sits")
@@ -116,12 +125,19 @@ class Transformer(nn.Module):
         return ModelOutput(logits, routing)
 
 
-def require_causal(cfg: ModelConfig) -> None:
-    """Refuse generation from a model whose outputs depend on later tokens. Expert choice
-    routes each token by comparing it with every token of the batch, so at training time
-    token t's experts depend on tokens after t; decoding one token at a time would route it
-    among a different set and give a different model. Every cached forward (all generation,
-    the engine, speculation, the server) comes through here."""
+def require_cacheable(cfg: ModelConfig) -> None:
+    """Refuse generation from a model the KV caches cannot serve. Expert choice routes each
+    token by comparing it with every token of the batch, so at training time token t's
+    experts depend on tokens after t; decoding one token at a time would route it among a
+    different set and give a different model. A short convolution needs the attention
+    inputs of the W - 1 tokens before each new one, which no cache keeps. Every cached
+    forward (all generation, the engine, speculation, the server) comes through here."""
+    if cfg.short_conv > 1:
+        raise ConfigError(f"model.short_conv = {cfg.short_conv} mixes each attention input with "
+                          f"the {cfg.short_conv - 1} before it, and the KV caches do not keep those, "
+                          "so this model cannot generate token by token; score it with a full "
+                          "forward (as the task mix's exact match does), or train with "
+                          "short_conv = 0 to generate")
     if cfg.routing == "expert_choice":
         raise ConfigError("model.routing = \"expert_choice\" is not causal (each expert picks its "
                           "tokens from the whole batch, later tokens included), so this model "
@@ -167,7 +183,7 @@ class ParameterCount:
     experts: int  # all routed experts of all MoE layers
     shared_experts: int  # always-on experts of all MoE layers (every token runs them)
     router: int
-    norms: int
+    norms: int  # RMSNorm weights, and the short convolutions' per-channel taps
     active_experts: int  # the K experts per MoE layer that one token runs through
 
     @property
@@ -199,6 +215,6 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         experts=n_moe * cfg.n_experts * per_expert,
         shared_experts=n_moe * cfg.n_shared_experts * per_expert,
         router=n_moe * d * cfg.n_experts,
-        norms=(2 * cfg.n_layers + 1) * d,
+        norms=(2 * cfg.n_layers + 1) * d + cfg.n_layers * cfg.short_conv * d,
         active_experts=n_moe * cfg.experts_per_token * per_expert,
     )

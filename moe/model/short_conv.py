@@ -1,0 +1,66 @@
+"""A short causal convolution on each attention input (Allen-Zhu's "Canon layers", the
+short convolutions of H3 and Mamba): h_t <- h_t + sum_{j < W} a_j * h_(t-j), per channel.
+
+Why: to find "the value after key c", attention must match on what came one or two
+tokens before a position; with plain attention one layer first copies each position's
+predecessors into it (a previous-token head) and only a second layer can match on them,
+and a small model spends most of a short run on the plateau before that pair forms. The
+convolution hands every position its W - 1 predecessors at once, for W * D weights. On
+the task mix (configs/tasks.toml) it is what makes lookup learnable in the run's ten
+minutes (README, "The task mix").
+
+Where it stops: a cached forward sees only the new tokens, and no cache keeps the
+attention inputs of the tokens before them, so a model with W > 1 does not generate
+token by token (moe.model.transformer.require_cacheable refuses it).
+
+Shapes: B batch, T time, D channels, W width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def short_conv_reference(h: Tensor, weight: Tensor) -> Tensor:
+    """h [B, T, D], taps weight [W, D] -> h + sum_j weight[j] * h shifted j later (the
+    specification: zeros before the start, so position t sees t - W + 1 .. t)."""
+    width, length = weight.shape[0], h.shape[1]
+    padded = F.pad(h, (0, 0, width - 1, 0))  # [B, W - 1 + T, D]
+    return h + sum(padded[:, width - 1 - j:width - 1 - j + length] * weight[j] for j in range(width))
+
+
+class _ShortConv(torch.autograd.Function):
+    """The reference in place: one multiply-add per tap into slices of one output, and the
+    same for the gradient, where autograd through the padded slices zero-fills a
+    [B, W - 1 + T, D] gradient per tap (a quarter of a task-mix step on 2 CPU threads)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor) -> Tensor:
+        y = h * (1 + weight[0])
+        for j in range(1, weight.shape[0]):
+            y[:, j:].addcmul_(h[:, :-j], weight[j])
+        ctx.save_for_backward(h, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        h, weight = ctx.saved_tensors
+        grad_h = grad * (1 + weight[0])
+        grad_weight = torch.empty_like(weight)
+        grad_weight[0] = (grad * h).sum((0, 1))
+        for j in range(1, weight.shape[0]):
+            grad_h[:, :-j].addcmul_(grad[:, j:], weight[j])
+            grad_weight[j] = (grad[:, j:] * h[:, :-j]).sum((0, 1))
+        return grad_h, grad_weight
+
+
+class ShortConv(nn.Module):
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width, dim))  # [W, D]: tap j weighs h_(t-j)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h [B, T, D] -> [B, T, D], each row on its own."""
+        return _ShortConv.apply(h, self.weight)

@@ -1,0 +1,77 @@
+"""The short convolution on attention inputs (moe/model/short_conv.py): its in-place
+autograd against the padded-shift reference, causality, rows kept apart, and the
+refusals where it cannot go (cached generation, Mixtral export)."""
+
+import pytest
+import torch
+
+from moe.config import ConfigError
+from moe.io.files import CheckpointError
+from moe.io.hf import save_hf
+from moe.model.short_conv import ShortConv, short_conv_reference
+from moe.model.transformer import Transformer
+from moe.serving.cache import KVCache
+from moe.serving.engine import Engine
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("length,width", [(7, 4), (3, 4), (1, 2), (5, 1)])
+def test_short_conv_output_and_gradients_equal_the_reference(length, width):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, length, 6, generator=gen)
+    grad = torch.randn(2, length, 6, generator=gen)
+    conv = ShortConv(6, width)
+    with torch.no_grad():
+        conv.weight.normal_(generator=gen)
+    h_fast, h_ref = h.clone().requires_grad_(), h.clone().requires_grad_()
+    weight_ref = conv.weight.detach().clone().requires_grad_()
+    fast, ref = conv(h_fast), short_conv_reference(h_ref, weight_ref)
+    (fast * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_fast.grad, h_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_token_sees_only_the_tokens_before_it_and_rows_stay_apart():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(short_conv=4)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.short_conv.weight.normal_()  # nonzero taps (they start near zero)
+    tokens = torch.randint(0, 259, (2, 10))
+    changed = tokens.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 259
+    with torch.no_grad():
+        before, after = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(after[0, :6], before[0, :6])  # earlier positions: untouched
+    assert not torch.allclose(after[0, 6:8], before[0, 6:8])  # the changed token and the next one
+    torch.testing.assert_close(after[1], before[1])  # the other row: untouched
+
+
+def test_the_short_conv_changes_what_attention_sees():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(short_conv=4)).eval()
+    tokens = torch.randint(0, 259, (1, 10))
+    with torch.no_grad():
+        plain = model(tokens).logits
+        model.blocks[0].short_conv.weight[1].fill_(1.0)  # add each input's predecessor
+        mixed = model(tokens).logits
+    torch.testing.assert_close(mixed[0, 0], plain[0, 0])  # the first token has no predecessor
+    assert not torch.allclose(mixed[0, 1:], plain[0, 1:])
+
+
+def test_cached_generation_and_mixtral_export_refuse_a_short_conv_by_name(tmp_path):
+    model = Transformer(tiny_config(short_conv=4)).eval()
+    with pytest.raises(ConfigError, match="short_conv = 4.*cannot generate token by token"):
+        Engine(model)
+    with pytest.raises(ConfigError, match="short_conv"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+              KVCache(model.cfg, 1))
+    with pytest.raises(CheckpointError, match="short_conv = 4 has no Mixtral form"):
+        save_hf(model, tmp_path / "hf")
+
+
+def test_a_negative_width_is_refused_by_name():
+    with pytest.raises(ConfigError, match="short_conv"):
+        tiny_config(short_conv=-1)
