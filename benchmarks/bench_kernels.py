@@ -17,7 +17,8 @@ Rows (GPU shapes from the issue "Kernels that are right and fast on a real GPU")
     dispatch        Mixtral-like MoE (D 4096, 8 experts top-2, F 14336) at 1/16/256/4096
                     tokens: triton | reference (per-expert loop) | dense (the same FLOPs
                     as one SwiGLU over all N*K slots: the matmul rate to compare with)
-    dispatch_fwd_bwd  forward + backward at 4096 tokens: triton | reference
+    dispatch_fwd_bwd  forward + backward at 4096 tokens: triton | reference (on a CPU also
+                    grouped: F.grouped_mm, what CPU training runs)
     prefill         causal, B 4, T 2048, H 32, Dh 128, MQA and MHA: triton varlen |
                     reference (per-sequence SDPA) | sdpa_flash (padded batch, flash backend)
     prefill_fwd_bwd the same shapes, forward + backward
@@ -58,7 +59,7 @@ from kernels.attention import (paged_attention_reference, paged_attention_triton
 from kernels.attention_backward import varlen_causal_attention_trainable
 from kernels.backend import triton_available
 from kernels.moe_dispatch import (dispatch_and_combine, dispatch_and_combine_triton,
-                                  dispatch_config, dispatch_launch)
+                                  dispatch_config, dispatch_grouped, dispatch_launch)
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable
 from moe.config import ModelConfig
 from moe.cost.hardware import measure_hardware
@@ -242,6 +243,8 @@ def bench_dispatch_train(shape_args, device, dtype, use_triton, repeats, ceiling
     impls = {"reference": dispatch_and_combine}
     if use_triton:
         impls["triton"] = dispatch_and_combine_trainable
+    if device.type == "cpu":  # what CPU training runs (kernels.ops.expert_dispatch)
+        impls["grouped"] = dispatch_grouped
     impls = {name: forward_backward(lambda fn=fn: fn(x, ids, weights, w_in, w_out, None),
                                     leaves, grad) for name, fn in impls.items()}
     return bench_rows("dispatch_fwd_bwd", shape, impls, expect, flops, bytes_moved, device,
@@ -440,7 +443,7 @@ GPU_SHAPES = dict(
 )
 QUICK_SHAPES = dict(
     dispatch=[(3, 64, 96, 8, 2), (40, 64, 96, 8, 2)],
-    dispatch_fwd_bwd=[(40, 64, 96, 8, 2)],
+    dispatch_fwd_bwd=[(40, 64, 96, 8, 2), (3072, 128, 128, 16, 2)],  # and a task-mix batch
     prefill=[(2, 40, 4, 1, 32), (2, 40, 4, 4, 32)],
     prefill_fwd_bwd=[(2, 40, 4, 1, 32)],
     decode=[(1, 100, 4, 2, 32, 16), (3, 100, 4, 1, 32, 16)],
