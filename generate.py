@@ -126,15 +126,16 @@ def engine_settings(args) -> dict:
 
 
 def build_model(args) -> tuple[Transformer, str]:
-    """The model to generate from, refused at once if it cannot generate (expert choice)."""
+    """The model to generate from, refused at once if it cannot generate (expert choice);
+    a model only the contiguous cache serves (short_conv) is refused by the engine."""
     dtype = getattr(torch, args.dtype)
     if args.ckpt:
         model = load_model(args.ckpt, args.device, dtype).eval()
-        require_cacheable(model.cfg)
+        require_cacheable(model.cfg, keeps_attention_inputs=True)
         return model, str(args.ckpt)
     torch.manual_seed(0)
     cfg = load_model_config(args.config, args.set)
-    require_cacheable(cfg)
+    require_cacheable(cfg, keeps_attention_inputs=True)
     return Transformer(cfg).to(args.device, dtype).eval(), f"random init of {args.config}"
 
 

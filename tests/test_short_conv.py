@@ -1,6 +1,7 @@
 """The short convolution on attention inputs (moe/model/short_conv.py): its in-place
-autograd against the padded-shift reference, causality, rows kept apart, and the
-refusals where it cannot go (cached generation, Mixtral export)."""
+autograd against the padded-shift reference, causality, rows kept apart, cached and
+speculative decoding against full forwards, and the refusals where it cannot go (the
+engine's paged cache, Mixtral export)."""
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from moe.io.files import CheckpointError
 from moe.io.hf import save_hf
 from moe.model.short_conv import ShortConv, short_conv_reference
 from moe.model.transformer import Transformer
-from moe.serving.cache import KVCache
 from moe.serving.engine import Engine
 from tests.conftest import tiny_config
 
@@ -61,13 +61,10 @@ def test_the_short_conv_changes_what_attention_sees():
     assert not torch.allclose(mixed[0, 1:], plain[0, 1:])
 
 
-def test_cached_generation_and_mixtral_export_refuse_a_short_conv_by_name(tmp_path):
+def test_the_engine_and_mixtral_export_refuse_a_short_conv_by_name(tmp_path):
     model = Transformer(tiny_config(short_conv=4)).eval()
-    with pytest.raises(ConfigError, match="short_conv = 4.*cannot generate token by token"):
+    with pytest.raises(ConfigError, match="short_conv = 4.*paged cache does not keep those"):
         Engine(model)
-    with pytest.raises(ConfigError, match="short_conv"):
-        model(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-              KVCache(model.cfg, 1))
     with pytest.raises(CheckpointError, match="short_conv = 4 has no Mixtral form"):
         save_hf(model, tmp_path / "hf")
 
@@ -75,3 +72,35 @@ def test_cached_generation_and_mixtral_export_refuse_a_short_conv_by_name(tmp_pa
 def test_a_negative_width_is_refused_by_name():
     with pytest.raises(ConfigError, match="short_conv"):
         tiny_config(short_conv=-1)
+
+
+def test_cached_greedy_decoding_equals_argmax_of_full_forwards():
+    from moe.serving.generation import generate
+    from moe.serving.sampling import SamplingParams
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(short_conv=4)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.short_conv.weight.normal_(0, 0.5)
+    prompt = torch.randint(0, 256, (7,)).tolist()
+    new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    assert new == sequence[len(prompt):]
+
+
+def test_speculative_decoding_of_a_short_conv_target_equals_plain_decoding():
+    from moe.serving.generation import generate
+    from moe.serving.sampling import SamplingParams
+    from moe.serving.speculative import PromptLookupProposer, speculative_generate
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(short_conv=3)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.short_conv.weight.normal_(0, 0.5)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 1, 9, 1, 9, 1, 9]]  # repeats, so lookup proposes
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    outputs, _ = speculative_generate(model, prompts, params, proposer=PromptLookupProposer(), gamma=3)
+    assert outputs == [generate(model, p, params) for p in prompts]

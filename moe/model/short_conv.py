@@ -9,9 +9,10 @@ convolution hands every position its W - 1 predecessors at once, for W * D weigh
 the task mix (configs/tasks.toml) it is what makes lookup learnable in the run's ten
 minutes (README, "The task mix").
 
-Where it stops: a cached forward sees only the new tokens, and no cache keeps the
-attention inputs of the tokens before them, so a model with W > 1 does not generate
-token by token (moe.model.transformer.require_cacheable refuses it).
+Over a cache a forward sees only the new tokens, so the taps that reach back read the
+earlier attention inputs from the cache: the contiguous KVCache keeps them by position
+(`mix_inputs`; generate.py --prompt, speculative decoding), the engine's paged pool does
+not, and the engine refuses such a model (moe.model.transformer.require_cacheable).
 
 Shapes: B batch, T time, D channels, W width.
 """

@@ -52,6 +52,7 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.short_conv = ShortConv(cfg.d_model, cfg.short_conv) if cfg.short_conv else None
         self.attention = Attention(cfg, layer)
@@ -61,8 +62,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope, positions: Tensor, cache) -> tuple[Tensor, RoutingStats | None]:
         h = self.attention_norm(x)
-        if self.short_conv is not None:
-            h = self.short_conv(h)
+        if self.short_conv is not None:  # over a cache, the taps read earlier inputs from it
+            h = (self.short_conv(h) if cache is None
+                 else cache.mix_inputs(self.layer, h, positions, self.short_conv.weight))
         x = x + self.dropout(self.attention(h, rope, positions, cache))
         out = self.ffn(self.ffn_norm(x))
         out, stats = out if isinstance(self.ffn, MoELayer) else (out, None)
@@ -105,7 +107,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         if cache is not None:
-            require_cacheable(self.cfg)
+            require_cacheable(self.cfg, getattr(cache, "keeps_attention_inputs", False))
         if positions is None:
             if cache is not None:
                 raise ValueError("with a cache, pass positions: where each new token sits")
@@ -125,19 +127,19 @@ class Transformer(nn.Module):
         return ModelOutput(logits, routing)
 
 
-def require_cacheable(cfg: ModelConfig) -> None:
-    """Refuse generation from a model the KV caches cannot serve. Expert choice routes each
+def require_cacheable(cfg: ModelConfig, keeps_attention_inputs: bool = False) -> None:
+    """Refuse generation from a model a cache cannot serve. Expert choice routes each
     token by comparing it with every token of the batch, so at training time token t's
     experts depend on tokens after t; decoding one token at a time would route it among a
     different set and give a different model. A short convolution needs the attention
-    inputs of the W - 1 tokens before each new one, which no cache keeps. Every cached
-    forward (all generation, the engine, speculation, the server) comes through here."""
-    if cfg.short_conv > 1:
+    inputs of the W - 1 tokens before each new one, which only the contiguous KVCache
+    keeps (`keeps_attention_inputs`), not the engine's paged pool. Every cached forward
+    (all generation, the engine, speculation, the server) comes through here."""
+    if cfg.short_conv > 1 and not keeps_attention_inputs:
         raise ConfigError(f"model.short_conv = {cfg.short_conv} mixes each attention input with "
-                          f"the {cfg.short_conv - 1} before it, and the KV caches do not keep those, "
-                          "so this model cannot generate token by token; score it with a full "
-                          "forward (as the task mix's exact match does), or train with "
-                          "short_conv = 0 to generate")
+                          f"the {cfg.short_conv - 1} before it, and the engine's paged cache does not "
+                          "keep those; generate one prompt at a time (generate.py --prompt, without "
+                          "--prompt-file, serve or bench), or train with short_conv = 0 to serve")
     if cfg.routing == "expert_choice":
         raise ConfigError("model.routing = \"expert_choice\" is not causal (each expert picks its "
                           "tokens from the whole batch, later tokens included), so this model "

@@ -28,12 +28,36 @@ from moe.serving.blocks import BlockManager
 
 
 class KVCache:
+    keeps_attention_inputs = True  # serves model.short_conv (mix_inputs)
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.max_seq_len
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, G, S, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, G, S, Dh]
+        # model.short_conv: each layer's attention inputs by position, for the taps that
+        # reach back past the new tokens; written by position like K/V, so rollback is free
+        self.inputs = (torch.zeros(cfg.n_layers, batch_size, self.max_len, cfg.d_model, device=device,
+                                   dtype=dtype) if cfg.short_conv > 1 else None)  # [L, B, S, D]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only the cache rows `rows`, in that order (finished sequences dropped)."""
+        index = torch.tensor(rows, device=self.k.device)
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.inputs is not None:
+            self.inputs = self.inputs[:, index]
+
+    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+        """model.short_conv over a cache: write the attention inputs h [B, T, D] at
+        `positions` [B, T], then h_t + sum_j weight[j] * h_(t-j) with the earlier inputs
+        read back by position (none before position 0); weight [W, D]."""
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]  # [B, 1]
+        self.inputs[layer][rows, positions] = h.to(self.inputs.dtype)
+        back = positions[..., None] - torch.arange(weight.shape[0], device=h.device)  # [B, T, W]
+        taps = self.inputs[layer][rows[..., None], back.clamp(min=0)].to(h.dtype)  # [B, T, W, D]
+        taps = taps * (back >= 0)[..., None]
+        return h + (taps * weight).sum(2)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Write k, v [B, G, T, Dh] at `positions` [B, T], then attend q [B, H, T, Dh] over

@@ -133,12 +133,6 @@ def ragged_forward(model: Transformer, cache: KVCache, rows: list[list[int]],
     return model(tokens, positions, cache).logits
 
 
-def keep_rows(cache: KVCache, rows: list[int]) -> None:
-    """Drop the cache rows of finished sequences; `rows` are the ones to keep, in order."""
-    index = torch.tensor(rows, device=cache.k.device)
-    cache.k, cache.v = cache.k[:, index], cache.v[:, index]
-
-
 # ---------------------------------------------------------------------------------------
 # Proposers: `propose(seqs, gammas, params, seeds) -> tokens per row`
 # ---------------------------------------------------------------------------------------
@@ -191,7 +185,7 @@ class DraftProposer:
         self.valid[row] = min(self.valid[row], valid)
 
     def keep(self, rows: list[int]) -> None:
-        keep_rows(self.cache, rows)
+        self.cache.keep_rows(rows)
         self.valid = [self.valid[r] for r in rows]
 
 
@@ -323,7 +317,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         if finished:
             kept = [b for b in range(len(active)) if b not in finished]
             if kept:
-                keep_rows(cache, kept)
+                cache.keep_rows(kept)
                 proposer.keep(kept)
             valid = [valid[b] for b in kept]
             active = [active[b] for b in kept]
