@@ -12,6 +12,9 @@ from moe.io.hf import save_hf
 from moe.model.short_conv import ShortConv, short_conv_reference
 from moe.model.transformer import Transformer
 from moe.serving.engine import Engine
+from moe.serving.generation import generate
+from moe.serving.sampling import SamplingParams
+from moe.serving.speculative import PromptLookupProposer, speculative_generate
 from tests.conftest import tiny_config
 
 
@@ -33,12 +36,18 @@ def test_short_conv_output_and_gradients_equal_the_reference(length, width):
     torch.testing.assert_close(conv.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_a_token_sees_only_the_tokens_before_it_and_rows_stay_apart():
+def model_with_taps(width, std=1.0):
+    """A tiny model whose short convolutions have nonzero taps (they start near zero)."""
     torch.manual_seed(0)
-    model = Transformer(tiny_config(short_conv=4)).eval()
+    model = Transformer(tiny_config(short_conv=width)).eval()
     with torch.no_grad():
         for block in model.blocks:
-            block.short_conv.weight.normal_()  # nonzero taps (they start near zero)
+            block.short_conv.weight.normal_(0, std)
+    return model
+
+
+def test_a_token_sees_only_the_tokens_before_it_and_rows_stay_apart():
+    model = model_with_taps(4)
     tokens = torch.randint(0, 259, (2, 10))
     changed = tokens.clone()
     changed[0, 6] = (changed[0, 6] + 1) % 259
@@ -75,13 +84,7 @@ def test_a_negative_width_is_refused_by_name():
 
 
 def test_cached_greedy_decoding_equals_argmax_of_full_forwards():
-    from moe.serving.generation import generate
-    from moe.serving.sampling import SamplingParams
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(short_conv=4)).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.short_conv.weight.normal_(0, 0.5)
+    model = model_with_taps(4, 0.5)
     prompt = torch.randint(0, 256, (7,)).tolist()
     new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
     sequence = list(prompt)
@@ -92,14 +95,7 @@ def test_cached_greedy_decoding_equals_argmax_of_full_forwards():
 
 
 def test_speculative_decoding_of_a_short_conv_target_equals_plain_decoding():
-    from moe.serving.generation import generate
-    from moe.serving.sampling import SamplingParams
-    from moe.serving.speculative import PromptLookupProposer, speculative_generate
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(short_conv=3)).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.short_conv.weight.normal_(0, 0.5)
+    model = model_with_taps(3, 0.5)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 1, 9, 1, 9, 1, 9]]  # repeats, so lookup proposes
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     outputs, _ = speculative_generate(model, prompts, params, proposer=PromptLookupProposer(), gamma=3)
