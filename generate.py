@@ -40,7 +40,7 @@ from moe.io.checkpoint import load_model, stored_dtype
 from moe.config import load_model_config
 from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import stream
-from moe.model.transformer import Transformer, require_cacheable
+from moe.model.transformer import Transformer, require_causal
 from moe.serving.sampling import SamplingParams
 from moe.serving.stopping import Detokenizer
 from moe.serving.text import TextStream, TextTokenizer, load_tokenizer, text_pieces
@@ -126,16 +126,15 @@ def engine_settings(args) -> dict:
 
 
 def build_model(args) -> tuple[Transformer, str]:
-    """The model to generate from, refused at once if it cannot generate (expert choice);
-    a model only the contiguous cache serves (short_conv) is refused by the engine."""
+    """The model to generate from, refused at once if it cannot generate (expert choice)."""
     dtype = getattr(torch, args.dtype)
     if args.ckpt:
         model = load_model(args.ckpt, args.device, dtype).eval()
-        require_cacheable(model.cfg, keeps_attention_inputs=True)
+        require_causal(model.cfg)
         return model, str(args.ckpt)
     torch.manual_seed(0)
     cfg = load_model_config(args.config, args.set)
-    require_cacheable(cfg, keeps_attention_inputs=True)
+    require_causal(cfg)
     return Transformer(cfg).to(args.device, dtype).eval(), f"random init of {args.config}"
 
 

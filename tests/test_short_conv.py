@@ -1,7 +1,7 @@
 """The short convolution on attention inputs (moe/model/short_conv.py): its in-place
 autograd against the padded-shift reference, causality, rows kept apart, cached and
-speculative decoding against full forwards, and the refusals where it cannot go (the
-engine's paged cache, Mixtral export)."""
+speculative decoding and the engine (chunked, preempted, compiled) against full forwards
+or plain decoding, and the refusals (Mixtral export, a negative width)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from moe.io.files import CheckpointError
 from moe.io.hf import save_hf
 from moe.model.short_conv import ShortConv, short_conv_reference
 from moe.model.transformer import Transformer
-from moe.serving.engine import Engine
+from moe.serving.engine import Engine, EngineConfig
 from moe.serving.generation import generate
 from moe.serving.sampling import SamplingParams
 from moe.serving.speculative import PromptLookupProposer, speculative_generate
@@ -70,12 +70,9 @@ def test_the_short_conv_changes_what_attention_sees():
     assert not torch.allclose(mixed[0, 1:], plain[0, 1:])
 
 
-def test_the_engine_and_mixtral_export_refuse_a_short_conv_by_name(tmp_path):
-    model = Transformer(tiny_config(short_conv=4)).eval()
-    with pytest.raises(ConfigError, match="short_conv = 4.*paged cache does not keep those"):
-        Engine(model)
+def test_mixtral_export_refuses_a_short_conv_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="short_conv = 4 has no Mixtral form"):
-        save_hf(model, tmp_path / "hf")
+        save_hf(Transformer(tiny_config(short_conv=4)), tmp_path / "hf")
 
 
 def test_a_negative_width_is_refused_by_name():
@@ -100,3 +97,31 @@ def test_speculative_decoding_of_a_short_conv_target_equals_plain_decoding():
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     outputs, _ = speculative_generate(model, prompts, params, proposer=PromptLookupProposer(), gamma=3)
     assert outputs == [generate(model, p, params) for p in prompts]
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk=5, block_size=3),
+    EngineConfig(max_num_seqs=6, max_num_batched_tokens=16, prefill_chunk=6, block_size=4, num_blocks=12),
+], ids=["chunked", "preempted"])
+def test_the_engine_equals_each_request_generated_alone(config):
+    model = model_with_taps(4, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (int(n),), generator=gen).tolist() for n in (3, 9, 14, 6, 11, 2)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=9, ignore_eos=True)
+    engine = Engine(model, config)
+    requests = [engine.add_request(p, params) for p in prompts]
+    engine.run()
+    assert [r.output for r in requests] == [generate(model, p, params) for p in prompts]
+    if config.num_blocks:
+        assert engine.preemptions > 0
+
+
+def test_the_compiled_engine_step_equals_generation_alone():
+    model = model_with_taps(3, 0.5)
+    prompts = [[5, 6, 7, 8], [9, 1], [3, 3, 3, 3, 3, 3]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    engine = Engine(model, EngineConfig(max_num_seqs=4, block_size=4, compile=True))
+    requests = [engine.add_request(p, params) for p in prompts]
+    engine.run()
+    assert engine.decode_graph.compile_seconds is not None  # the all-decode steps ran compiled
+    assert [r.output for r in requests] == [generate(model, p, params) for p in prompts]

@@ -10,9 +10,9 @@ the task mix (configs/tasks.toml) it is what makes lookup learnable in the run's
 minutes (README, "The task mix").
 
 Over a cache a forward sees only the new tokens, so the taps that reach back read the
-earlier attention inputs from the cache: the contiguous KVCache keeps them by position
-(`mix_inputs`; generate.py --prompt, speculative decoding), the engine's paged pool does
-not, and the engine refuses such a model (moe.model.transformer.require_cacheable).
+earlier attention inputs from the cache: each cache keeps them beside K/V, written by
+position or slot (`mix_inputs` of KVCache, PagedKVCache and PagedDecodeView), so
+rollback, preemption and shared prefix blocks need nothing more.
 
 Shapes: B batch, T time, D channels, W width.
 """

@@ -107,7 +107,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         if cache is not None:
-            require_cacheable(self.cfg, getattr(cache, "keeps_attention_inputs", False))
+            require_causal(self.cfg)
         if positions is None:
             if cache is not None:
                 raise ValueError("with a cache, pass positions: where each new token sits")
@@ -127,19 +127,12 @@ class Transformer(nn.Module):
         return ModelOutput(logits, routing)
 
 
-def require_cacheable(cfg: ModelConfig, keeps_attention_inputs: bool = False) -> None:
-    """Refuse generation from a model a cache cannot serve. Expert choice routes each
-    token by comparing it with every token of the batch, so at training time token t's
-    experts depend on tokens after t; decoding one token at a time would route it among a
-    different set and give a different model. A short convolution needs the attention
-    inputs of the W - 1 tokens before each new one, which only the contiguous KVCache
-    keeps (`keeps_attention_inputs`), not the engine's paged pool. Every cached forward
-    (all generation, the engine, speculation, the server) comes through here."""
-    if cfg.short_conv > 1 and not keeps_attention_inputs:
-        raise ConfigError(f"model.short_conv = {cfg.short_conv} mixes each attention input with "
-                          f"the {cfg.short_conv - 1} before it, and the engine's paged cache does not "
-                          "keep those; generate one prompt at a time (generate.py --prompt, without "
-                          "--prompt-file, serve or bench), or train with short_conv = 0 to serve")
+def require_causal(cfg: ModelConfig) -> None:
+    """Refuse generation from a model whose outputs depend on later tokens. Expert choice
+    routes each token by comparing it with every token of the batch, so at training time
+    token t's experts depend on tokens after t; decoding one token at a time would route it
+    among a different set and give a different model. Every cached forward (all generation,
+    the engine, speculation, the server) comes through here."""
     if cfg.routing == "expert_choice":
         raise ConfigError("model.routing = \"expert_choice\" is not causal (each expert picks its "
                           "tokens from the whole batch, later tokens included), so this model "

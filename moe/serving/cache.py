@@ -28,8 +28,6 @@ from moe.serving.blocks import BlockManager
 
 
 class KVCache:
-    keeps_attention_inputs = True  # serves model.short_conv (mix_inputs)
-
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.max_len = max_len or cfg.max_seq_len
@@ -100,6 +98,25 @@ class KVCache:
 # More shapes: N new tokens in the step, NB blocks in the pool, bs block_size, MB blocks
 # per table row.
 
+def tap_slots(block_tables: Tensor, positions: Tensor, width: int, block_size: int) -> Tensor:
+    """The pool slot of position - j (j < width) for each new token: block_tables [N, MB]
+    (its sequence's), positions [N] -> [N, W]; positions before 0 read slot 0, masked later."""
+    back = (positions.long()[:, None] - torch.arange(width, device=positions.device)).clamp(min=0)  # [N, W]
+    block = block_tables.long().gather(1, back // block_size)  # [N, W]
+    return block * block_size + back % block_size
+
+
+def mix_pooled_inputs(pool: Tensor, slot_mapping: Tensor, slots: Tensor, h: Tensor, positions: Tensor,
+                      weight: Tensor) -> Tensor:
+    """Write the attention inputs h [N, D] at slot_mapping [N] of one layer's pool
+    [(NB + 1) * bs, D], then h + sum_j weight[j] * (input at position - j), read from
+    slots [N, W] (none before position 0); weight [W, D]."""
+    pool.index_copy_(0, slot_mapping, h.to(pool.dtype))
+    taps = pool[slots].to(h.dtype)  # [N, W, D]
+    before_start = positions.long()[:, None] - torch.arange(weight.shape[0], device=h.device) < 0  # [N, W]
+    return h + (taps.masked_fill(before_start[..., None], 0) * weight).sum(1)
+
+
 class PagedKVCache:
     """The pool's K/V tensors for every layer; which blocks belong to whom is the block
     manager's (moe/serving/blocks.py), passed to `set_layout` each step."""
@@ -117,13 +134,19 @@ class PagedKVCache:
         shape = (cfg.n_layers, num_blocks + 1, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
+        # model.short_conv: each layer's attention inputs in the same slots as K/V
+        self.inputs = (torch.zeros(cfg.n_layers, (num_blocks + 1) * block_size, cfg.d_model, device=device,
+                                   dtype=dtype) if cfg.short_conv > 1 else None)  # [L, (NB + 1) * bs, D]
+        self.taps = max(cfg.short_conv, 1)  # W
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
+        self.tap_slots = torch.zeros(0, self.taps, dtype=torch.long)  # [N, W] slot of position - j
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * element
+        inputs = cfg.d_model if cfg.short_conv > 1 else 0  # kept attention inputs, per token
+        return cfg.n_layers * block_size * (2 * cfg.n_kv_heads * cfg.head_dim + inputs) * element
 
     @classmethod
     def from_memory(cls, cfg: ModelConfig, budget_bytes: int, block_size: int = 16,
@@ -149,6 +172,14 @@ class PagedKVCache:
             - self.layout.query_start[:-1].long()[seq_of]  # [N]
         block = self.layout.block_tables[seq_of, position // self.block_size].long()  # [N]
         self.slot_mapping = block * self.block_size + position % self.block_size  # [N]
+        if self.inputs is not None:
+            self.tap_slots = tap_slots(self.layout.block_tables[seq_of], position, self.taps,
+                                       self.block_size)  # [N, W]
+
+    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+        """KVCache.mix_inputs for the ragged step set by `set_layout`: h [1, N, D]."""
+        return mix_pooled_inputs(self.inputs[layer], self.slot_mapping, self.tap_slots, h[0], positions[0],
+                                 weight)[None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [1, H, N, Dh], k and v [1, G, N, Dh] of the ragged step set by `set_layout`."""
@@ -174,6 +205,12 @@ class PagedDecodeView:
     def __init__(self, cache: PagedKVCache, slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor):
         self.cache, self.slot_mapping = cache, slot_mapping
         self.block_tables, self.seq_lens = block_tables, seq_lens
+
+    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+        """KVCache.mix_inputs for this step: h [B, 1, D] at positions [B, 1]."""
+        slots = tap_slots(self.block_tables, positions[:, 0], self.cache.taps, self.cache.block_size)
+        return mix_pooled_inputs(self.cache.inputs[layer], self.slot_mapping, slots, h[:, 0], positions[:, 0],
+                                 weight)[:, None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """q [B, H, 1, Dh], k and v [B, G, 1, Dh] -> [B, H, 1, Dh]."""

@@ -49,7 +49,7 @@ STATS_WINDOW = 10_000  # steps of batch size and block use kept (a server runs f
 import torch
 from torch import Tensor
 
-from moe.model.transformer import Transformer, require_cacheable
+from moe.model.transformer import Transformer, require_causal
 from moe.profiling import label
 from moe.serving.blocks import BlockManager
 from moe.serving.cache import PagedKVCache
@@ -103,7 +103,7 @@ class Scheduled:
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None, clock=time.perf_counter):
         self.model, self.cfg = model, model.cfg
-        require_cacheable(self.cfg)  # refused when built, not at the first request
+        require_causal(self.cfg)  # refused when built, not at the first request
         self.config = config or EngineConfig()
         self.clock = clock
         param = next(model.parameters())
