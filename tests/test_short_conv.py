@@ -80,10 +80,12 @@ def test_a_negative_width_is_refused_by_name():
         tiny_config(short_conv=-1)
 
 
-def test_cached_greedy_decoding_equals_argmax_of_full_forwards():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cached_greedy_decoding_equals_argmax_of_full_forwards(compile):
     model = model_with_taps(4, 0.5)
     prompt = torch.randint(0, 256, (7,)).tolist()
-    new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
+    new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True),
+                   compile=compile)
     sequence = list(prompt)
     with torch.no_grad():
         for _ in range(12):
