@@ -80,9 +80,10 @@ def test_a_negative_width_is_refused_by_name():
         tiny_config(short_conv=-1)
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_cached_greedy_decoding_equals_argmax_of_full_forwards(compile):
-    model = model_with_taps(4, 0.5)
+@pytest.mark.parametrize("width,compile", [(4, False), (4, True), (1, False)],
+                         ids=["eager", "compiled", "one_tap"])
+def test_cached_greedy_decoding_equals_argmax_of_full_forwards(width, compile):
+    model = model_with_taps(width, 0.5)
     prompt = torch.randint(0, 256, (7,)).tolist()
     new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True),
                    compile=compile)

@@ -6,8 +6,8 @@ tokens before a position; with plain attention one layer first copies each posit
 predecessors into it (a previous-token head) and only a second layer can match on them,
 and a small model spends most of a short run on the plateau before that pair forms. The
 convolution hands every position its W - 1 predecessors at once, for W * D weights. On
-the task mix (configs/tasks.toml) it is what makes lookup learnable in the run's ten
-minutes (README, "The task mix").
+the task mix (configs/tasks.toml) only runs with it learned lookup within ten minutes,
+though not every such run does (README, "The task mix").
 
 Over a cache a forward sees only the new tokens, so the taps that reach back read the
 earlier attention inputs from the cache: each cache keeps them beside K/V, written by

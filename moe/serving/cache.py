@@ -37,7 +37,7 @@ class KVCache:
         # model.short_conv: each layer's attention inputs by position, for the taps that
         # reach back past the new tokens; written by position like K/V, so rollback is free
         self.inputs = (torch.zeros(cfg.n_layers, batch_size, self.max_len, cfg.d_model, device=device,
-                                   dtype=dtype) if cfg.short_conv > 1 else None)  # [L, B, S, D]
+                                   dtype=dtype) if cfg.short_conv else None)  # [L, B, S, D]
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only the cache rows `rows`, in that order (finished sequences dropped)."""
@@ -136,7 +136,7 @@ class PagedKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         # model.short_conv: each layer's attention inputs in the same slots as K/V
         self.inputs = (torch.zeros(cfg.n_layers, (num_blocks + 1) * block_size, cfg.d_model, device=device,
-                                   dtype=dtype) if cfg.short_conv > 1 else None)  # [L, (NB + 1) * bs, D]
+                                   dtype=dtype) if cfg.short_conv else None)  # [L, (NB + 1) * bs, D]
         self.taps = max(cfg.short_conv, 1)  # W
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
@@ -145,7 +145,7 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        inputs = cfg.d_model if cfg.short_conv > 1 else 0  # kept attention inputs, per token
+        inputs = cfg.d_model if cfg.short_conv else 0  # kept attention inputs, per token
         return cfg.n_layers * block_size * (2 * cfg.n_kv_heads * cfg.head_dim + inputs) * element
 
     @classmethod
