@@ -128,3 +128,16 @@ def test_the_compiled_engine_step_equals_generation_alone():
     engine.run()
     assert engine.decode_graph.compile_seconds is not None  # the all-decode steps ran compiled
     assert [r.output for r in requests] == [generate(model, p, params) for p in prompts]
+
+
+def test_shared_prefix_blocks_serve_the_same_tokens_as_generation_alone():
+    model = model_with_taps(4, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 256, (13,), generator=gen).tolist()  # 3 full blocks of 4, then a partial one
+    prompts = [prefix + torch.randint(0, 256, (int(n),), generator=gen).tolist() for n in (1, 3, 2, 5)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=7, ignore_eos=True)
+    engine = Engine(model, EngineConfig(max_num_seqs=2, block_size=4, num_blocks=40, prefix_caching=True))
+    requests = [engine.add_request(p, params) for p in prompts]
+    engine.run()
+    assert engine.blocks.prefix_hits > 0  # later requests read the prefix's kept inputs from shared blocks
+    assert [r.output for r in requests] == [generate(model, p, params) for p in prompts]
