@@ -33,6 +33,7 @@ SCENARIOS = {  # name: config overrides
     "dense_layer_and_capacity": ["model.n_kv_heads=4", "model.moe_every=2", "model.d_ff=24",
                                  "model.capacity_factor=0.5"],  # layer 0 dense; dropless at inference
     "triton_kernels": ["model.kernel_backend=\"triton\""],  # the GPU path, interpreted
+    "short_conv": ["model.n_kv_heads=2", "model.short_conv=3"],  # replicated taps, kept inputs
 }
 PROMPT = [5, 17, 101, 3, 250, 42]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
