@@ -48,6 +48,22 @@ from kernels.triton_import import tl, triton
 # Reference: one batched matmul per expert (the specification)
 # ---------------------------------------------------------------------------------------
 
+def sort_slots(expert_ids: Tensor, n_experts: int, capacity: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The slots of expert_ids [N, K], choice-major (slot s = choice * N + token), grouped
+    by expert with one stable sort: order [kept] (the first `capacity` slots of each
+    expert's run, or all), counts [E] kept per expert, dropped [] slots over capacity."""
+    check_expert_ids(expert_ids, n_experts)
+    slot_expert = expert_ids.t().reshape(-1)  # [K*N]
+    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
+    counts = expert_counts(slot_expert, n_experts)  # [E]
+    if capacity is not None:
+        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
+        rank = torch.arange(order.numel(), device=order.device) - starts[slot_expert[order]]
+        order = order[rank < capacity]  # keep the first `capacity` slots of each run
+        counts = counts.clamp(max=capacity)
+    return order, counts, slot_expert.new_tensor(slot_expert.numel()) - order.numel()
+
+
 def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
                          w_out: Tensor, capacity: int | None) -> tuple[Tensor, Tensor]:
     """Run each token through its experts and sum the weighted outputs.
@@ -55,20 +71,9 @@ def dispatch_and_combine(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: T
     x [N, D], expert_ids and weights [N, K], w_in [E, D, 2F], w_out [E, F, D]
     -> y [N, D], number of slots dropped by `capacity`.
     """
-    n_tokens, k = expert_ids.shape
-    n_experts = w_in.shape[0]
-    check_expert_ids(expert_ids, n_experts)
-    slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
+    order, counts, dropped = sort_slots(expert_ids, w_in.shape[0], capacity)
     slot_weight = weights.t().reshape(-1)  # [K*N]
-    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
-    counts = expert_counts(slot_expert, n_experts)  # [E]
-    if capacity is not None:
-        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
-        rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
-        order = order[rank < capacity]  # keep the first `capacity` slots of each run
-        counts = counts.clamp(max=capacity)
-    dropped = slot_expert.new_tensor(slot_expert.numel()) - order.numel()
-    tokens = order % n_tokens  # [kept] token of each sorted slot
+    tokens = order % expert_ids.shape[0]  # [kept] token of each sorted slot
     y = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(counts.tolist()):
@@ -88,24 +93,14 @@ def dispatch_grouped(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tenso
     rows and one scatter back, where the loop does one of each per expert, and no host
     sync. What training runs on CPU, where the loop's per-expert gathers, zero-filled
     gradients and scatters cost as much as the matmuls."""
-    n_tokens, k = expert_ids.shape
-    n_experts = w_in.shape[0]
-    check_expert_ids(expert_ids, n_experts)
-    slot_expert = expert_ids.t().reshape(-1)  # [K*N], slot s = choice * N + token
-    order = torch.argsort(slot_expert, stable=True)  # slots grouped by expert
-    counts = expert_counts(slot_expert, n_experts)  # [E]
-    if capacity is not None:
-        starts = counts.cumsum(0) - counts  # first sorted index of each expert's run
-        rank = torch.arange(order.numel(), device=x.device) - starts[slot_expert[order]]
-        order = order[rank < capacity]  # keep the first `capacity` slots of each run
-        counts = counts.clamp(max=capacity)
+    order, counts, dropped = sort_slots(expert_ids, w_in.shape[0], capacity)
     ends = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group
-    tokens = order % n_tokens  # [kept] token of each sorted slot
+    tokens = order % expert_ids.shape[0]  # [kept] token of each sorted slot
     gate, up = F.grouped_mm(x.index_select(0, tokens), w_in, offs=ends).chunk(2, dim=-1)  # 2 x [kept, F]
     out = F.grouped_mm(F.silu(gate) * up, w_out, offs=ends)  # [kept, D]
     slot_weight = weights.t().reshape(-1)[order, None]  # [kept, 1]
     y = torch.zeros_like(x).index_add_(0, tokens, out * slot_weight)
-    return y, slot_expert.new_tensor(slot_expert.numel()) - order.numel()
+    return y, dropped
 
 
 def dispatch_dense(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,

@@ -32,6 +32,30 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+DISPATCH_D, DISPATCH_F, DISPATCH_E = 40, 24, 6  # dispatch test widths that are not powers of two
+
+
+def dispatch_problem(n: int, k: int, seed: int = 0, device: torch.device = DEVICE) -> tuple:
+    """An expert-dispatch case on `device`: x [N, D], expert ids [N, K] (distinct per
+    token), routing weights [N, K], w_in [E, D, 2F], w_out [E, F, D], an output gradient dy [N, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DISPATCH_D, generator=gen)
+    ids = torch.stack([torch.randperm(DISPATCH_E, generator=gen)[:k] for _ in range(n)])  # [N, K]
+    weights = torch.rand(n, k, generator=gen)
+    w_in = torch.randn(DISPATCH_E, DISPATCH_D, 2 * DISPATCH_F, generator=gen) * 0.2
+    w_out = torch.randn(DISPATCH_E, DISPATCH_F, DISPATCH_D, generator=gen) * 0.2
+    dy = torch.randn(n, DISPATCH_D, generator=gen)
+    return tuple(t.to(device) for t in (x, ids, weights, w_in, w_out, dy))
+
+
+def dispatch_gradients(fn, x, ids, weights, w_in, w_out, dy, capacity) -> tuple:
+    """(y, dropped slots, gradients of x, weights, w_in and w_out) of dispatch `fn`."""
+    leaves = [t.clone().requires_grad_() for t in (x, weights, w_in, w_out)]
+    y, dropped = fn(leaves[0], ids, *leaves[1:], capacity)
+    (y * dy).sum().backward()
+    return y.detach(), dropped, [t.grad for t in leaves]
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A model small enough to run dozens of times per test file."""
     settings = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, d_expert=24, n_experts=4,

@@ -12,20 +12,13 @@ from kernels.moe_dispatch import (align_slots, dispatch_and_combine,  # noqa: E4
                                   dispatch_and_combine_triton)
 from moe.config import ConfigError, ModelConfig  # noqa: E402
 from moe.model.moe_layer import MoELayer  # noqa: E402
-from tests.conftest import (DEVICE, needs_compiled_triton, relative_error,  # noqa: E402
-                            tiny_config)
-
-D, F, E = 40, 24, 6  # widths that are not powers of two
+from tests.conftest import (DEVICE, DISPATCH_E as E, dispatch_problem,  # noqa: E402
+                            needs_compiled_triton, relative_error, tiny_config)
 
 
-def make_inputs(n, k, n_experts=E, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=gen)
-    ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n)])  # [N, K]
-    weights = torch.rand(n, k, generator=gen)
-    w_in = torch.randn(n_experts, D, 2 * F, generator=gen) * 0.2
-    w_out = torch.randn(n_experts, F, D, generator=gen) * 0.2
-    return tuple(t.to(DEVICE) for t in (x, ids, weights, w_in, w_out))
+def make_inputs(n, k, seed=0):
+    """x, ids, weights, w_in, w_out of a dispatch case (tests/conftest.py), no gradient."""
+    return dispatch_problem(n, k, seed)[:5]
 
 
 def assert_same_as_reference(x, ids, weights, w_in, w_out, capacity):

@@ -9,27 +9,8 @@ pytest.importorskip("triton", reason="triton does not import here; the kernels c
 
 from kernels.moe_dispatch import dispatch_and_combine  # noqa: E402
 from kernels.moe_dispatch_backward import dispatch_and_combine_trainable  # noqa: E402
-from tests.conftest import DEVICE, needs_compiled_triton, relative_error  # noqa: E402
-
-D, F, E = 40, 24, 6  # widths that are not powers of two
-
-
-def make_inputs(n, k, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=gen)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])  # [N, K]
-    weights = torch.rand(n, k, generator=gen)
-    w_in = torch.randn(E, D, 2 * F, generator=gen) * 0.2
-    w_out = torch.randn(E, F, D, generator=gen) * 0.2
-    dy = torch.randn(n, D, generator=gen)
-    return tuple(t.to(DEVICE) for t in (x, ids, weights, w_in, w_out, dy))
-
-
-def gradients(fn, x, ids, weights, w_in, w_out, dy, capacity):
-    leaves = [t.clone().requires_grad_() for t in (x, weights, w_in, w_out)]
-    y, dropped = fn(leaves[0], ids, *leaves[1:], capacity)
-    (y * dy).sum().backward()
-    return y.detach(), dropped, [t.grad for t in leaves]
+from tests.conftest import DEVICE, DISPATCH_D as D, needs_compiled_triton, relative_error  # noqa: E402
+from tests.conftest import dispatch_gradients as gradients, dispatch_problem as make_inputs  # noqa: E402
 
 
 def assert_gradients_match_reference(x, ids, weights, w_in, w_out, dy, capacity=None):

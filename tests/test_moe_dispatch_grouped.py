@@ -8,45 +8,29 @@ import kernels.ops
 from kernels.moe_dispatch import dispatch_and_combine, dispatch_grouped
 from moe.config import ModelConfig
 from moe.model.moe_layer import MoELayer
+from tests.conftest import dispatch_gradients, dispatch_problem
 
-D, F, E = 40, 24, 6  # widths that are not powers of two
-
-
-def make_inputs(n, k, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D, generator=gen)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])  # [N, K]
-    weights = torch.rand(n, k, generator=gen)
-    w_in = torch.randn(E, D, 2 * F, generator=gen) * 0.2
-    w_out = torch.randn(E, F, D, generator=gen) * 0.2
-    dy = torch.randn(n, D, generator=gen)
-    return x, ids, weights, w_in, w_out, dy
-
-
-def run(fn, x, ids, weights, w_in, w_out, dy, capacity):
-    leaves = [t.clone().requires_grad_() for t in (x, weights, w_in, w_out)]
-    y, dropped = fn(leaves[0], ids, *leaves[1:], capacity)
-    (y * dy).sum().backward()
-    return y.detach(), dropped.item(), [t.grad for t in leaves]
+CPU = torch.device("cpu")  # the grouped form is CPU training's (F.grouped_mm on CUDA wants bf16)
 
 
 def assert_matches_reference(x, ids, weights, w_in, w_out, dy, capacity=None):
-    y, dropped, grads = run(dispatch_grouped, x, ids, weights, w_in, w_out, dy, capacity)
-    y_ref, dropped_ref, grads_ref = run(dispatch_and_combine, x, ids, weights, w_in, w_out, dy, capacity)
+    y, dropped, grads = dispatch_gradients(dispatch_grouped, x, ids, weights, w_in, w_out, dy, capacity)
+    y_ref, dropped_ref, grads_ref = dispatch_gradients(dispatch_and_combine, x, ids, weights, w_in, w_out, dy,
+                                                       capacity)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
-    assert dropped == dropped_ref
+    assert dropped.item() == dropped_ref.item()
     for name, grad, grad_ref in zip(("x", "weights", "w_in", "w_out"), grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6, msg=f"d {name}")
-    return dropped, grads
+    return dropped.item(), grads
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (1, 3), (33, 2), (33, 3), (500, 2)])
 def test_grouped_dispatch_outputs_and_gradients_equal_the_reference(n, k):
-    assert assert_matches_reference(*make_inputs(n, k))[0] == 0
+    assert assert_matches_reference(*dispatch_problem(n, k, device=CPU))[0] == 0
 
 
 def test_experts_that_get_no_tokens_get_zero_gradient():
-    x, _, weights, w_in, w_out, dy = make_inputs(9, 2)
+    x, _, weights, w_in, w_out, dy = dispatch_problem(9, 2, device=CPU)
     ids = torch.tensor([[2, 0]] * 9)  # experts 1, 3, 4, 5 get nothing
     _, (_, _, d_w_in, d_w_out) = assert_matches_reference(x, ids, weights, w_in, w_out, dy)
     assert d_w_in[[1, 3, 4, 5]].abs().max() == 0 and d_w_out[[1, 3, 4, 5]].abs().max() == 0
@@ -55,7 +39,7 @@ def test_experts_that_get_no_tokens_get_zero_gradient():
 
 @pytest.mark.parametrize("capacity", [1, 5])
 def test_capacity_drops_the_same_slots_as_the_reference(capacity):
-    x, ids, weights, w_in, w_out, dy = make_inputs(33, 2)
+    x, ids, weights, w_in, w_out, dy = dispatch_problem(33, 2, device=CPU)
     ids[:20] = torch.tensor([0, 1])  # pile slots onto experts 0 and 1 so they overflow
     assert assert_matches_reference(x, ids, weights, w_in, w_out, dy, capacity)[0] > 0
 

@@ -35,7 +35,7 @@ def short_conv_reference(h: Tensor, weight: Tensor) -> Tensor:
 class _ShortConv(torch.autograd.Function):
     """The reference in place: one multiply-add per tap into slices of one output, and the
     same for the gradient, where autograd through the padded slices zero-fills a
-    [B, W - 1 + T, D] gradient per tap (a quarter of a task-mix step on 2 CPU threads)."""
+    [B, W - 1 + T, D] gradient per tap, more work than the taps themselves."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor) -> Tensor:
