@@ -137,7 +137,7 @@ class PagedKVCache:
         # model.short_conv: each layer's attention inputs in the same slots as K/V
         self.inputs = (torch.zeros(cfg.n_layers, (num_blocks + 1) * block_size, cfg.d_model, device=device,
                                    dtype=dtype) if cfg.short_conv else None)  # [L, (NB + 1) * bs, D]
-        self.taps = max(cfg.short_conv, 1)  # W
+        self.taps = cfg.short_conv  # W (0: no short convolution, nothing kept)
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
         self.tap_slots = torch.zeros(0, self.taps, dtype=torch.long)  # [N, W] slot of position - j
