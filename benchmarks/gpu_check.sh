@@ -7,7 +7,8 @@
 #   2. benchmarks/bench_kernels.py at realistic shapes in bf16.
 # Results land in $OUT (default benchmarks/results): kernels_gpu.json, tests_gpu.json
 # (the GPU's name, what passed and what failed), and the logs. Each stage has its own
-# time limit so that the whole run stays under 8 minutes.
+# time limit so that the whole run stays under 8 minutes. STAGES="tests" or "bench" runs one
+# (the tests can share the GPU with other work; the benchmark wants it alone).
 #
 #   bash benchmarks/gpu_check.sh                     # on the GPU machine
 #   PYTHON=.venv/bin/python QUICK=1 bash benchmarks/gpu_check.sh   # plumbing check on CPU
@@ -26,6 +27,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" | tee -a "$DEST/gpu_check_device.txt"
 
+STAGES=${STAGES:-tests bench}
+if [[ " $STAGES " == *" tests "* ]]; then
 echo "== kernel and model tests, compiled"
 TESTS="tests/test_kernels_moe.py tests/test_kernels_moe_backward.py tests/test_kernels_attention.py
        tests/test_kernels_attention_backward.py tests/test_training_through_kernels.py"
@@ -61,11 +64,14 @@ with open(f"{dest}/tests_gpu.json", "w") as f:
     json.dump(report, f, indent=2)
 print("tests:", counts)
 EOF
+fi
 
+if [[ " $STAGES " == *" bench "* ]]; then
 echo "== kernel benchmark, bf16"
 BENCH_ARGS=${BENCH_ARGS:-}
 [ -n "${QUICK:-}" ] && BENCH_ARGS="--quick --dtype float16 --only dispatch decode"
 timeout "${BENCH_LIMIT:-240}" $PY benchmarks/bench_kernels.py $BENCH_ARGS \
     --out "$DEST/kernels_gpu.json" 2>&1 | tee "$DEST/bench_kernels.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 exit $status

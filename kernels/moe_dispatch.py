@@ -118,7 +118,8 @@ def dispatch_dense(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
     gates = weights.new_zeros(n_tokens, n_experts).scatter_add_(1, expert_ids, weights)  # [N, E], 0 = not chosen
     gate, up = torch.bmm(x.expand(n_experts, n_tokens, d_model), w_in).chunk(2, dim=-1)  # 2 x [E, N, F]
     hidden = F.silu(gate) * up * gates.t()[..., None]  # [E, N, F]
-    return torch.bmm(hidden, w_out).sum(0), expert_ids.new_zeros(())  # [N, D]
+    # CUDA autocast runs sum in float32: the result goes back to the experts' dtype
+    return torch.bmm(hidden, w_out).sum(0).to(x.dtype), expert_ids.new_zeros(())  # [N, D]
 
 
 def dispatch_gathered(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tensor,
@@ -133,7 +134,7 @@ def dispatch_gathered(x: Tensor, expert_ids: Tensor, weights: Tensor, w_in: Tens
     gate, up = torch.bmm(rows, w_in[slot_expert])[:, 0].chunk(2, dim=-1)  # 2 x [N * K, F]
     hidden = (F.silu(gate) * up * weights.reshape(-1, 1))[:, None]  # [N * K, 1, F]
     out = torch.bmm(hidden, w_out[slot_expert])[:, 0]  # [N * K, D]
-    return out.view(n_tokens, k, -1).sum(1), expert_ids.new_zeros(())
+    return out.view(n_tokens, k, -1).sum(1).to(x.dtype), expert_ids.new_zeros(())  # as in dispatch_dense
 
 
 def check_expert_ids(expert_ids: Tensor, n_experts: int) -> None:

@@ -126,6 +126,21 @@ def test_expert_dispatch_under_autocast_computes_in_its_dtype(backend):
     torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("form", ["dense", "gathered"])
+def test_inference_dispatch_forms_return_the_autocast_dtype(form):
+    # CUDA autocast runs sum in float32; the forms hand back their operands' dtype
+    from kernels.moe_dispatch import dispatch_dense, dispatch_gathered
+    fn = dispatch_dense if form == "dense" else dispatch_gathered
+    gen = torch.Generator().manual_seed(4)
+    x, w_in, w_out = (torch.randn(*shape, generator=gen).to(DEVICE, torch.float16) * 0.3
+                      for shape in ((7, 32), (4, 32, 48), (4, 24, 32)))
+    ids = torch.randint(0, 4, (7, 2), generator=gen).to(DEVICE)
+    weights = torch.rand(7, 2, generator=gen).to(DEVICE, torch.float16)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y, _ = fn(x, ids, weights, w_in, w_out)
+    assert y.dtype == torch.float16
+
+
 def test_backend_resolution_and_environment_override(monkeypatch):
     monkeypatch.delenv("MOE_KERNEL_BACKEND", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"
