@@ -60,6 +60,8 @@ class ModelConfig:
     n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), width d_expert
     routing: str = "token_choice"  # "token_choice" (each token picks K) | "expert_choice" (each expert picks its capacity; not causal)
     short_conv: int = 0  # width W of a causal depthwise convolution on each attention input (Canon layers); 0 = none
+    short_conv_ffn: bool = False  # the same convolution on each FFN input too (Canon-C); needs short_conv
+    short_conv_init: float = 0.0  # taps drawn uniform in [-a, a] at init (a Conv1d's default is 0.5); 0 = init_std normal
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_base: float = 10000.0  # rotary position base frequency
     max_seq_len: int = 256  # longest sequence (prompt + generation)
@@ -115,6 +117,10 @@ class ModelConfig:
                  f"must be 0 or more, got {self.n_shared_experts}")
         _require(self.short_conv >= 0, "short_conv",
                  f"must be 0 (none) or a width of 1 or more, got {self.short_conv}")
+        _require(not self.short_conv_ffn or self.short_conv > 0, "short_conv_ffn",
+                 "needs model.short_conv, the convolution's width: set short_conv = 4, say")
+        _require(self.short_conv_init >= 0, "short_conv_init",
+                 f"must be 0 (init_std normal) or a positive bound, got {self.short_conv_init}")
         if self.routing == "expert_choice" and self.balance == "bias":
             raise ConfigError("model.balance = \"bias\" does not go with model.routing = \"expert_choice\": "
                               "expert choice gives every expert exactly its capacity, so there is "
@@ -126,6 +132,11 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def conv_sites(self) -> int:
+        """Short convolutions per block: 0, 1 (attention input) or 2 (and FFN input)."""
+        return (1 + self.short_conv_ffn) if self.short_conv else 0
 
     @property
     def kv_group_size(self) -> int:

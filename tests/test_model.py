@@ -19,6 +19,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
     {"moe_every": 0},
     {"n_kv_heads": 2, "head_dim": 10, "n_experts": 3, "experts_per_token": 3},
     {"short_conv": 3},
+    {"short_conv": 3, "short_conv_ffn": True},
 ])
 def test_parameter_count_from_config_equals_numel_of_built_model(overrides):
     cfg = tiny_config(**overrides)

@@ -36,13 +36,15 @@ def test_short_conv_output_and_gradients_equal_the_reference(length, width):
     torch.testing.assert_close(conv.weight.grad, weight_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def model_with_taps(width, std=1.0):
-    """A tiny model whose short convolutions have nonzero taps (they start near zero)."""
+def model_with_taps(width, std=1.0, ffn=False):
+    """A tiny model whose short convolutions (on FFN inputs too with `ffn`) have nonzero
+    taps (they start near zero)."""
     torch.manual_seed(0)
-    model = Transformer(tiny_config(short_conv=width)).eval()
+    model = Transformer(tiny_config(short_conv=width, short_conv_ffn=ffn)).eval()
     with torch.no_grad():
         for block in model.blocks:
-            block.short_conv.weight.normal_(0, std)
+            for conv in filter(None, (block.short_conv, block.ffn_conv)):
+                conv.weight.normal_(0, std)
     return model
 
 
@@ -80,10 +82,23 @@ def test_a_negative_width_is_refused_by_name():
         tiny_config(short_conv=-1)
 
 
-@pytest.mark.parametrize("width,compile", [(4, False), (4, True), (1, False)],
-                         ids=["eager", "compiled", "one_tap"])
-def test_cached_greedy_decoding_equals_argmax_of_full_forwards(width, compile):
-    model = model_with_taps(width, 0.5)
+def test_an_ffn_convolution_without_a_width_is_refused_by_name():
+    with pytest.raises(ConfigError, match="short_conv_ffn.*needs model.short_conv"):
+        tiny_config(short_conv_ffn=True)
+
+
+def test_short_conv_init_draws_taps_within_its_bound():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(short_conv=4, short_conv_ffn=True, short_conv_init=0.5))
+    taps = torch.cat([w for n, w in model.named_parameters() if n.endswith("conv.weight")])
+    assert taps.shape == (2 * 2 * 4, 32) and taps.abs().max() <= 0.5 and taps.std() > 0.2
+
+
+@pytest.mark.parametrize("width,compile,ffn", [(4, False, False), (4, True, False), (1, False, False),
+                                               (4, False, True), (3, True, True)],
+                         ids=["eager", "compiled", "one_tap", "ffn_too", "ffn_too_compiled"])
+def test_cached_greedy_decoding_equals_argmax_of_full_forwards(width, compile, ffn):
+    model = model_with_taps(width, 0.5, ffn)
     prompt = torch.randint(0, 256, (7,)).tolist()
     new = generate(model, prompt, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True),
                    compile=compile)
@@ -102,12 +117,13 @@ def test_speculative_decoding_of_a_short_conv_target_equals_plain_decoding():
     assert outputs == [generate(model, p, params) for p in prompts]
 
 
-@pytest.mark.parametrize("config", [
-    EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk=5, block_size=3),
-    EngineConfig(max_num_seqs=6, max_num_batched_tokens=16, prefill_chunk=6, block_size=4, num_blocks=12),
-], ids=["chunked", "preempted"])
-def test_the_engine_equals_each_request_generated_alone(config):
-    model = model_with_taps(4, 0.5)
+@pytest.mark.parametrize("config,ffn", [
+    (EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk=5, block_size=3), False),
+    (EngineConfig(max_num_seqs=6, max_num_batched_tokens=16, prefill_chunk=6, block_size=4, num_blocks=12), False),
+    (EngineConfig(max_num_seqs=6, max_num_batched_tokens=16, prefill_chunk=6, block_size=4, num_blocks=16), True),
+], ids=["chunked", "preempted", "ffn_too_preempted"])
+def test_the_engine_equals_each_request_generated_alone(config, ffn):
+    model = model_with_taps(4, 0.5, ffn)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (int(n),), generator=gen).tolist() for n in (3, 9, 14, 6, 11, 2)]
     params = SamplingParams(temperature=0.0, max_new_tokens=9, ignore_eos=True)

@@ -57,18 +57,30 @@ class Block(nn.Module):
         self.short_conv = ShortConv(cfg.d_model, cfg.short_conv) if cfg.short_conv else None
         self.attention = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_conv = ShortConv(cfg.d_model, cfg.short_conv) if cfg.short_conv_ffn else None
+        self.sites = cfg.conv_sites
         self.ffn = MoELayer(cfg) if cfg.is_moe_layer(layer) else DenseFFN(cfg.d_model, cfg.d_ff)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope, positions: Tensor, cache) -> tuple[Tensor, RoutingStats | None]:
         h = self.attention_norm(x)
-        if self.short_conv is not None:  # over a cache, the taps read earlier inputs from it
-            h = (self.short_conv(h) if cache is None
-                 else cache.mix_inputs(self.layer, h, positions, self.short_conv.weight))
+        if self.short_conv is not None:
+            h = self.mix(self.short_conv, 0, h, positions, cache)
         x = x + self.dropout(self.attention(h, rope, positions, cache))
-        out = self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        if self.ffn_conv is not None:
+            h = self.mix(self.ffn_conv, 1, h, positions, cache)
+        out = self.ffn(h)
         out, stats = out if isinstance(self.ffn, MoELayer) else (out, None)
         return x + self.dropout(out), stats
+
+
+    def mix(self, conv: ShortConv, site: int, h: Tensor, positions: Tensor, cache) -> Tensor:
+        """conv over h [B, T, D]; over a cache the taps read earlier inputs from it, kept
+        at index layer * sites + site."""
+        if cache is None:
+            return conv(h)
+        return cache.mix_inputs(self.layer * self.sites + site, h, positions, conv.weight)
 
 
 @dataclass
@@ -99,6 +111,8 @@ class Transformer(nn.Module):
                 param.fill_(1.0)
             elif name.endswith(("wo.weight", "w_out")):
                 param.normal_(0.0, residual_std)
+            elif name.endswith("conv.weight") and self.cfg.short_conv_init:
+                param.uniform_(-self.cfg.short_conv_init, self.cfg.short_conv_init)
             else:
                 param.normal_(0.0, self.cfg.init_std)
 
@@ -210,6 +224,6 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         experts=n_moe * cfg.n_experts * per_expert,
         shared_experts=n_moe * cfg.n_shared_experts * per_expert,
         router=n_moe * d * cfg.n_experts,
-        norms=(2 * cfg.n_layers + 1) * d + cfg.n_layers * cfg.short_conv * d,
+        norms=(2 * cfg.n_layers + 1) * d + cfg.n_layers * cfg.conv_sites * cfg.short_conv * d,
         active_experts=n_moe * cfg.experts_per_token * per_expert,
     )

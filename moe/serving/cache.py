@@ -36,7 +36,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, G, S, Dh]
         # model.short_conv: each layer's attention inputs by position, for the taps that
         # reach back past the new tokens; written by position like K/V, so rollback is free
-        self.inputs = (torch.zeros(cfg.n_layers, batch_size, self.max_len, cfg.d_model, device=device,
+        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, batch_size, self.max_len, cfg.d_model, device=device,
                                    dtype=dtype) if cfg.short_conv else None)  # [L, B, S, D]
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -135,7 +135,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         # model.short_conv: each layer's attention inputs in the same slots as K/V
-        self.inputs = (torch.zeros(cfg.n_layers, (num_blocks + 1) * block_size, cfg.d_model, device=device,
+        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, (num_blocks + 1) * block_size, cfg.d_model, device=device,
                                    dtype=dtype) if cfg.short_conv else None)  # [L, (NB + 1) * bs, D]
         self.taps = cfg.short_conv  # W (0: no short convolution, nothing kept)
         self.layout: PagedLayout | None = None  # the step set by set_layout
@@ -145,7 +145,7 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        inputs = cfg.d_model if cfg.short_conv else 0  # kept attention inputs, per token
+        inputs = cfg.d_model * cfg.conv_sites  # kept attention inputs, per token
         return cfg.n_layers * block_size * (2 * cfg.n_kv_heads * cfg.head_dim + inputs) * element
 
     @classmethod
