@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe.model.attention import apply_rope, rope_angles
+from moe.model.attention import apply_rope, apply_rope_reference, rope_angles
 from moe.serving.cache import KVCache
 
 
@@ -77,3 +77,22 @@ def test_rope_is_a_rotation_whose_dot_products_depend_on_offset_only():
     rotated = apply_rope(q, *rope_angles(torch.tensor([[7]]), 16, 10000.0))
     torch.testing.assert_close(rotated.norm(), q.norm())
     torch.testing.assert_close(score(5, 2), score(13, 10), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_its_gradient_equal_the_chunk_and_cat_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 7, 16, generator=gen).to(dtype)
+    grad = torch.randn(3, 2, 7, 16, generator=gen).to(dtype)
+    cos, sin = rope_angles(torch.randint(0, 50, (3, 7), generator=gen), 16, 10000.0)
+    outs, grads = [], []
+    for fn in (apply_rope, apply_rope_reference):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, cos, sin)
+        out.backward(grad)
+        outs.append(out)
+        grads.append(leaf.grad)
+    assert outs[0].dtype == dtype and grads[0].dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    torch.testing.assert_close(grads[0], grads[1], **tol)

@@ -39,12 +39,45 @@ def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, 
     return angles.cos(), angles.sin()
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Channel pairs (i, i + Dh/2) of x [B, heads, T, Dh] turned by the angles whose cos and
+    sin are [B, 1, T, Dh/2]: four multiply-adds into one output, no temporaries."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """The rotation's gradient is the rotation back (by minus the angle): four
+    multiply-adds, where autograd through the chunk-and-cat form takes twice as many
+    passes (a tenth of a CPU training step on the task mix)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return rotate(grad.contiguous(), cos, -sin), None, None
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate channel pairs (i, i + Dh/2) of x [B, heads, T, Dh] by the position's angle."""
+    if torch.compiler.is_compiling():  # the compiler fuses the plain form (and refuses `out=` views)
+        return apply_rope_reference(x, cos, sin)
+    return _Rope.apply(x.float(), cos[:, None], sin[:, None]).to(x.dtype)
+
+
+def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_rope as the rotation is usually written (the specification the tests hold it to)."""
     x1, x2 = x.float().chunk(2, dim=-1)  # 2 x [B, heads, T, Dh/2]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh/2], broadcast over heads
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return rotated.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------

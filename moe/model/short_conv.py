@@ -1,18 +1,22 @@
-"""A short causal convolution on each attention input (Allen-Zhu's "Canon layers", the
-short convolutions of H3 and Mamba): h_t <- h_t + sum_{j < W} a_j * h_(t-j), per channel.
+"""A short causal convolution on each attention input, and with model.short_conv_ffn on
+each FFN input too (Allen-Zhu's "Canon layers" A and C, the short convolutions of H3 and
+Mamba): h_t <- h_t + sum_{j < W} a_j * h_(t-j), per channel.
 
 Why: to find "the value after key c", attention must match on what came one or two
 tokens before a position; with plain attention one layer first copies each position's
 predecessors into it (a previous-token head) and only a second layer can match on them,
 and a small model spends most of a short run on the plateau before that pair forms. The
 convolution hands every position its W - 1 predecessors at once, for W * D weights. On
-the task mix (configs/tasks.toml) only runs with it learned lookup within ten minutes,
-though not every such run does (README, "The task mix").
+the task mix (configs/tasks.toml) lookup was learned within ten minutes only with it, and
+in most seeds only with taps that start random (short_conv_init, as nn.Conv1d draws them)
+on both sites; likely because taps near zero leave each token blind to its neighbours
+at first (README, "The task mix").
 
 Over a cache a forward sees only the new tokens, so the taps that reach back read the
 earlier attention inputs from the cache: each cache keeps them beside K/V, written by
-position or slot (`mix_inputs` of KVCache, PagedKVCache and PagedDecodeView), so
-rollback, preemption and shared prefix blocks need nothing more.
+position or slot (`mix_inputs` of KVCache, PagedKVCache and PagedDecodeView; one row
+per layer and site, layer * sites + site), so rollback, preemption and shared prefix
+blocks need nothing more.
 
 Shapes: B batch, T time, D channels, W width.
 """

@@ -6,9 +6,10 @@ Data flow, one forward pass:
       -> N x ( x += Attention(RMSNorm(x));  x += FFN(RMSNorm(x)) )   FFN = MoE or dense
       -> RMSNorm -> LM head -> logits [B, T, V]
 
-With model.short_conv = W each attention input h first takes in its W - 1 predecessors,
-h_t + sum_j a_j * h_(t-j) per channel (moe/model/short_conv.py), so that one attention layer
-can match on what came just before a token, the job of a second layer otherwise.
+With model.short_conv = W each attention input h (and each FFN input, with short_conv_ffn)
+first takes in its W - 1 predecessors, h_t + sum_j a_j * h_(t-j) per channel
+(moe/model/short_conv.py), so that one attention layer can match on what came just before
+a token, the job of a second layer otherwise.
 
 Every MoE layer also returns its routing statistics; `model_loss` turns them into the
 load-balancing and z-losses once, outside the layers, so there is no hidden global state.

@@ -34,10 +34,12 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, G, S, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, G, S, Dh]
-        # model.short_conv: each layer's attention inputs by position, for the taps that
-        # reach back past the new tokens; written by position like K/V, so rollback is free
-        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, batch_size, self.max_len, cfg.d_model, device=device,
-                                   dtype=dtype) if cfg.short_conv else None)  # [L, B, S, D]
+        # model.short_conv: each layer's convolution inputs (attention, and FFN with
+        # short_conv_ffn) by position, for the taps that reach back past the new tokens;
+        # written by position like K/V, so rollback is free. Row layer * sites + site.
+        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, batch_size, self.max_len, cfg.d_model,
+                                   device=device, dtype=dtype)
+                       if cfg.short_conv else None)  # [L * sites, B, S, D]
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only the cache rows `rows`, in that order (finished sequences dropped)."""
@@ -46,14 +48,14 @@ class KVCache:
         if self.inputs is not None:
             self.inputs = self.inputs[:, index]
 
-    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
-        """model.short_conv over a cache: write the attention inputs h [B, T, D] at
+    def mix_inputs(self, row: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+        """model.short_conv over a cache: write one site's inputs h [B, T, D] at
         `positions` [B, T], then h_t + sum_j weight[j] * h_(t-j) with the earlier inputs
         read back by position (none before position 0); weight [W, D]."""
         rows = torch.arange(h.shape[0], device=h.device)[:, None]  # [B, 1]
-        self.inputs[layer][rows, positions] = h.to(self.inputs.dtype)
+        self.inputs[row][rows, positions] = h.to(self.inputs.dtype)
         back = positions[..., None] - torch.arange(weight.shape[0], device=h.device)  # [B, T, W]
-        taps = self.inputs[layer][rows[..., None], back.clamp(min=0)].to(h.dtype)  # [B, T, W, D]
+        taps = self.inputs[row][rows[..., None], back.clamp(min=0)].to(h.dtype)  # [B, T, W, D]
         taps = taps * (back >= 0)[..., None]
         return h + (taps * weight).sum(2)
 
@@ -108,7 +110,7 @@ def tap_slots(block_tables: Tensor, positions: Tensor, width: int, block_size: i
 
 def mix_pooled_inputs(pool: Tensor, slot_mapping: Tensor, slots: Tensor, h: Tensor, positions: Tensor,
                       weight: Tensor) -> Tensor:
-    """Write the attention inputs h [N, D] at slot_mapping [N] of one layer's pool
+    """Write one site's inputs h [N, D] at slot_mapping [N] of its pool
     [(NB + 1) * bs, D], then h + sum_j weight[j] * (input at position - j), read from
     slots [N, W] (none before position 0); weight [W, D]."""
     pool.index_copy_(0, slot_mapping, h.to(pool.dtype))
@@ -134,9 +136,10 @@ class PagedKVCache:
         shape = (cfg.n_layers, num_blocks + 1, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, NB + 1, bs, G, Dh]
-        # model.short_conv: each layer's attention inputs in the same slots as K/V
-        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, (num_blocks + 1) * block_size, cfg.d_model, device=device,
-                                   dtype=dtype) if cfg.short_conv else None)  # [L, (NB + 1) * bs, D]
+        # model.short_conv: each layer's convolution inputs in the same slots as K/V
+        self.inputs = (torch.zeros(cfg.n_layers * cfg.conv_sites, (num_blocks + 1) * block_size, cfg.d_model,
+                                   device=device, dtype=dtype)
+                       if cfg.short_conv else None)  # [L * sites, (NB + 1) * bs, D]
         self.taps = cfg.short_conv  # W (0: no short convolution, nothing kept)
         self.layout: PagedLayout | None = None  # the step set by set_layout
         self.slot_mapping = torch.zeros(0, dtype=torch.long)  # [N] pool slot of each new token
@@ -145,7 +148,7 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        inputs = cfg.d_model * cfg.conv_sites  # kept attention inputs, per token
+        inputs = cfg.d_model * cfg.conv_sites  # kept convolution inputs, per token
         return cfg.n_layers * block_size * (2 * cfg.n_kv_heads * cfg.head_dim + inputs) * element
 
     @classmethod
@@ -176,9 +179,9 @@ class PagedKVCache:
             self.tap_slots = tap_slots(self.layout.block_tables[seq_of], position, self.taps,
                                        self.block_size)  # [N, W]
 
-    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+    def mix_inputs(self, row: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
         """KVCache.mix_inputs for the ragged step set by `set_layout`: h [1, N, D]."""
-        return mix_pooled_inputs(self.inputs[layer], self.slot_mapping, self.tap_slots, h[0], positions[0],
+        return mix_pooled_inputs(self.inputs[row], self.slot_mapping, self.tap_slots, h[0], positions[0],
                                  weight)[None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
@@ -206,10 +209,10 @@ class PagedDecodeView:
         self.cache, self.slot_mapping = cache, slot_mapping
         self.block_tables, self.seq_lens = block_tables, seq_lens
 
-    def mix_inputs(self, layer: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
+    def mix_inputs(self, row: int, h: Tensor, positions: Tensor, weight: Tensor) -> Tensor:
         """KVCache.mix_inputs for this step: h [B, 1, D] at positions [B, 1]."""
         slots = tap_slots(self.block_tables, positions[:, 0], self.cache.taps, self.cache.block_size)
-        return mix_pooled_inputs(self.cache.inputs[layer], self.slot_mapping, slots, h[:, 0], positions[:, 0],
+        return mix_pooled_inputs(self.cache.inputs[row], self.slot_mapping, slots, h[:, 0], positions[:, 0],
                                  weight)[:, None]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
