@@ -53,7 +53,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class _Rope(torch.autograd.Function):
     """The rotation's gradient is the rotation back (by minus the angle): four
     multiply-adds, where autograd through the chunk-and-cat form takes twice as many
-    passes (a tenth of a CPU training step on the task mix)."""
+    passes over the tensor."""
 
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
