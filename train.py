@@ -46,8 +46,8 @@ from moe.serving.generation import generate
 from moe.serving.sampling import SamplingParams
 from moe.serving.text import TextTokenizer, load_tokenizer
 from moe.training.data import Corpus, prepare, training_batch
-from moe.training.loop import (evaluate, make_optimizer, read_checkpoint, set_rng_state,
-                               sweep_leftovers, train_step)
+from moe.training.loop import (evaluate, keep_freed_memory, make_optimizer, read_checkpoint,
+                               set_rng_state, sweep_leftovers, train_step)
 from moe.io.files import write_text_atomically
 from moe.training.run_folder import (METRICS_FILE, metrics_up_to, refuse_used, resumed_setup,
                                      start_fresh)
@@ -321,4 +321,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # a training process reuses its step buffers (moe/training/loop.py)
     run_main(main, sys.argv[1:])

@@ -3,6 +3,7 @@ checkpoints that survive a kill, and resume equal to a run never stopped."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,12 @@ def test_routing_information_tells_a_task_router_from_a_token_router():
     assert task_router["task_expert_mi_given_token_shuffled_bits"][0] < 0.05
     assert token_router["task_expert_mi_bits"][0] == pytest.approx(1.0)
     assert token_router["task_expert_mi_given_token_bits"][0] == pytest.approx(0.0)
+
+
+def test_keep_freed_memory_tunes_glibc_and_nothing_else():
+    # in a child, so this test process keeps glibc's defaults
+    code = ("import torch; from moe.training.loop import keep_freed_memory; "
+            "print(keep_freed_memory()); x = torch.ones(1 << 20); del x; print(torch.ones(3).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == [str(platform.libc_ver()[0] == "glibc"), "3.0"]

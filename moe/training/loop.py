@@ -26,6 +26,7 @@ Shapes: B batch, T time, V vocab, E experts, K experts per token, N tokens (B*T)
 
 from __future__ import annotations
 
+import ctypes
 import math
 import random
 import re
@@ -57,6 +58,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the system.
+
+    Why: by default glibc serves each buffer above 128 KB-32 MB (a batch's logits, a
+    layer's activations) with its own mmap and unmaps it when freed, so every training step
+    faults the same pages in again, and much of the main job's CPU time went to the kernel
+    (benchmarks/bench_train_step.py). Raising the mmap and trim thresholds makes freed buffers stay in the heap for the next
+    step; the process then holds its peak memory. Returns whether it applied (glibc only)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30))
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
