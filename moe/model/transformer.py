@@ -75,7 +75,6 @@ class Block(nn.Module):
         out, stats = out if isinstance(self.ffn, MoELayer) else (out, None)
         return x + self.dropout(out), stats
 
-
     def mix(self, conv: ShortConv, site: int, h: Tensor, positions: Tensor, cache) -> Tensor:
         """conv over h [B, T, D]; over a cache the taps read earlier inputs from it, kept
         at index layer * sites + site."""

@@ -66,8 +66,9 @@ def keep_freed_memory() -> bool:
     Why: by default glibc serves each buffer above 128 KB-32 MB (a batch's logits, a
     layer's activations) with its own mmap and unmaps it when freed, so every training step
     faults the same pages in again, and much of the main job's CPU time went to the kernel
-    (benchmarks/bench_train_step.py). Raising the mmap and trim thresholds makes freed buffers stay in the heap for the next
-    step; the process then holds its peak memory. Returns whether it applied (glibc only)."""
+    (benchmarks/bench_train_step.py). Raising the mmap and trim thresholds keeps freed
+    buffers in the heap for the next step; the process then holds its peak memory.
+    Returns whether it applied (glibc only)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
