@@ -8,9 +8,9 @@ predecessors into it (a previous-token head) and only a second layer can match o
 and a small model spends most of a short run on the plateau before that pair forms. The
 convolution hands every position its W - 1 predecessors at once, for W * D weights. On
 the task mix (configs/tasks.toml) lookup was learned within ten minutes only with it, and
-in most seeds only with taps that start random (short_conv_init, as nn.Conv1d draws them)
-on both sites; likely because taps near zero leave each token blind to its neighbours
-at first (README, "The task mix").
+only when its taps start random (short_conv_init, as nn.Conv1d draws them), most often
+with both sites: two GPU seeds of three, one CPU seed of three. Likely taps near zero
+leave each token blind to its neighbours at first (README, "The task mix").
 
 Over a cache a forward sees only the new tokens, so the taps that reach back read the
 earlier attention inputs from the cache: each cache keeps them beside K/V, written by
