@@ -3,7 +3,8 @@
 # Triton and pytest already installed and no network (no install, the project through
 # PYTHONPATH):
 #   1. the kernel and model tests, compiled on the GPU (tests/conftest.py builds their
-#      tensors on CUDA and leaves the interpreter off), bf16 and fp16 cases included;
+#      tensors on CUDA and leaves the interpreter off), bf16 and fp16 cases included, and
+#      the rotary embedding's autograd Function against its reference;
 #   2. benchmarks/bench_kernels.py at realistic shapes in bf16.
 # Results land in $OUT (default benchmarks/results): kernels_gpu.json, tests_gpu.json
 # (the GPU's name, what passed and what failed), and the logs. Each stage has its own
@@ -31,7 +32,8 @@ STAGES=${STAGES:-tests bench}
 if [[ " $STAGES " == *" tests "* ]]; then
 echo "== kernel and model tests, compiled"
 TESTS="tests/test_kernels_moe.py tests/test_kernels_moe_backward.py tests/test_kernels_attention.py
-       tests/test_kernels_attention_backward.py tests/test_training_through_kernels.py"
+       tests/test_kernels_attention_backward.py tests/test_training_through_kernels.py
+       tests/test_attention.py::test_rope_and_its_gradient_equal_the_chunk_and_cat_reference"
 [ -n "${QUICK:-}" ] && TESTS="tests/test_kernels_moe.py"
 timeout "${TEST_LIMIT:-210}" $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS \
     --junitxml="$DEST/tests_gpu.xml" 2>&1 | tee "$DEST/gpu_tests.log"

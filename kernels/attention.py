@@ -469,9 +469,9 @@ def paged_launch(max_keys: int, n_queries: int, n_kv_heads: int, device: torch.d
     """Keys per program and tile for the split kernel: enough (query, KV head, slice)
     programs to keep every multiprocessor busy a few times over, each slice a whole
     number of 64-key steps for long contexts (16 for short ones); at most 64 slices,
-    what the merge holds on chip. In the H100 sweep (benchmarks/results/kernels_gpu.json,
-    "sweep") no variant of slice, warps or pipeline depth beat this by more than the
-    run-to-run spread, at batch 1 and 32, GQA and MQA."""
+    what the merge holds on chip. In the H100 sweep (benchmarks/results/gpu_logs/
+    kernels_gpu_h100_with_sweep.json, "sweep") no variant of slice, warps or pipeline
+    depth beat this by more than the run-to-run spread, at batch 1 and 32, GQA and MQA."""
     step = 64 if max_keys >= 512 else 16
     programs = 4 * device_limits(device)[0]
     wanted = min(triton.cdiv(max_keys, step), 64, max(1, programs // max(1, n_queries * n_kv_heads)))

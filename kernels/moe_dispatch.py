@@ -314,7 +314,8 @@ def dispatch_launch(n_slots: int, device: torch.device) -> dict:
     (prefill, training) need 128-row tiles for the tensor cores. The interpreter gets
     small tiles: it runs the test shapes. The GPU entries come from
     `python benchmarks/bench_kernels.py --sweep` at Mixtral's widths (the "sweep" keys of
-    benchmarks/results/kernels_gpu_h200.json and kernels_gpu.json, H100): from 512 slots
+    benchmarks/results/gpu_logs/kernels_gpu_h200_before_paged_prefill.json and
+    kernels_gpu_h100_with_sweep.json): from 512 slots
     (256 tokens) 128 x 128 tiles with 8 warps were 6-15% faster than 64-row tiles on
     both cards, and at 8,192 slots as fast as the 32-deep reduction step used before;
     at 32 slots no variant beat 16-row tiles by more than the spread."""

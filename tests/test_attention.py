@@ -5,6 +5,7 @@ import torch
 
 from moe.model.attention import apply_rope, apply_rope_reference, rope_angles
 from moe.serving.cache import KVCache
+from tests.conftest import DEVICE
 
 
 def test_changing_a_future_token_never_changes_past_logits(make_model):
@@ -85,6 +86,7 @@ def test_rope_and_its_gradient_equal_the_chunk_and_cat_reference(dtype):
     x = torch.randn(3, 2, 7, 16, generator=gen).to(dtype)
     grad = torch.randn(3, 2, 7, 16, generator=gen).to(dtype)
     cos, sin = rope_angles(torch.randint(0, 50, (3, 7), generator=gen), 16, 10000.0)
+    x, grad, cos, sin = (t.to(DEVICE) for t in (x, grad, cos, sin))  # on the GPU in gpu_check.sh
     outs, grads = [], []
     for fn in (apply_rope, apply_rope_reference):
         leaf = x.clone().requires_grad_()
