@@ -70,12 +70,14 @@ from moe.model.transformer import Transformer, count_parameters, model_loss
 # Timing, ceilings, errors
 # ---------------------------------------------------------------------------------------
 
-def timed(fn, device: torch.device, repeats: int) -> float:
+def timed(fn, device: torch.device, repeats: int, budget_ms: float | None = None) -> float:
     """Median seconds of `fn()`: on CUDA triton's do_bench (events, L2 flushed between
-    runs, warm-up first), on CPU a wall-clock loop after three warm-up calls."""
+    runs, warm-up first) with `budget_ms` of timed runs (default 5 ms per repeat, at least
+    50: a kernel call fits hundreds of times; a 40 ms training step needs its own budget),
+    on CPU a wall-clock loop after three warm-up calls."""
     if device.type == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=max(50, 5 * repeats),
+        return triton.testing.do_bench(fn, warmup=25, rep=budget_ms or max(50, 5 * repeats),
                                        return_mode="median") / 1e3
     for _ in range(3):
         fn()
@@ -419,7 +421,9 @@ def bench_train_step(cfg: ModelConfig, batch, length, device, dtype, use_triton,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        r = row("train_step", name, shape, timed(step, device, repeats), flops, 0.0, ceilings)
+        # a second of steps (about 20 on an H100): do_bench's default budget held two or
+        # three, and the figure moved by a third between runs (README, Kernels)
+        r = row("train_step", name, shape, timed(step, device, repeats, budget_ms=1000), flops, 0.0, ceilings)
         rows.append(dict(r, tokens_per_s=batch * length / (r["ms"] / 1e3)))
         print(f"  train_step {name}: {r['ms']:.3f} ms", flush=True)
         del model, optimizer
