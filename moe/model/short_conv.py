@@ -9,8 +9,8 @@ and a small model spends most of a short run on the plateau before that pair for
 convolution hands every position its W - 1 predecessors at once, for W * D weights. On
 the task mix (configs/tasks.toml) lookup was learned within ten minutes only with it, and
 only when its taps start random (short_conv_init, as nn.Conv1d draws them), most often
-with both sites and no weight decay: four GPU seeds of six by step 2,000, three CPU
-seeds of three by step 3,000. Likely taps near zero leave each token blind to its
+with both sites and no weight decay: four GPU seeds of six by step 2,000, five CPU
+seeds of five by step 3,000. Likely taps near zero leave each token blind to its
 neighbours at first (README, "The task mix").
 
 Over a cache a forward sees only the new tokens, so the taps that reach back read the
