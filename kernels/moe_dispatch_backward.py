@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.moe_dispatch import (_down_weighted_kernel, _tile, _up_swiglu_kernel,
-                                  align_slots, dispatch_and_combine_triton, expert_counts)
+from kernels.moe_dispatch import (_down_weighted_kernel, _tile, align_slots,
+                                  dispatch_and_combine_triton, expert_counts)
 from kernels.triton_import import tl, triton
 
 

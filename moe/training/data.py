@@ -51,7 +51,7 @@ from torch import Tensor
 
 from moe.io.files import write_directory_atomically
 from moe.config import ConfigError, DataConfig
-from moe.tokenizer import BOS, EOS, PAD, TOKENIZER_FILE, encode, load_bpe, token_bytes, train_bpe
+from moe.tokenizer import EOS, PAD, TOKENIZER_FILE, encode, load_bpe, token_bytes, train_bpe
 
 FORMAT_VERSION = 2
 TASKS = ("copy", "reverse", "sort", "add", "lookup")
