@@ -6,6 +6,9 @@
     # speculative decoding: a draft proposes 4 tokens, the target checks them in one forward
     python generate.py --ckpt runs/tiny --draft runs/draft --speculate 4 --prompt "import os"
     python generate.py --ckpt runs/tiny --draft runs/draft --prompt-file prompts.jsonl   # in the engine
+    python generate.py --ckpt runs/tiny --prompt-lookup --prompt "..."   # proposals from earlier text
+    python generate.py --ckpt runs/tiny --ngram-draft runs/tiny/ngram_draft.safetensors --speculate 6 \
+        --prompt "import os"   # then from a table of the target's own guesses (scripts/build_ngram_draft.py)
 
     # many requests through the continuous-batching engine: JSONL in, JSONL out
     # (one object per line: {"prompt": "...", "max_new_tokens": 50, "temperature": 0.7, ...})
@@ -181,13 +184,27 @@ def report_compile(tokens):
         yield token
 
 
+def model_free_proposer(args, model: Transformer, table):
+    """The proposer that needs no draft model, as the flags ask: prompt lookup alone, or
+    followed by the n-gram draft `table`; None for neither."""
+    from moe.serving.speculative import PromptLookupProposer
+    if table is None:
+        return PromptLookupProposer() if args.prompt_lookup else None
+    from moe.serving.ngram_draft import NgramProposer
+    if table.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"--ngram-draft {args.ngram_draft} was built for a vocabulary of {table.vocab_size}, "
+                         f"the model has {model.cfg.vocab_size}: build it from this model's run "
+                         "(scripts/build_ngram_draft.py)")
+    return NgramProposer(table)
+
+
 def speculate_prompt(model: Transformer, args, prompt: list[int], params: SamplingParams,
-                     detok: Detokenizer) -> None:
+                     detok: Detokenizer, proposer) -> None:
     """Stream the completion decoded speculatively (each round's tokens as they are kept),
-    then print the run's statistics on stderr."""
-    from moe.serving.speculative import PromptLookupProposer, speculative_generate
+    then print the run's statistics on stderr. `proposer`: prompt lookup or the n-gram
+    draft, else None for --draft."""
+    from moe.serving.speculative import speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
-    proposer = None if draft is not None else PromptLookupProposer()
     text = TextStream(params, detok)
 
     def show(row: int, tokens: list[int]) -> None:
@@ -224,12 +241,12 @@ def parse_line(line: str) -> tuple[str, SamplingParams]:
 
 def serve_file(model: Transformer, path: str, out: str | None, engine_config: EngineConfig,
                tokenizer: TextTokenizer, bos: bool, draft: Transformer | None = None,
-               gamma: int = 4, adaptive: bool = False, prompt_lookup: bool = False) -> None:
-    if draft is not None or prompt_lookup:
-        from moe.serving.speculative import PromptLookupProposer
+               gamma: int = 4, adaptive: bool = False, lookup=None) -> None:
+    """Every request of the file through the engine; speculative with a `draft` model or a
+    `lookup` proposer (prompt lookup, or with the n-gram draft)."""
+    if draft is not None or lookup is not None:
         from moe.serving.speculative_engine import SpeculativeEngine
-        engine = SpeculativeEngine(model, draft, gamma, engine_config, adaptive=adaptive,
-                                   lookup=PromptLookupProposer() if prompt_lookup else None)
+        engine = SpeculativeEngine(model, draft, gamma, engine_config, adaptive=adaptive, lookup=lookup)
     else:
         engine = Engine(model, engine_config)
     lines = Path(path).read_text().splitlines()
@@ -268,7 +285,7 @@ def serve_file(model: Transformer, path: str, out: str | None, engine_config: En
     if engine.decode_graph is not None and engine.decode_graph.compile_seconds is not None:
         print(f"[compile: the engine's decode step compiled in {engine.decode_graph.compile_seconds:.1f} s]",
               file=sys.stderr)
-    if draft is not None or prompt_lookup:  # the speculative statistics, as --prompt prints them
+    if draft is not None or lookup is not None:  # the speculative statistics, as --prompt prints them
         print(json.dumps(engine.stats.as_dict()), file=sys.stderr)
 
 
@@ -304,36 +321,47 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--draft", help="speculative decoding: the draft's checkpoint or run folder")
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding without a draft: propose from earlier text")
+    parser.add_argument("--ngram-draft", help="speculative decoding with prompt lookup, then this n-gram "
+                                              "draft of the model (scripts/build_ngram_draft.py)")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
-    if args.compile and args.prompt is not None and (args.draft or args.prompt_lookup):
+    speculative = [flag for flag, given in (("--draft", args.draft), ("--prompt-lookup", args.prompt_lookup),
+                                            ("--ngram-draft", args.ngram_draft)) if given]
+    if args.compile and args.prompt is not None and speculative:
         raise ValueError("--compile with --prompt compiles the plain decode step, and speculative decoding "
                          "of one prompt runs eager: drop --compile, or use --prompt-file")
-    if args.draft and args.prompt_lookup:
-        raise ValueError("--draft and --prompt-lookup are two ways to propose tokens: give one")
-    if args.adaptive and not (args.draft or args.prompt_lookup):
-        raise ValueError("--adaptive changes γ of speculative decoding: give --draft or --prompt-lookup "
-                         "too, or drop it")
+    if len(speculative) > 1:
+        raise ValueError(f"{' and '.join(speculative)} are different ways to propose tokens: give one "
+                         "(--ngram-draft includes prompt lookup)")
+    if args.adaptive and not speculative:
+        raise ValueError("--adaptive changes γ of speculative decoding: give --draft, --prompt-lookup or "
+                         "--ngram-draft too, or drop it")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ngram_draft:  # a missing or wrong file is refused before the model loads
+        from moe.serving.ngram_draft import NgramDraft
+        table = NgramDraft.load(args.ngram_draft)
+    else:
+        table = None
     model, _ = build_model(args)
     tokenizer = load_text_tokenizer(args.ckpt, model, args.bos)
+    lookup = model_free_proposer(args, model, table)
     if args.prompt is not None:
         prompt = encode_prompt(tokenizer, args.prompt, args.bos)
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
                                 tuple(args.stop), args.seed, args.ignore_eos)
         detok = tokenizer.detokenizer(prompt)
-        if args.draft or args.prompt_lookup:
-            speculate_prompt(model, args, prompt, params, detok)
+        if speculative:
+            speculate_prompt(model, args, prompt, params, detok, lookup)
         else:
             stream_prompt(model, prompt, params, detok, args.compile)
     else:
         draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
         serve_file(model, args.prompt_file, args.out, config, tokenizer, args.bos, draft,
-                   args.speculate, args.adaptive, args.prompt_lookup)
+                   args.speculate, args.adaptive, lookup)
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ shows it.
 
 Two parts:
 - the table (--batches, default 1 and 8; greedy and T = 1): draft at each --gammas,
-  adaptive γ, prompt lookup;
+  adaptive γ, prompt lookup, and with --ngram-draft prompt lookup followed by the
+  target's n-gram draft (moe/serving/ngram_draft.py);
 - the grid (--grid-batches x --grid-gammas, greedy, the draft): where speculation stops
   paying as the batch grows.
 
@@ -62,6 +63,7 @@ from moe.cost.estimate import expected_experts_hit  # noqa: E402
 from moe.io.checkpoint import load_model  # noqa: E402
 from moe.model.transformer import count_parameters  # noqa: E402
 from moe.serving.cache import KVCache  # noqa: E402
+from moe.serving.ngram_draft import NgramDraft, NgramProposer  # noqa: E402
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens  # noqa: E402
 from moe.serving.speculative import (PromptLookupProposer, SpeculativeStats, ragged_forward,  # noqa: E402
                                      speculative_generate)
@@ -182,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="runs/tiny")
     parser.add_argument("--draft", default="runs/draft")
+    parser.add_argument("--ngram-draft", help="also time prompt lookup followed by this n-gram draft of the "
+                                              "target (scripts/build_ngram_draft.py) at the largest γ")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="the table's batch sizes")
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6], help="the table's fixed γ")
     parser.add_argument("--grid-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16],
@@ -205,6 +209,13 @@ def main() -> None:
             sys.exit(f"error: {path} does not exist: train it first (python train.py ...) or pass "
                      "--target/--draft checkpoints")
     target, draft = load_model(args.target).eval(), load_model(args.draft).eval()
+    if args.ngram_draft and not Path(args.ngram_draft).is_file():
+        sys.exit(f"error: {args.ngram_draft} does not exist: build it with "
+                 f"python scripts/build_ngram_draft.py {args.target}")
+    table = NgramDraft.load(args.ngram_draft) if args.ngram_draft else None
+    if table is not None and table.vocab_size != target.cfg.vocab_size:
+        sys.exit(f"error: {args.ngram_draft} was built for a vocabulary of {table.vocab_size}, the target has "
+                 f"{target.cfg.vocab_size}: build it from the target's run (scripts/build_ngram_draft.py)")
     cfg = target.cfg
     sizes = args.batches + args.grid_batches
     n_prompts = max([args.n_prompts, *sizes])
@@ -348,6 +359,8 @@ def main() -> None:
             modes = {**{f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.gammas},
                      "draft_adaptive": dict(draft=draft, gamma=max(args.gammas), adaptive=True),
                      "prompt_lookup": dict(proposer=PromptLookupProposer(), gamma=max(args.gammas))}
+            if table is not None:
+                modes["ngram_draft"] = dict(proposer=NgramProposer(table), gamma=max(args.gammas))
             table += run(batch, sampled, modes)
     grid = []
     for batch in args.grid_batches:
@@ -357,7 +370,7 @@ def main() -> None:
         losing = [r["batch"] for r in grid if r.get("gamma") == g and r["speedup"] < 1]
         stops[g] = min(losing) if losing else None
     result = dict(benchmark="speculative", command="python " + " ".join(sys.argv), device="cpu",
-                  threads=args.threads, repeats=args.repeats, target=args.target, draft=args.draft,
+                  threads=args.threads, repeats=args.repeats, target=args.target, draft=args.draft, ngram_draft=args.ngram_draft,
                   target_checkpoint=checkpoint_name(args.target), draft_checkpoint=checkpoint_name(args.draft),
                   target_config=vars(cfg), draft_config=vars(draft.cfg), n_prompts=n_prompts,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, prompts="stdlib *.py slices",

@@ -13,6 +13,7 @@ import torch
 import generate as cli
 from moe.io.checkpoint import load_model
 from moe.serving.generation import generate, stream
+from moe.serving.ngram_draft import build_ngram_draft
 from moe.io.hf import save_hf
 from moe.model.transformer import Transformer
 from moe.serving.sampling import SamplingParams
@@ -113,7 +114,20 @@ def test_prompt_is_encoded_and_output_decoded_with_the_folders_tokenizer(mixtral
     assert f"tokenizer: {folder / 'tokenizer.json'}" in err
 
 
-@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "engine", "engine-prompt-lookup"])
+def proposer_flags(mode: str, folder, tmp_path) -> list:
+    """The command-line flags of a mode's proposer; the n-gram draft is built here."""
+    if mode.endswith("prompt-lookup"):
+        return ["--prompt-lookup"]
+    if mode.endswith("ngram-draft"):
+        model = load_model(folder)
+        tokens = torch.randint(0, model.cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
+        build_ngram_draft(model, tokens.numpy(), max_order=2, window=32).save(tmp_path / "table.safetensors")
+        return ["--ngram-draft", tmp_path / "table.safetensors"]
+    return []
+
+
+@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "ngram-draft", "engine", "engine-prompt-lookup",
+                                  "engine-ngram-draft"])
 def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mode):
     folder, tok = mixtral
     prompt = tok.encode(PROMPT, add_special_tokens=False).ids
@@ -121,14 +135,13 @@ def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mo
     stop = full[len(full) // 2: len(full) // 2 + 3]  # may start inside a token
     expected = full[:full.find(stop)]
     assert 0 < len(expected) < len(full) - 3
+    flags = proposer_flags(mode, folder, tmp_path)
     if mode.startswith("engine"):
-        flags = ["--prompt-lookup"] if mode == "engine-prompt-lookup" else []
         result = serve(capsys, folder, tmp_path, *flags, max_new_tokens=24, ignore_eos=True, stop=stop)
         assert (result["text"], result["finish_reason"]) == (expected, "stop")
     else:
-        extra = ["--prompt-lookup"] if mode == "prompt-lookup" else []
         out, _ = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--max-new-tokens", 24,
-                     "--ignore-eos", "--stop", stop, *extra)
+                     "--ignore-eos", "--stop", stop, *flags)
         assert out == expected + "\n"
 
 

@@ -5,8 +5,9 @@ complete but is not. Everything is written into a temporary sibling directory, e
 is flushed to disk (fsync), and only then is the directory renamed into place; a rename
 within one filesystem is atomic, so a reader sees the old folder or the new one, never
 half of one. Used for checkpoints (moe/io/checkpoint.py, moe/io/hf.py), prepared data
-(moe/training/data.py) and a run's small files (`latest`, setup.json, metrics.jsonl);
-imports no model code, so preparing data does not load the model.
+(moe/training/data.py), a run's small files (`latest`, setup.json, metrics.jsonl) and
+the n-gram draft (moe/serving/ngram_draft.py); imports no model code, so preparing data
+does not load the model.
 """
 
 from __future__ import annotations
@@ -32,14 +33,22 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomically(path: Path, write) -> None:
+    """Call `write(tmp_path)` to fill a temporary sibling of `path`, fsync it and rename it
+    over `path`: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text`: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_directory_atomically(path: str | Path, write) -> Path:

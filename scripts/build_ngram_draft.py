@@ -1,0 +1,75 @@
+"""Build the n-gram draft of a trained target (moe/serving/ngram_draft.py) from its run's
+training split, for `generate.py --ngram-draft` and `bench_speculative.py --ngram-draft`.
+
+Why a script and not part of train.py: the table is a product of the finished target
+(its argmax over the training text), like a distilled draft model, and takes about 100 s
+on 2 CPU threads for the main job's 3.1M training tokens.
+
+    .venv/bin/python scripts/build_ngram_draft.py runs/tiny    # -> runs/tiny/ngram_draft.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe.config import ConfigError  # noqa: E402
+from moe.io.checkpoint import load_model, resolve_checkpoint  # noqa: E402
+from moe.io.files import CheckpointError  # noqa: E402
+from moe.serving.ngram_draft import build_ngram_draft  # noqa: E402
+from moe.tokenizer import TOKENIZER_FILE  # noqa: E402
+from moe.training.data import prepare  # noqa: E402
+from moe.training.run_folder import resumed_setup  # noqa: E402
+
+DRAFT_FILE = "ngram_draft.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="the target's training run folder (its setup.json names the data)")
+    parser.add_argument("--out", help=f"where the table goes (default RUN/{DRAFT_FILE})")
+    parser.add_argument("--tokens", type=int, default=0, help="training tokens to read (0: all)")
+    parser.add_argument("--max-order", type=int, default=4, help="longest context, in tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    try:
+        setup = resumed_setup(run, None, [])
+        corpus = prepare(setup["data"], seed=setup["train"].seed, vocab_size=setup["model"].vocab_size)
+        checkpoint = resolve_checkpoint(run)
+        model = load_model(run).eval()
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    theirs, ours = corpus.folder / TOKENIZER_FILE, Path(checkpoint) / TOKENIZER_FILE
+    if theirs.is_file() != ours.is_file() or (ours.is_file() and theirs.read_bytes() != ours.read_bytes()):
+        sys.exit(f"error: the prepared data in {corpus.folder} was encoded with another tokenizer than "
+                 f"{checkpoint}'s; prepare the run's data again (delete {corpus.folder})")
+    tokens = corpus.train[:args.tokens] if args.tokens > 0 else corpus.train
+    start = shown = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:  # about once a second
+        nonlocal shown
+        if time.perf_counter() - shown >= 1 or done == total:
+            shown = time.perf_counter()
+            print(f"\r{done}/{total} windows of the target's guesses, {shown - start:.0f} s", end="",
+                  file=sys.stderr, flush=True)
+
+    try:
+        draft = build_ngram_draft(model, tokens, args.max_order, progress=progress)
+    except ValueError as error:
+        sys.exit(f"\nerror: {error}")
+    out = Path(args.out) if args.out else run / DRAFT_FILE
+    draft.save(out, {"checkpoint": str(checkpoint), "tokens": str(len(tokens))})
+    sizes = ", ".join(f"order {n}: {len(k):,}" for n, k in enumerate(draft.keys, start=1))
+    print(f"\n{out}: contexts {sizes}, from {len(tokens):,} tokens in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

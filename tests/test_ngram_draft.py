@@ -1,0 +1,129 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from moe.serving.engine import EngineConfig
+from moe.serving.generation import generate
+from moe.serving.ngram_draft import NgramDraft, NgramProposer, build_ngram_draft, max_order_for
+from moe.serving.sampling import SamplingParams
+from moe.serving.speculative import speculative_generate
+from moe.serving.speculative_engine import SpeculativeEngine
+
+VOCAB = 24
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture
+def target(make_model):
+    return make_model(seed=0, vocab_size=VOCAB).double()
+
+
+def training_text(n: int = 2000, seed: int = 0) -> np.ndarray:
+    """Tokens with structure (a repeated motif with noise), so contexts recur."""
+    g = np.random.default_rng(seed)
+    motif = g.integers(0, VOCAB, 7)
+    return np.where(g.random(n) < 0.7, np.resize(motif, n), g.integers(0, VOCAB, n)).astype(np.uint16)
+
+
+@torch.no_grad()
+def test_the_table_holds_the_models_most_frequent_guess_after_each_context(target):
+    tokens, window = training_text(), 16
+    draft = build_ngram_draft(target, tokens, max_order=2, window=window, batch_size=7)
+    windows = torch.from_numpy(tokens[:len(tokens) // window * window].astype(np.int64)).view(-1, window)
+    guesses = target(windows).logits.argmax(-1)
+    counts = {1: {}, 2: {}}
+    for row, guess in zip(windows.tolist(), guesses.tolist()):
+        for p in range(window):
+            for n in (1, 2):
+                if p >= n - 1:
+                    counts[n].setdefault(tuple(row[p - n + 1:p + 1]), Counter())[guess[p]] += 1
+    for n in (1, 2):
+        expected = {ctx: min(c, key=lambda t: (-c[t], t)) for ctx, c in counts[n].items()}  # ties: smaller id
+        keys = draft.keys[n - 1].tolist()
+        assert len(keys) == len(expected) and keys == sorted(keys)
+        for ctx, token in expected.items():
+            key = ctx[0] if n == 1 else ctx[0] * VOCAB + ctx[1]
+            assert draft.next[n - 1][keys.index(key)] == token
+
+
+def test_the_next_token_comes_from_the_longest_context_the_table_knows():
+    v = 10
+    draft = NgramDraft(v, keys=[np.array([1, 2, 3, 5]), np.array([1 * v + 2])],
+                       next=[np.array([7, 8, 9, 3]), np.array([5])])
+    assert draft.next_token([4, 1, 2]) == 5  # the bigram (1, 2)
+    assert draft.next_token([4, 3, 2]) == 8  # no bigram (3, 2): the unigram 2
+    assert draft.next_token([6]) is None
+    assert draft.continue_([1, 2], 3) == [5, 3, 9]  # each guess is fed back in as context
+    assert draft.continue_([6], 3) == []
+    assert NgramProposer(draft).lookup([1, 2, 3, 1, 2], 4) == [3, 1, 2, 5]  # prompt lookup, then the table
+    assert NgramProposer(draft).lookup([4, 2, 3, 2], 2) == [8]  # a one-token match is not enough: the table
+
+
+def test_the_largest_order_keeps_a_key_and_its_token_inside_an_int64():
+    for vocab in (24, 259, 4096, 32000):
+        n = max_order_for(vocab)
+        assert vocab ** (n + 1) < 2**63 <= vocab ** (n + 2)
+    assert max_order_for(4096) == 4
+
+
+def test_a_saved_table_loads_back_equal_and_leaves_no_temporary_file(target, tmp_path):
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    path = tmp_path / "ngram_draft.safetensors"
+    draft.save(path, {"checkpoint": "runs/x"})
+    back = NgramDraft.load(path)
+    assert back.vocab_size == VOCAB and back.max_order == 3
+    for a, b in zip(draft.keys + draft.next, back.keys + back.next):
+        assert np.array_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_loading_refuses_a_missing_file_and_one_that_is_not_a_table(tmp_path):
+    with pytest.raises(FileNotFoundError, match="build_ngram_draft.py"):
+        NgramDraft.load(tmp_path / "nope.safetensors")
+    other = tmp_path / "weights.safetensors"
+    save_file({"w": np.zeros(3, dtype=np.float32)}, str(other))
+    with pytest.raises(ValueError, match="not an n-gram draft"):
+        NgramDraft.load(other)
+
+
+def test_building_refuses_what_it_cannot_tabulate(target):
+    with pytest.raises(ValueError, match="max_order must be between 1 and"):
+        build_ngram_draft(target, training_text(), max_order=max_order_for(VOCAB) + 1)
+    with pytest.raises(ValueError, match="do not fill one window"):
+        build_ngram_draft(target, training_text(10), window=16)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        build_ngram_draft(target, np.full(64, VOCAB, dtype=np.uint16), window=16)
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seeded(target, gamma):
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    g = torch.Generator().manual_seed(gamma)
+    batch = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (1, 5, 11)]
+    out, stats = speculative_generate(target, batch, GREEDY, proposer=NgramProposer(draft), gamma=gamma)
+    assert out == [generate(target, p, GREEDY) for p in batch]
+    assert stats.accepted > 0
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=16, seed=5, ignore_eos=True)
+    out, _ = speculative_generate(target, batch, sampled, proposer=NgramProposer(draft), gamma=gamma)
+    assert out == [generate(target, p, sampled) for p in batch]
+
+
+@pytest.mark.parametrize("num_blocks", [None, 12])
+def test_the_ngram_draft_in_the_engine_equals_plain_generation_whatever_the_pool(target, num_blocks):
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (3, 8, 2, 6, 9)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, ignore_eos=True)
+              for i, n in enumerate([16, 5, 23, 9, 30])]
+    engine = SpeculativeEngine(target, gamma=4, lookup=NgramProposer(draft), adaptive=True,
+                               config=EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
+    requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
+    engine.run()
+    assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
+    assert 0 < engine.stats.accepted < engine.stats.proposed
+    if num_blocks:
+        assert engine.preemptions > 0
