@@ -212,9 +212,9 @@ def main() -> None:
     if args.ngram_draft and not Path(args.ngram_draft).is_file():
         sys.exit(f"error: {args.ngram_draft} does not exist: build it with "
                  f"python scripts/build_ngram_draft.py {args.target}")
-    table = NgramDraft.load(args.ngram_draft) if args.ngram_draft else None
-    if table is not None and table.vocab_size != target.cfg.vocab_size:
-        sys.exit(f"error: {args.ngram_draft} was built for a vocabulary of {table.vocab_size}, the target has "
+    ngram_table = NgramDraft.load(args.ngram_draft) if args.ngram_draft else None
+    if ngram_table is not None and ngram_table.vocab_size != target.cfg.vocab_size:
+        sys.exit(f"error: {args.ngram_draft} was built for a vocabulary of {ngram_table.vocab_size}, the target has "
                  f"{target.cfg.vocab_size}: build it from the target's run (scripts/build_ngram_draft.py)")
     cfg = target.cfg
     sizes = args.batches + args.grid_batches
@@ -359,8 +359,8 @@ def main() -> None:
             modes = {**{f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.gammas},
                      "draft_adaptive": dict(draft=draft, gamma=max(args.gammas), adaptive=True),
                      "prompt_lookup": dict(proposer=PromptLookupProposer(), gamma=max(args.gammas))}
-            if table is not None:
-                modes["ngram_draft"] = dict(proposer=NgramProposer(table), gamma=max(args.gammas))
+            if ngram_table is not None:
+                modes["ngram_draft"] = dict(proposer=NgramProposer(ngram_table), gamma=max(args.gammas))
             table += run(batch, sampled, modes)
     grid = []
     for batch in args.grid_batches:
