@@ -1,4 +1,4 @@
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -7,13 +7,15 @@ from safetensors.numpy import save_file
 
 from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
-from moe.serving.ngram_draft import NgramDraft, NgramProposer, build_ngram_draft, max_order_for
+from moe.serving.ngram_draft import (NgramDraft, NgramProposer, build_ngram_draft, max_order_for,
+                                     own_continuations)
 from moe.serving.sampling import SamplingParams
 from moe.serving.speculative import speculative_generate
 from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+SMALL = dict(continuations=6, prompt_len=8, new_tokens=24)  # a few continuations of the target's own
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def training_text(n: int = 2000, seed: int = 0) -> np.ndarray:
 @torch.no_grad()
 def test_the_table_holds_the_models_most_frequent_guess_after_each_context(target):
     tokens, window = training_text(), 16
-    draft = build_ngram_draft(target, tokens, max_order=2, window=window, batch_size=7)
+    draft = build_ngram_draft(target, tokens, max_order=2, window=window, batch_size=7, continuations=0)
     windows = torch.from_numpy(tokens[:len(tokens) // window * window].astype(np.int64)).view(-1, window)
     guesses = target(windows).logits.argmax(-1)
     counts = {1: {}, 2: {}}
@@ -47,6 +49,26 @@ def test_the_table_holds_the_models_most_frequent_guess_after_each_context(targe
         for ctx, token in expected.items():
             key = ctx[0] if n == 1 else ctx[0] * VOCAB + ctx[1]
             assert draft.next[n - 1][keys.index(key)] == token
+
+
+def test_contexts_of_the_targets_own_continuations_take_what_it_wrote_after_them(target):
+    tokens = training_text()
+    corpus_only = build_ngram_draft(target, tokens, max_order=3, window=32, continuations=0)
+    flat = tokens[:len(tokens) // 32 * 32].astype(np.int64)  # what the build reads
+    seqs = own_continuations(target, flat, corpus_only, 6, prompt_len=8, new_tokens=24, seed=1)
+    for seq in seqs:  # speculative with the table, yet plain greedy
+        assert seq[8:] == generate(target, seq[:8], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    table = build_ngram_draft(target, tokens, max_order=3, window=32, seed=1, **SMALL)
+    followers = defaultdict(set)
+    for seq in seqs:
+        for i in range(8, len(seq)):
+            followers[tuple(seq[i - 3:i])].add(seq[i])
+    changed = 0
+    for seq in seqs:
+        for i in range(8, len(seq)):
+            assert table.next_token(seq[:i]) in followers[tuple(seq[i - 3:i])]
+            changed += table.next_token(seq[:i]) != corpus_only.next_token(seq[:i])
+    assert changed > 0
 
 
 def test_the_next_token_comes_from_the_longest_context_the_table_knows():
@@ -70,7 +92,7 @@ def test_the_largest_order_keeps_a_key_and_its_token_inside_an_int64():
 
 
 def test_a_saved_table_loads_back_equal_and_leaves_no_temporary_file(target, tmp_path):
-    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32, **SMALL)
     path = tmp_path / "ngram_draft.safetensors"
     draft.save(path, {"checkpoint": "runs/x"})
     back = NgramDraft.load(path)
@@ -96,11 +118,13 @@ def test_building_refuses_what_it_cannot_tabulate(target):
         build_ngram_draft(target, training_text(10), window=16)
     with pytest.raises(ValueError, match="another tokenizer"):
         build_ngram_draft(target, np.full(64, VOCAB, dtype=np.uint16), window=16)
+    with pytest.raises(ValueError, match="leave room"):
+        build_ngram_draft(target, training_text(), window=16, prompt_len=64, new_tokens=target.cfg.max_seq_len)
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 8])
 def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seeded(target, gamma):
-    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32, **SMALL)
     g = torch.Generator().manual_seed(gamma)
     batch = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (1, 5, 11)]
     out, stats = speculative_generate(target, batch, GREEDY, proposer=NgramProposer(draft), gamma=gamma)
@@ -113,7 +137,7 @@ def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seede
 
 @pytest.mark.parametrize("num_blocks", [None, 12])
 def test_the_ngram_draft_in_the_engine_equals_plain_generation_whatever_the_pool(target, num_blocks):
-    draft = build_ngram_draft(target, training_text(), max_order=3, window=32)
+    draft = build_ngram_draft(target, training_text(), max_order=3, window=32, **SMALL)
     g = torch.Generator().manual_seed(3)
     batch = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (3, 8, 2, 6, 9)]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else

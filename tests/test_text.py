@@ -121,7 +121,8 @@ def proposer_flags(mode: str, folder, tmp_path) -> list:
     if mode.endswith("ngram-draft"):
         model = load_model(folder)
         tokens = torch.randint(0, model.cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
-        build_ngram_draft(model, tokens.numpy(), max_order=2, window=32).save(tmp_path / "table.safetensors")
+        build_ngram_draft(model, tokens.numpy(), max_order=2, window=32, continuations=4, prompt_len=8,
+                          new_tokens=8).save(tmp_path / "table.safetensors")
         return ["--ngram-draft", tmp_path / "table.safetensors"]
     return []
 
