@@ -5,13 +5,11 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
 from moe.serving.ngram_draft import (NgramDraft, NgramProposer, build_ngram_draft, max_order_for,
                                      own_continuations)
 from moe.serving.sampling import SamplingParams
 from moe.serving.speculative import speculative_generate
-from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -133,21 +131,3 @@ def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seede
     sampled = SamplingParams(temperature=0.9, max_new_tokens=16, seed=5, ignore_eos=True)
     out, _ = speculative_generate(target, batch, sampled, proposer=NgramProposer(draft), gamma=gamma)
     assert out == [generate(target, p, sampled) for p in batch]
-
-
-@pytest.mark.parametrize("num_blocks", [None, 12])
-def test_the_ngram_draft_in_the_engine_equals_plain_generation_whatever_the_pool(target, num_blocks):
-    draft = build_ngram_draft(target, training_text(), max_order=3, window=32, **SMALL)
-    g = torch.Generator().manual_seed(3)
-    batch = [torch.randint(0, VOCAB, (int(n),), generator=g).tolist() for n in (3, 8, 2, 6, 9)]
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else
-              SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, ignore_eos=True)
-              for i, n in enumerate([16, 5, 23, 9, 30])]
-    engine = SpeculativeEngine(target, gamma=4, lookup=NgramProposer(draft), adaptive=True,
-                               config=EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
-    requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
-    engine.run()
-    assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
-    assert 0 < engine.stats.accepted < engine.stats.proposed
-    if num_blocks:
-        assert engine.preemptions > 0

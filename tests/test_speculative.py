@@ -3,6 +3,7 @@ import torch
 
 from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
+from moe.serving.ngram_draft import NgramProposer, build_ngram_draft
 from moe.serving.sampling import SamplingParams, draw_tokens, sample_at, warp_probs
 from moe.serving.speculative import PromptLookupProposer, accept, speculative_generate
 from moe.serving.speculative_engine import SpeculativeEngine
@@ -270,14 +271,22 @@ def test_sampled_tokens_follow_the_target_at_the_second_and_third_positions_afte
         assert len(rows) > 200 and statistic < chi_square_999(df)
 
 
+@pytest.mark.parametrize("proposer", ["prompt_lookup", "ngram_draft"])
 @pytest.mark.parametrize("num_blocks", [None, 12])
-def test_prompt_lookup_in_the_engine_equals_plain_generation_whatever_the_pool(models, num_blocks):
+def test_model_free_proposers_in_the_engine_equal_plain_generation_whatever_the_pool(models, proposer,
+                                                                                     num_blocks):
     target, _ = models
     batch = [p[:4] * 3 for p in prompts(5, seed=43)]  # prompts that repeat themselves: lookups find matches
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, ignore_eos=True)
               for i, n in enumerate([16, 5, 23, 9, 30])]
-    engine = SpeculativeEngine(target, gamma=4, lookup=PromptLookupProposer(), adaptive=True,
+    if proposer == "prompt_lookup":
+        lookup = PromptLookupProposer()
+    else:  # prompt lookup, then a table of the target's guesses after random text
+        text = torch.randint(0, VOCAB, (512,), generator=torch.Generator().manual_seed(0)).numpy()
+        lookup = NgramProposer(build_ngram_draft(target, text, max_order=3, window=32, continuations=6,
+                                                 prompt_len=8, new_tokens=24))
+    engine = SpeculativeEngine(target, gamma=4, lookup=lookup, adaptive=True,
                                config=EngineConfig(max_num_seqs=3, block_size=4, num_blocks=num_blocks))
     requests = [engine.add_request(p, q) for p, q in zip(batch, params)]
     engine.run()
