@@ -100,13 +100,17 @@ def test_a_saved_table_loads_back_equal_and_leaves_no_temporary_file(target, tmp
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_loading_refuses_a_missing_file_and_one_that_is_not_a_table(tmp_path):
+def test_loading_refuses_a_missing_file_a_cut_one_and_one_that_is_not_a_table(tmp_path):
     with pytest.raises(FileNotFoundError, match="build_ngram_draft.py"):
         NgramDraft.load(tmp_path / "nope.safetensors")
     other = tmp_path / "weights.safetensors"
     save_file({"w": np.zeros(3, dtype=np.float32)}, str(other))
     with pytest.raises(ValueError, match="not an n-gram draft"):
         NgramDraft.load(other)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(other.read_bytes()[:20])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        NgramDraft.load(cut)
 
 
 def test_building_refuses_what_it_cannot_tabulate(target):

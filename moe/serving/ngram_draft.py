@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from moe.io.files import write_file_atomically
@@ -104,14 +104,18 @@ class NgramDraft:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: build it with "
                                     f"`python scripts/build_ngram_draft.py RUN` (RUN: the target's run folder)")
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if "vocab_size" not in meta or "max_order" not in meta:
-                raise ValueError(f"{path} is not an n-gram draft (no vocab_size / max_order in its "
-                                 "metadata); build one with scripts/build_ngram_draft.py")
-            order = int(meta["max_order"])
-            return cls(int(meta["vocab_size"]), [f.get_tensor(f"keys_{n}") for n in range(1, order + 1)],
-                       [f.get_tensor(f"next_{n}") for n in range(1, order + 1)])
+        rebuild = "build it again with scripts/build_ngram_draft.py"
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if "vocab_size" not in meta or "max_order" not in meta:
+                    raise ValueError(f"{path} is not an n-gram draft (no vocab_size / max_order in its "
+                                     f"metadata); {rebuild}")
+                order = int(meta["max_order"])
+                return cls(int(meta["vocab_size"]), [f.get_tensor(f"keys_{n}") for n in range(1, order + 1)],
+                           [f.get_tensor(f"next_{n}") for n in range(1, order + 1)])
+        except SafetensorError as error:
+            raise ValueError(f"{path} is corrupt or truncated ({error}); {rebuild}") from None
 
 
 def contexts(seq: np.ndarray, n: int, vocab: int) -> np.ndarray:
