@@ -76,8 +76,8 @@ def test_the_next_token_comes_from_the_longest_context_the_table_knows():
     assert draft.next_token([4, 1, 2]) == 5  # the bigram (1, 2)
     assert draft.next_token([4, 3, 2]) == 8  # no bigram (3, 2): the unigram 2
     assert draft.next_token([6]) is None
-    assert draft.continue_([1, 2], 3) == [5, 3, 9]  # each guess is fed back in as context
-    assert draft.continue_([6], 3) == []
+    assert draft.continuation([1, 2], 3) == [5, 3, 9]  # each guess is fed back in as context
+    assert draft.continuation([6], 3) == []
     assert NgramProposer(draft).lookup([1, 2, 3, 1, 2], 4) == [3, 1, 2, 5]  # prompt lookup, then the table
     assert NgramProposer(draft).lookup([4, 2, 3, 2], 2) == [8]  # a one-token match is not enough: the table
 

@@ -52,7 +52,7 @@ from moe.serving.speculative import PromptLookupProposer, speculative_generate
 def max_order_for(vocab_size: int) -> int:
     """The longest context whose key and next token fit one int64: V^(n+1) < 2^63."""
     n = 0
-    while vocab_size ** (n + 2) < 2**63:
+    while n < 62 and vocab_size ** (n + 2) < 2**63:  # (a vocabulary of one would never stop)
         n += 1
     return n
 
@@ -79,7 +79,7 @@ class NgramDraft:
                 return int(self.next[n - 1][i])
         return None
 
-    def continue_(self, seq: list[int], gamma: int) -> list[int]:
+    def continuation(self, seq: list[int], gamma: int) -> list[int]:
         """Up to `gamma` tokens, each the table's next token after what came before."""
         seq, out = list(seq), []
         while len(out) < gamma:
@@ -235,4 +235,4 @@ class NgramProposer(PromptLookupProposer):
 
     def lookup(self, seq: list[int], gamma: int) -> list[int]:
         found = super().lookup(seq, gamma)
-        return found + self.draft.continue_(seq + found, gamma - len(found))
+        return found + self.draft.continuation(seq + found, gamma - len(found))
