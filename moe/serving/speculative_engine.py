@@ -1,5 +1,6 @@
 """Speculative decoding inside continuous batching: every decoding request gets its own γ
-proposals from the draft (or from prompt lookup, which needs no model), the target verifies
+proposals from the draft (or from prompt lookup, which needs no model, alone or followed by
+the n-gram draft of moe/serving/ngram_draft.py), the target verifies
 all of them in the engine's one ragged forward, and each request keeps its own number of
 accepted tokens.
 
