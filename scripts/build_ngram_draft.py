@@ -26,7 +26,7 @@ from moe.io.files import CheckpointError  # noqa: E402
 from moe.serving.ngram_draft import build_ngram_draft  # noqa: E402
 from moe.tokenizer import TOKENIZER_FILE  # noqa: E402
 from moe.training.data import prepare  # noqa: E402
-from moe.training.run_folder import resumed_setup  # noqa: E402
+from moe.training.run_folder import SETUP_FILE, resumed_setup  # noqa: E402
 
 DRAFT_FILE = "ngram_draft.safetensors"
 
@@ -43,6 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
+    if not (run / SETUP_FILE).is_file():
+        sys.exit(f"error: {run} is not a training run folder (no {SETUP_FILE}, which names the data): "
+                 "give the target's run folder, e.g. runs/tiny")
     try:
         setup = resumed_setup(run, None, [])
         corpus = prepare(setup["data"], seed=setup["train"].seed, vocab_size=setup["model"].vocab_size)
