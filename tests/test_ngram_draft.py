@@ -1,4 +1,9 @@
+import json
+import os
+import subprocess
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +140,30 @@ def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seede
     sampled = SamplingParams(temperature=0.9, max_new_tokens=16, seed=5, ignore_eos=True)
     out, _ = speculative_generate(target, batch, sampled, proposer=NgramProposer(draft), gamma=gamma)
     assert out == [generate(target, p, sampled) for p in batch]
+
+
+def test_the_build_script_writes_a_table_for_a_run_and_refuses_a_folder_that_is_not_one(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    settings = [f"data.source={json.dumps(str(data))}", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
+                'data.tokenizer="bytes"', "model.vocab_size=259", "model.n_layers=1", "model.d_model=32",
+                "model.n_heads=2", "model.d_expert=32", "model.n_experts=4", "train.max_steps=2",
+                "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_batches=1"]
+    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.toml", "--out", str(run),
+                              "--quiet", *[f"--set={s}" for s in settings]],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert trained.returncode == 0, trained.stderr
+
+    def build(folder):
+        return subprocess.run([sys.executable, "scripts/build_ngram_draft.py", str(folder), "--continuations", "4",
+                               "--threads", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    done = build(run)
+    assert done.returncode == 0, done.stderr
+    table = NgramDraft.load(run / "ngram_draft.safetensors")
+    assert table.vocab_size == 259 and table.max_order == 4 and len(table.keys[3]) > 0
+    refused = build(tmp_path)
+    assert refused.returncode != 0 and refused.stderr.startswith("error:") and "setup.json" in refused.stderr
+    assert "Traceback" not in refused.stderr
