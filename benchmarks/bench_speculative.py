@@ -17,7 +17,10 @@ Two parts:
   adaptive γ, prompt lookup, and with --ngram-draft prompt lookup followed by the
   target's n-gram draft (moe/serving/ngram_draft.py);
 - the grid (--grid-batches x --grid-gammas, greedy, the draft): where speculation stops
-  paying as the batch grows.
+  paying as the batch grows;
+- the engine (--engine-slots, default 1 and 8, greedy): the same prompts through the
+  continuous-batching engine, plain against the draft at γ 2, prompt lookup and the
+  n-gram draft, each output checked against the plain engine's.
 
 Each run reports the measured speedup, α (accepted / judged), tokens per round, the
 distinct experts each MoE layer ran per verify forward (against E(1 - (1 - K/E)^T) for
@@ -63,10 +66,12 @@ from moe.cost.estimate import expected_experts_hit  # noqa: E402
 from moe.io.checkpoint import load_model  # noqa: E402
 from moe.model.transformer import count_parameters  # noqa: E402
 from moe.serving.cache import KVCache  # noqa: E402
+from moe.serving.engine import Engine, EngineConfig  # noqa: E402
 from moe.serving.ngram_draft import NgramDraft, NgramProposer  # noqa: E402
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens  # noqa: E402
 from moe.serving.speculative import (PromptLookupProposer, SpeculativeStats, ragged_forward,  # noqa: E402
                                      speculative_generate)
+from moe.serving.speculative_engine import SpeculativeEngine  # noqa: E402
 from moe.serving.text import TextTokenizer, load_tokenizer  # noqa: E402
 from train import distinct_4grams  # noqa: E402
 
@@ -141,6 +146,52 @@ def plain_decode(model, prompts: list[list[int]], params: SamplingParams,
     return outputs
 
 
+def engine_run(model, prompts: list[list[int]], params: SamplingParams, slots: int,
+               **speculative) -> tuple[list[list[int]], float, SpeculativeStats | None]:
+    """Every prompt through the continuous-batching engine with `slots` batch slots, plain
+    or (given draft= or lookup=, gamma=) speculative: outputs, wall seconds, statistics."""
+    config = EngineConfig(max_num_seqs=slots)
+    engine = SpeculativeEngine(model, config=config, **speculative) if speculative else Engine(model, config)
+    requests = [engine.add_request(p, params) for p in prompts]
+    start = time.perf_counter()
+    engine.run()
+    seconds = time.perf_counter() - start
+    return [r.output for r in requests], seconds, engine.stats if speculative else None
+
+
+def engine_table(target, draft, ngram_table, prompts, slots_list: list[int], new_tokens: int,
+                 repeats: int, gamma: int) -> list[dict]:
+    """Greedy decoding of every prompt through the engine, plain against each proposer, at
+    each number of batch slots: the fastest of `repeats` runs, alternating modes, every
+    output checked against the plain engine's."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    modes = {"draft_gamma2": dict(draft=draft, gamma=2),
+             "prompt_lookup": dict(lookup=PromptLookupProposer(), gamma=gamma)}
+    if ngram_table is not None:
+        modes["ngram_draft"] = dict(lookup=NgramProposer(ngram_table), gamma=gamma)
+    rows = []
+    for slots in slots_list:
+        best = dict.fromkeys(["plain", *modes], float("inf"))
+        stats = {}
+        for _ in range(repeats):
+            reference, seconds, _ = engine_run(target, prompts, params, slots)
+            best["plain"] = min(best["plain"], seconds)
+            for name, kwargs in modes.items():
+                out, seconds, stats[name] = engine_run(target, prompts, params, slots, **kwargs)
+                if out != reference:
+                    sys.exit(f"error: {name} in the engine with {slots} slots differs from plain decoding; "
+                             "this is a bug")
+                best[name] = min(best[name], seconds)
+        for name in modes:
+            s = stats[name]
+            rows.append(dict(mode=name, slots=slots, gamma=modes[name]["gamma"], speedup=best["plain"] / best[name],
+                             seconds=best[name], plain_seconds=best["plain"], alpha=s.verified_acceptance,
+                             tokens_per_round=s.mean_accepted_length))
+            print(f"engine, {slots} slots, greedy {name:15s} α {s.verified_acceptance:.2f} tokens/round "
+                  f"{s.mean_accepted_length:.2f} speedup {rows[-1]['speedup']:.2f}", flush=True)
+    return rows
+
+
 class VerifyCounter:
     """A forward hook for the target: each verify forward's width and the distinct experts
     each MoE layer ran for its tokens (padding included: it is computed too). Forwards
@@ -198,11 +249,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs per batch and mode: the last counts experts, the fastest of the others "
                              "is timed (with 1, the one run does both)")
+    parser.add_argument("--engine-slots", type=int, nargs="*", default=[1, 8],
+                        help="also decode greedily through the engine with these batch slots (none: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/speculative.json")
     args = parser.parse_args()
-    if args.repeats < 1 or min(args.batches + args.grid_batches + args.gammas + args.grid_gammas) < 1:
-        sys.exit("error: --repeats, batch sizes and γ must be at least 1")
+    if args.repeats < 1 or min(args.batches + args.grid_batches + args.gammas + args.grid_gammas + args.engine_slots) < 1:
+        sys.exit("error: --repeats, batch sizes, engine slots and γ must be at least 1")
     torch.set_num_threads(args.threads)
     for path in (args.target, args.draft):
         if not Path(path).exists():
@@ -365,6 +418,8 @@ def main() -> None:
     grid = []
     for batch in args.grid_batches:
         grid += run(batch, False, {f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.grid_gammas})
+    engine = engine_table(target, draft, ngram_table, prompts[:n_prompts], args.engine_slots, args.new_tokens,
+                          args.repeats, max(args.gammas))
     stops = {}  # γ -> the first batch where speculation ran slower than plain decoding
     for g in args.grid_gammas if args.grid_batches else []:
         losing = [r["batch"] for r in grid if r.get("gamma") == g and r["speedup"] < 1]
@@ -375,7 +430,7 @@ def main() -> None:
                   target_config=vars(cfg), draft_config=vars(draft.cfg), n_prompts=n_prompts,
                   prompt_len=args.prompt_len, new_tokens=args.new_tokens, prompts="stdlib *.py slices",
                   shared_params=shared, params_per_expert_per_layer=per_expert,
-                  runs=table, grid=grid, first_losing_batch_per_gamma=stops)
+                  runs=table, grid=grid, engine=engine, first_losing_batch_per_gamma=stops)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"first batch where speculation loses, per γ: {stops}; results -> {args.out}")
