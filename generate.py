@@ -184,6 +184,26 @@ def report_compile(tokens):
         yield token
 
 
+def proposer_flags(args) -> list[str]:
+    """The speculative-decoding flags given; more than one is refused (each is a way to
+    propose tokens)."""
+    given = [flag for flag, value in (("--draft", args.draft), ("--prompt-lookup", args.prompt_lookup),
+                                      ("--ngram-draft", args.ngram_draft)) if value]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are different ways to propose tokens: give one "
+                         "(--ngram-draft includes prompt lookup)")
+    return given
+
+
+def load_ngram_table(args):
+    """--ngram-draft's table, read before the model loads so that a missing or wrong file
+    is refused at once; None without the flag."""
+    if not args.ngram_draft:
+        return None
+    from moe.serving.ngram_draft import NgramDraft
+    return NgramDraft.load(args.ngram_draft)
+
+
 def model_free_proposer(args, model: Transformer, table):
     """The proposer that needs no draft model, as the flags ask: prompt lookup alone, or
     followed by the n-gram draft `table`; None for neither."""
@@ -327,25 +347,17 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
-    speculative = [flag for flag, given in (("--draft", args.draft), ("--prompt-lookup", args.prompt_lookup),
-                                            ("--ngram-draft", args.ngram_draft)) if given]
+    speculative = proposer_flags(args)
     if args.compile and args.prompt is not None and speculative:
         raise ValueError("--compile with --prompt compiles the plain decode step, and speculative decoding "
                          "of one prompt runs eager: drop --compile, or use --prompt-file")
-    if len(speculative) > 1:
-        raise ValueError(f"{' and '.join(speculative)} are different ways to propose tokens: give one "
-                         "(--ngram-draft includes prompt lookup)")
     if args.adaptive and not speculative:
         raise ValueError("--adaptive changes γ of speculative decoding: give --draft, --prompt-lookup or "
                          "--ngram-draft too, or drop it")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))  # refused before loading
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.ngram_draft:  # a missing or wrong file is refused before the model loads
-        from moe.serving.ngram_draft import NgramDraft
-        table = NgramDraft.load(args.ngram_draft)
-    else:
-        table = None
+    table = load_ngram_table(args)
     model, _ = build_model(args)
     tokenizer = load_text_tokenizer(args.ckpt, model, args.bos)
     lookup = model_free_proposer(args, model, table)
@@ -489,20 +501,27 @@ def build_server(argv: list[str]):
     parser.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS.max_num_seqs,
                         help="sequences running at once")
     parser.add_argument("--draft", help="speculative decoding: the draft's checkpoint or run folder")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding without a draft: propose from earlier text")
+    parser.add_argument("--ngram-draft", help="speculative decoding with prompt lookup, then this n-gram "
+                                              "draft of the model (scripts/build_ngram_draft.py)")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65536), got {args.port}")
+    proposer_flags(args)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_settings(args))
     if args.threads:
         torch.set_num_threads(args.threads)
+    table = load_ngram_table(args)
     model, source = build_model(args)
     tokenizer = load_text_tokenizer(args.ckpt, model, args.bos) if args.ckpt else load_tokenizer(None)
-    if args.draft:
+    lookup = model_free_proposer(args, model, table)
+    if args.draft or lookup is not None:
         from moe.serving.speculative_engine import SpeculativeEngine
-        draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval()
-        engine = SpeculativeEngine(model, draft, args.speculate, config)
+        draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
+        engine = SpeculativeEngine(model, draft, args.speculate, config, lookup=lookup)
     else:
         engine = Engine(model, config)
     loop = EngineLoop(engine)

@@ -13,7 +13,9 @@ from moe.config import ConfigError
 from moe.io.checkpoint import save_model
 from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
+from moe.serving.ngram_draft import NgramProposer, build_ngram_draft
 from moe.serving.sampling import SamplingParams
+from moe.serving.speculative_engine import SpeculativeEngine
 from moe.tokenizer import decode, encode
 from tests.conftest import tiny_config
 
@@ -183,3 +185,16 @@ def test_a_draft_with_a_prompt_streams_each_rounds_tokens_as_they_are_kept(check
     expected = decode(generate(model, encode("hello"), SamplingParams(max_new_tokens=12, ignore_eos=True)))
     assert out == expected + "\n"
     assert len([w for w in writes if w]) > 2  # several pieces, not one write at the end
+
+
+def test_serve_speculates_with_the_ngram_draft_and_refuses_two_proposers(checkpoint, tmp_path):
+    pytest.importorskip("fastapi", reason="the server needs the serve extra")
+    model, path = checkpoint
+    text = torch.randint(0, model.cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).numpy()
+    build_ngram_draft(model, text, max_order=2, window=32, continuations=0).save(tmp_path / "table.safetensors")
+    table = ["--ngram-draft", str(tmp_path / "table.safetensors")]
+    _, loop, *_ = cli.build_server(["--ckpt", str(path), *table, "--speculate", "5", "--threads", "1"])
+    engine = loop.engine
+    assert isinstance(engine, SpeculativeEngine) and isinstance(engine.lookup, NgramProposer) and engine.gamma == 5
+    with pytest.raises(ValueError, match="--prompt-lookup and --ngram-draft are different ways"):
+        cli.build_server(["--ckpt", str(path), "--prompt-lookup", *table])
