@@ -211,10 +211,7 @@ def model_free_proposer(args, model: Transformer, table):
     if table is None:
         return PromptLookupProposer() if args.prompt_lookup else None
     from moe.serving.ngram_draft import NgramProposer
-    if table.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"--ngram-draft {args.ngram_draft} was built for a vocabulary of {table.vocab_size}, "
-                         f"the model has {model.cfg.vocab_size}: build it from this model's run "
-                         "(scripts/build_ngram_draft.py)")
+    table.check_vocab(model.cfg.vocab_size, f"--ngram-draft {args.ngram_draft}")
     return NgramProposer(table)
 
 

@@ -262,13 +262,13 @@ def main() -> None:
             sys.exit(f"error: {path} does not exist: train it first (python train.py ...) or pass "
                      "--target/--draft checkpoints")
     target, draft = load_model(args.target).eval(), load_model(args.draft).eval()
-    if args.ngram_draft and not Path(args.ngram_draft).is_file():
-        sys.exit(f"error: {args.ngram_draft} does not exist: build it with "
-                 f"python scripts/build_ngram_draft.py {args.target}")
-    ngram_table = NgramDraft.load(args.ngram_draft) if args.ngram_draft else None
-    if ngram_table is not None and ngram_table.vocab_size != target.cfg.vocab_size:
-        sys.exit(f"error: {args.ngram_draft} was built for a vocabulary of {ngram_table.vocab_size}, the target has "
-                 f"{target.cfg.vocab_size}: build it from the target's run (scripts/build_ngram_draft.py)")
+    ngram_table = None
+    if args.ngram_draft:
+        try:
+            ngram_table = NgramDraft.load(args.ngram_draft)
+            ngram_table.check_vocab(target.cfg.vocab_size, args.ngram_draft)
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"error: {error}")
     cfg = target.cfg
     sizes = args.batches + args.grid_batches
     n_prompts = max([args.n_prompts, *sizes])

@@ -28,7 +28,7 @@ from moe.io.checkpoint import load_model  # noqa: E402
 from moe.io.files import CheckpointError  # noqa: E402
 from moe.serving.generation import generate  # noqa: E402
 from moe.serving.sampling import SamplingParams  # noqa: E402
-from moe.tokenizer import encode  # noqa: E402
+from moe.tokenizer import decode, encode  # noqa: E402
 from moe.training.data import make_example  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         prompt, answer = make_example("lookup", rng)
         with torch.no_grad():
             out = generate(model, encode(prompt, bos=True), SamplingParams(max_new_tokens=4))
-        said = bytes(t for t in out if t < 256).decode(errors="replace")
+        said = decode(out)
         by_keys[prompt.count("=")][classify(prompt, answer, said)] += 1
     table = {keys: dict(counts, share_right=counts["right"] / sum(counts.values()))
              for keys, counts in sorted(by_keys.items())}

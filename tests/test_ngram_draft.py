@@ -167,3 +167,10 @@ def test_the_build_script_writes_a_table_for_a_run_and_refuses_a_folder_that_is_
     refused = build(tmp_path)
     assert refused.returncode != 0 and refused.stderr.startswith("error:") and "setup.json" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_table_built_for_another_vocabulary_is_refused():
+    draft = NgramDraft(VOCAB, keys=[np.array([1])], next=[np.array([2])])
+    draft.check_vocab(VOCAB, "t.safetensors")
+    with pytest.raises(ValueError, match="built for a vocabulary of 24, the model has 259"):
+        draft.check_vocab(259, "t.safetensors")

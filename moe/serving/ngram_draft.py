@@ -90,6 +90,12 @@ class NgramDraft:
             seq.append(token)
         return out
 
+    def check_vocab(self, vocab_size: int, source: str) -> None:
+        """Refuse a table built for another vocabulary than the model's (`source` names the table)."""
+        if self.vocab_size != vocab_size:
+            raise ValueError(f"{source} was built for a vocabulary of {self.vocab_size}, the model has "
+                             f"{vocab_size}: build it from this model's run (scripts/build_ngram_draft.py)")
+
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
         """One safetensors file, written through a temporary file and a rename."""
         tensors = {}
