@@ -12,6 +12,8 @@ tokens, 2,000 continuations).
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--continuations", type=int, default=2000,
                         help="prompts the target continues greedily, for its own contexts (0: none)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", help="also write the build's figures (seconds per pass, contexts, "
+                                         "peak memory) as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -59,11 +63,14 @@ def main() -> None:
                  f"{checkpoint}'s; prepare the run's data again (delete {corpus.folder})")
     tokens = corpus.train[:args.tokens] if args.tokens > 0 else corpus.train
     start = shown = time.perf_counter()
+    finished: dict[str, float] = {}  # pass -> seconds since the start when it ended
 
     def progress(stage: str, done: int, total: int) -> None:  # about once a second
         nonlocal shown
         if time.perf_counter() - shown >= 1 or done == total:
             shown = time.perf_counter()
+            if done == total:
+                finished[stage] = shown - start
             print(f"\r{stage}: {done}/{total}, {shown - start:.0f} s", end="\n" if done == total else "",
                   file=sys.stderr, flush=True)
 
@@ -75,9 +82,19 @@ def main() -> None:
     out = Path(args.out) if args.out else run / DRAFT_FILE
     draft.save(out, {"checkpoint": str(checkpoint), "tokens": str(len(tokens)),
                      "continuations": str(args.continuations)})
+    seconds = time.perf_counter() - start
     sizes = ", ".join(f"order {n}: {len(k):,}" for n, k in enumerate(draft.keys, start=1))
     print(f"{out}: contexts {sizes}, from {len(tokens):,} tokens and {args.continuations} continuations "
-          f"in {time.perf_counter() - start:.0f} s")
+          f"in {seconds:.0f} s")
+    if args.report:
+        report = dict(command="python scripts/build_ngram_draft.py " + " ".join(sys.argv[1:]), table=str(out),
+                      checkpoint=str(checkpoint), threads=args.threads, tokens=len(tokens),
+                      continuations=args.continuations, max_order=args.max_order, seconds=seconds,
+                      pass_ends_s=finished, contexts_per_order=[len(k) for k in draft.keys],
+                      file_bytes=out.stat().st_size,
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures -> {args.report}")
 
 
 if __name__ == "__main__":
