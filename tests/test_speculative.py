@@ -116,6 +116,27 @@ def test_stops_at_eos_and_context_end_like_plain_generation(models):
         assert out[0] == generate(target, p, params)
 
 
+@torch.no_grad()
+def test_the_compiled_verify_step_gives_plain_generation_as_rows_finish_apart(models):
+    # one graph of [3, γ + 1] tokens serves every round: rows end at different rounds (the
+    # context end of a long prompt, EOS, max_new_tokens) and stay in it as padding
+    torch._dynamo.reset()
+    target, draft = models
+    batch = [[5], prompts(1, seed=7)[0] * 8, [3, 1, 4, 1, 5, 9, 2, 6]]
+    greedy, seeded = SamplingParams(max_new_tokens=40), SamplingParams(max_new_tokens=40, temperature=1.0, seed=11)
+    assert len(batch[1]) + 40 > target.cfg.max_seq_len  # this row meets the context end first
+    accepted, steps = 0, {}
+    for params, kwargs, rows in ((greedy, dict(draft=draft, gamma=2, adaptive=True, max_gamma=3), batch),
+                                 (seeded, dict(proposer=PromptLookupProposer(), gamma=3), batch),
+                                 (greedy, dict(proposer=PromptLookupProposer(), gamma=3), batch[::-1])):
+        out, stats = speculative_generate(target, rows, params, compile=True, compiled_steps=steps, **kwargs)
+        assert out == [generate(target, p, params) for p in rows]
+        assert len({len(o) for o in out}) > 1
+        accepted += stats.accepted
+    assert accepted > 0  # proposals passed, not only the target's own draws
+    assert list(steps) == [(3, 4)]  # one graph, reused over a cache the earlier calls wrote
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic and degrees of freedom, cells expected below 5 pooled."""
     expected = probs * counts.sum()

@@ -12,11 +12,15 @@ ties), so greedy decoding and speculative verification share one code path.
 
 Randomness is per request and per position: the token drawn for position t of a request
 with seed s is `sample_at(probs, s, t)`, the Gumbel-max trick (argmax of log p plus Gumbel
-noise; Gumbel, 1954) with noise that depends on (s, t) alone. So a seeded request samples
-the same tokens whatever else is in the batch, whatever the engine's pool and schedule, and
-under speculative decoding too: there the draft proposes with the same noise and the
-target keeps its own draw for each position (moe/serving/speculative.py). A request
-without a seed gets a fresh one from torch's global generator (`draw_seed`).
+noise; Gumbel, 1954) with noise that depends on (s, t) alone, computed in its
+multiplicative form, the exponential race: with E = -log U standard exponential and
+G = -log E, argmax(log p + G) = argmax(p / E), the same token for one logarithm where the
+additive form takes three (this matters when a verification draws every row of a batch).
+So a seeded request samples the same tokens whatever else is in the batch, whatever the
+engine's pool and schedule, and under speculative decoding too: there the draft proposes
+with the same noise and the target keeps its own draw for each position
+(moe/serving/speculative.py). A request without a seed gets a fresh one from torch's
+global generator (`draw_seed`).
 
 `SamplingParams` holds what a user sets; when a request ends and what text it shows depend
 on the tokenizer too, and live in moe/serving/stopping.py.
@@ -123,19 +127,19 @@ def stream_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
-def gumbel_noise(seed: int, position: int, vocab_size: int) -> Tensor:
-    """[V] float64 standard Gumbel noise that depends on (seed, position) only."""
+def exponential_noise(seed: int, position: int, vocab_size: int) -> Tensor:
+    """[V] float64 standard exponential noise E = -log U that depends on (seed, position) only."""
     generator = torch.Generator().manual_seed(stream_seed(seed, position))
-    uniform = torch.rand(vocab_size, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
-    return -torch.log(-torch.log(uniform))
+    return torch.rand(vocab_size, generator=generator, dtype=torch.float64).clamp_(min=1e-300).log_().neg_()
 
 
 def sample_at(probs: Tensor, seed: int, position: int) -> int:
     """The token drawn from probs [V] for `position` of the request seeded `seed`:
-    argmax(log p + G) with G = gumbel_noise(seed, position), which is distributed as p (a
-    one-hot p gives its argmax; a zero-probability token is never drawn)."""
-    noise = gumbel_noise(seed, position, probs.shape[-1]).to(probs.device)
-    return int((probs.double().log() + noise).argmax())
+    argmax(p / E) with E = exponential_noise(seed, position), the Gumbel-max draw
+    argmax(log p + G) for G = -log E, which is distributed as p (a one-hot p gives its
+    argmax; a zero-probability token is never drawn)."""
+    noise = exponential_noise(seed, position, probs.shape[-1]).to(probs.device)
+    return int((probs.double() / noise).argmax())
 
 
 def draw_tokens(scores: list[Tensor], params: list[SamplingParams], seeds: list[int],
@@ -143,20 +147,27 @@ def draw_tokens(scores: list[Tensor], params: list[SamplingParams], seeds: list[
     """Many requests' draws at once: block b holds logits scores[b] [W_b, V] for positions
     starts[b] .. starts[b] + W_b - 1 of a request with `params[b]` and seed `seeds[b]`;
     its row i becomes that request's token for its position: the argmax when greedy, else
-    sample_at's draw from the warped distribution, argmax(log p + G(seed, position)). One
-    argmax over every block and one transfer to the host, whatever mix of settings the
+    sample_at's draw from the warped distribution, argmax(p / E(seed, position)). Blocks
+    with the same warping are warped and drawn together (one softmax, one division, one
+    argmax), and one transfer to the host serves every block, whatever mix of settings the
     requests have (an engine step, a verification, a draft step)."""
     if not scores:
         return []
     with label("sampling"):  # a profiler label (benchmarks/bench_decode.py)
-        keys = []  # [W_b, V] each: what to take the argmax of (cat promotes to float64 if any sample)
-        for logits, p, seed, start in zip(scores, params, seeds, starts):
-            if p.greedy:
-                keys.append(logits)
-            else:
-                noise = torch.stack([gumbel_noise(seed, start + i, logits.shape[-1])
-                                     for i in range(logits.shape[0])])
-                keys.append(warp_probs(logits, p).double().log() + noise.to(logits.device))
-        flat = torch.cat(keys).argmax(dim=-1).tolist()
-    bounds = torch.tensor([0] + [len(s) for s in scores]).cumsum(0).tolist()
-    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+        groups: dict[tuple | None, list[int]] = {}  # warping (None: greedy) -> its blocks
+        for b, p in enumerate(params):
+            groups.setdefault(None if p.greedy else (p.temperature, p.top_k, p.top_p), []).append(b)
+        order, picks = [], []  # blocks in the order their rows enter `picks`; [R_g] argmaxes per group
+        for key, blocks in groups.items():
+            logits = torch.cat([scores[b] for b in blocks])  # [R_g, V]
+            if key is not None:
+                noise = torch.stack([exponential_noise(seeds[b], starts[b] + i, logits.shape[-1])
+                                     for b in blocks for i in range(len(scores[b]))])  # [R_g, V]
+                logits = warp_probs(logits, params[blocks[0]]).double() / noise.to(logits.device)
+            order += blocks
+            picks.append(logits.argmax(dim=-1))
+        flat = torch.cat(picks).tolist()
+    drawn, at = [None] * len(scores), 0
+    for b in order:
+        drawn[b], at = flat[at:at + len(scores[b])], at + len(scores[b])
+    return drawn

@@ -50,6 +50,7 @@ from moe.profiling import synchronize
 from moe.serving.cache import KVCache
 from moe.serving.requests import check_request
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
+from moe.serving.static_decode import VerifyStep
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -243,13 +244,19 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
                          proposer=None, draft: Transformer | None = None, gamma: int = 4,
                          adaptive: bool = False, max_gamma: int = 16,
                          stats: SpeculativeStats | None = None, detok: Detokenizer = BYTES,
-                         on_tokens: Callable[[int, list[int]], None] | None = None
+                         on_tokens: Callable[[int, list[int]], None] | None = None,
+                         compile: bool = False, compiled_steps: dict | None = None
                          ) -> tuple[list[list[int]], SpeculativeStats]:
     """The new tokens of each prompt, decoded speculatively, and the run's statistics.
     Give a `draft` model or a `proposer` (e.g. PromptLookupProposer()). With `adaptive`, γ
     grows by one after a round where every proposal passed and shrinks by one after a
     rejection (between 1 and `max_gamma`). `on_tokens(row, tokens)` is called with each
-    round's kept tokens as soon as they are known (generate.py streams them)."""
+    round's kept tokens as soon as they are known (generate.py streams them). With
+    `compile`, the target's verify forward is one compiled graph (moe/serving/static_decode.py,
+    VerifyStep): the prompts are prefilled eagerly but for their last token, then every
+    round feeds each row γ + 1 tokens (max_gamma + 1 when adaptive), finished rows as
+    padding; a draft model's own steps stay eager. A graph takes seconds to compile: pass
+    the same `compiled_steps` dict (one per target) to later calls to reuse it."""
     cfg = target.cfg
     if gamma < 1:
         raise ValueError(f"gamma (tokens proposed per round) must be at least 1, got {gamma}")
@@ -268,13 +275,27 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
     stats = stats or SpeculativeStats()
     proposer.stats = stats
     param = next(target.parameters())
-    cache = KVCache(cfg, len(prompts), cfg.max_seq_len + slack, param.device, param.dtype)
+    verify = None
+    if compile:  # the cache keeps every row (one graph, one batch size); finished rows feed padding
+        width = 1 + (max(max_gamma, gamma) if adaptive else gamma)
+        steps = {} if compiled_steps is None else compiled_steps
+        if (len(prompts), width) not in steps:  # positions reach max_seq_len - 1 + width - 1
+            steps[len(prompts), width] = VerifyStep(target, KVCache(cfg, len(prompts), cfg.max_seq_len + width,
+                                                                    param.device, param.dtype), width)
+        verify = steps[len(prompts), width]
+        cache = verify.cache
+    else:
+        cache = KVCache(cfg, len(prompts), cfg.max_seq_len + slack, param.device, param.dtype)
     seeds = [draw_seed(params) for _ in prompts]  # each row its own draws (the same seed: the same draws)
 
     seqs = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # original index of each live row
-    valid = [0] * len(prompts)  # target cache slots that agree with each row
+    valid = [0] * len(prompts)  # by original index: target cache slots that agree with the sequence
+    if verify is not None:
+        if max(map(len, prompts)) > 1:
+            ragged_forward(target, cache, [p[:-1] for p in prompts], valid)
+            valid = [len(p) - 1 for p in prompts]
     while active:
         rows = [seqs[i] for i in active]
         room = [min(cfg.max_seq_len - len(s) - 1, params.max_new_tokens - len(outputs[i]) - 1)
@@ -283,15 +304,21 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         stats.gammas.append(gamma)
         proposals = proposer.propose(rows, gammas, params, [seeds[i] for i in active])
 
-        fed = [s[v:] + x for s, v, x in zip(rows, valid, proposals)]
+        fed = [s[valid[i]:] + x for s, i, x in zip(rows, active, proposals)]
         synchronize(param.device)
         start = time.perf_counter()
-        logits = ragged_forward(target, cache, fed, valid)  # [B, W, V]
+        if verify is not None:
+            full, starts = [[] for _ in prompts], [0] * len(prompts)  # finished rows: padding at 0
+            for i, tokens in zip(active, fed):
+                full[i], starts[i] = tokens, valid[i]
+            logits = verify(full, starts)[active]  # [B, W, V]
+        else:
+            logits = ragged_forward(target, cache, fed, [valid[i] for i in active])  # [B, W, V]
         synchronize(param.device)
         stats.target_time_s += time.perf_counter() - start
         stats.target_calls += 1
 
-        firsts = [len(r) - v - 1 for r, v in zip(rows, valid)]  # output index predicting the first proposal
+        firsts = [len(f) - len(x) - 1 for f, x in zip(fed, proposals)]  # output index predicting the first proposal
         draws = draw_tokens([logits[b, f:f + len(x) + 1] for b, (f, x) in enumerate(zip(firsts, proposals))],
                             [params] * len(active), [seeds[i] for i in active],
                             [len(r) for r in rows])  # [γ_b + 1] per row, one host transfer
@@ -300,7 +327,7 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
             new, n_ok = accept(proposals[b], draws[b])
             stats.record_round(len(proposals[b]), n_ok)
             all_passed &= n_ok == len(proposals[b])
-            valid[b] = len(rows[b]) + n_ok
+            valid[i] = len(rows[b]) + n_ok
             proposer.accepted(b, len(rows[b]) + n_ok)
             before = len(outputs[i])
             outputs[i] += new
@@ -317,9 +344,9 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
         if finished:
             kept = [b for b in range(len(active)) if b not in finished]
             if kept:
-                cache.keep_rows(kept)
+                if verify is None:
+                    cache.keep_rows(kept)
                 proposer.keep(kept)
-            valid = [valid[b] for b in kept]
             active = [active[b] for b in kept]
     stats.generated += sum(len(o) for o in outputs)
     return outputs, stats

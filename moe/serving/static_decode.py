@@ -23,7 +23,9 @@ Used by plain generation (`moe.serving.generation.stream`, `generate.py --prompt
 chunks beside decodes, a batch that changes every step), so `PagedDecodeStep` takes only
 its all-decode steps, in one graph padded to the engine's slots and to the longest block
 table (vLLM captures one graph per batch-size bucket instead); the rest stay eager, as do
-speculative rounds, whose widths change every round.
+the engine's speculative steps. `VerifyStep` is the target's forward of a speculative
+round in `speculative_generate(compile=True)`: every row padded to γ + 1 tokens, finished
+rows kept as padding, so one graph serves every round.
 
 Shapes: B rows, V vocab, S max_len slots.
 """
@@ -81,6 +83,37 @@ class DecodeStep:
         return self.model(tokens[:, None], positions[:, None], self.cache).logits[:, -1]
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        return self._step(tokens, positions)
+
+
+class VerifyStep:
+    """The target's forward of a speculative round with static shapes: every row of the
+    cache ([B, S]) feeds `width` tokens (γ + 1) at consecutive positions, compiled once.
+    step(rows, starts) -> logits [B, width, V]: row b feeds rows[b] (at most `width` tokens)
+    at positions starts[b].., padded on the right with token 0 at the following positions,
+    which only writes slots past what the row keeps (moe/serving/speculative.py); an empty
+    row (a finished sequence) is all padding from `starts[b]`. Positions must stay inside
+    the cache: starts[b] + width <= S."""
+
+    def __init__(self, model: Transformer, cache: KVCache, width: int):
+        self.model, self.cache, self.width = model, cache, width
+        self.device = next(model.parameters()).device
+        self._step = CompiledStep(self._forward, self.device)
+
+    @property
+    def compile_seconds(self) -> float | None:
+        return self._step.compile_seconds
+
+    @torch.no_grad()
+    def _forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        return self.model(tokens, positions, self.cache).logits
+
+    def __call__(self, rows: list[list[int]], starts: list[int]) -> Tensor:
+        if len(rows) != self.cache.k.shape[1] or max(map(len, rows)) > self.width:
+            raise ValueError(f"a verify step runs {self.cache.k.shape[1]} rows of at most {self.width} tokens, "
+                             f"got {len(rows)} rows of up to {max(map(len, rows))}")
+        tokens = torch.tensor([r + [0] * (self.width - len(r)) for r in rows], device=self.device)  # [B, W]
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(self.width, device=self.device)
         return self._step(tokens, positions)
 
 
