@@ -77,8 +77,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=ENGINE_DEFAULTS.prefix_caching,
                         help="recompute every prompt in full (default: reuse cached prefix blocks)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step first: --prompt's, or the engine's all-decode "
-                             "steps (pays for long runs; the compile time is printed)")
+                        help="torch.compile the decode step first: --prompt's (speculative: the target's "
+                             "verify step), or the engine's all-decode steps (pays for long runs; the compile "
+                             "time is printed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
                         help="weights and KV cache (default: bfloat16 on CUDA, float32 on CPU)")
@@ -219,7 +220,8 @@ def speculate_prompt(model: Transformer, args, prompt: list[int], params: Sampli
                      detok: Detokenizer, proposer) -> None:
     """Stream the completion decoded speculatively (each round's tokens as they are kept),
     then print the run's statistics on stderr. `proposer`: prompt lookup or the n-gram
-    draft, else None for --draft."""
+    draft, else None for --draft. With --compile the target's verify forward is compiled
+    first (a draft's steps stay eager)."""
     from moe.serving.speculative import speculative_generate
     draft = load_model(args.draft, args.device, getattr(torch, args.dtype)).eval() if args.draft else None
     text = TextStream(params, detok)
@@ -228,10 +230,13 @@ def speculate_prompt(model: Transformer, args, prompt: list[int], params: Sampli
         for token in tokens:
             sys.stdout.write(text.push(token))
         sys.stdout.flush()
+    graphs: dict = {}
     _, stats = speculative_generate(model, [prompt], params, proposer=proposer, draft=draft,
                                     gamma=args.speculate, adaptive=args.adaptive, detok=detok,
-                                    on_tokens=show)
+                                    on_tokens=show, compile=args.compile, compiled_steps=graphs)
     sys.stdout.write(text.finish() + "\n")
+    for step in graphs.values():
+        print(f"[compile: the verify step compiled in {step.compile_seconds:.1f} s]", file=sys.stderr)
     print(json.dumps(stats.as_dict()), file=sys.stderr)
 
 
@@ -345,9 +350,6 @@ def main_generate(argv: list[str]) -> None:
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)
     speculative = proposer_flags(args)
-    if args.compile and args.prompt is not None and speculative:
-        raise ValueError("--compile with --prompt compiles the plain decode step, and speculative decoding "
-                         "of one prompt runs eager: drop --compile, or use --prompt-file")
     if args.adaptive and not speculative:
         raise ValueError("--adaptive changes γ of speculative decoding: give --draft, --prompt-lookup or "
                          "--ngram-draft too, or drop it")

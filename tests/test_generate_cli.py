@@ -118,8 +118,6 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(checkpoint, tm
                                                                  "--ngram-draft", tmp_path / "t.safetensors"],
         "build_ngram_draft.py": ["--ckpt", path, "--prompt", "hi", "--ngram-draft", tmp_path / "none.safetensors"],
         "--adaptive changes γ of speculative decoding": ["--ckpt", path, "--prompt-file", prompts, "--adaptive"],
-        "--compile with --prompt compiles the plain decode step": ["--ckpt", path, "--prompt", "hi",
-                                                                   "--prompt-lookup", "--compile"],
     }
     for message, result in run_all(cases).items():
         assert result.returncode == 2 and result.stdout == "", result.stderr

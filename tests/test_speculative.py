@@ -134,7 +134,7 @@ def test_the_compiled_verify_step_gives_plain_generation_as_rows_finish_apart(mo
         assert len({len(o) for o in out}) > 1
         accepted += stats.accepted
     assert accepted > 0  # proposals passed, not only the target's own draws
-    assert list(steps) == [(3, 4)]  # one graph, reused over a cache the earlier calls wrote
+    assert len(steps) == 1  # one graph, reused over a cache the earlier calls wrote
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:

@@ -127,8 +127,8 @@ def proposer_flags(mode: str, folder, tmp_path) -> list:
     return []
 
 
-@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "ngram-draft", "engine", "engine-prompt-lookup",
-                                  "engine-ngram-draft"])
+@pytest.mark.parametrize("mode", ["stream", "prompt-lookup", "ngram-draft", "compiled-ngram-draft", "engine",
+                                  "engine-prompt-lookup", "engine-ngram-draft"])
 def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mode):
     folder, tok = mixtral
     prompt = tok.encode(PROMPT, add_special_tokens=False).ids
@@ -141,9 +141,11 @@ def test_stop_string_cuts_the_text_where_it_starts(mixtral, capsys, tmp_path, mo
         result = serve(capsys, folder, tmp_path, *flags, max_new_tokens=24, ignore_eos=True, stop=stop)
         assert (result["text"], result["finish_reason"]) == (expected, "stop")
     else:
-        out, _ = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--max-new-tokens", 24,
-                     "--ignore-eos", "--stop", stop, *flags)
+        compiled = ["--compile"] if mode.startswith("compiled") else []  # the target's verify step
+        out, err = run(capsys, "--ckpt", folder, "--prompt", PROMPT, "--max-new-tokens", 24,
+                       "--ignore-eos", "--stop", stop, *flags, *compiled)
         assert out == expected + "\n"
+        assert ("[compile: the verify step compiled" in err) == bool(compiled)
 
 
 def test_eos_id_from_config_json_stops_generation(mixtral, capsys, tmp_path):

@@ -256,7 +256,8 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
     VerifyStep): the prompts are prefilled eagerly but for their last token, then every
     round feeds each row γ + 1 tokens (max_gamma + 1 when adaptive), finished rows as
     padding; a draft model's own steps stay eager. A graph takes seconds to compile: pass
-    the same `compiled_steps` dict (one per target) to later calls to reuse it."""
+    the same `compiled_steps` dict (one per target) to later calls of the same batch size,
+    γ and length (prompt + max_new_tokens) to reuse it."""
     cfg = target.cfg
     if gamma < 1:
         raise ValueError(f"gamma (tokens proposed per round) must be at least 1, got {gamma}")
@@ -278,11 +279,14 @@ def speculative_generate(target: Transformer, prompts: list[list[int]], params: 
     verify = None
     if compile:  # the cache keeps every row (one graph, one batch size); finished rows feed padding
         width = 1 + (max(max_gamma, gamma) if adaptive else gamma)
+        # a row's sequence stays under `longest` tokens, so its positions under longest - 1 + width
+        longest = min(cfg.max_seq_len, max(map(len, prompts)) + params.max_new_tokens)
+        key = (len(prompts), width, longest + width)
         steps = {} if compiled_steps is None else compiled_steps
-        if (len(prompts), width) not in steps:  # positions reach max_seq_len - 1 + width - 1
-            steps[len(prompts), width] = VerifyStep(target, KVCache(cfg, len(prompts), cfg.max_seq_len + width,
-                                                                    param.device, param.dtype), width)
-        verify = steps[len(prompts), width]
+        if key not in steps:  # the compiled attention reads every slot: size the cache to the calls
+            steps[key] = VerifyStep(target, KVCache(cfg, len(prompts), longest + width, param.device, param.dtype),
+                                    width)
+        verify = steps[key]
         cache = verify.cache
     else:
         cache = KVCache(cfg, len(prompts), cfg.max_seq_len + slack, param.device, param.dtype)

@@ -52,6 +52,10 @@ class CompiledStep:
     model or batch is a different step."""
 
     def __init__(self, fn, device: torch.device):
+        # each step is its own graph of the same Python function (a class's `_forward`), and
+        # dynamo refuses a ninth graph of one function by default: a process may hold more
+        # (a benchmark holds one per batch size and γ)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         settings = dict(mode="reduce-overhead") if device.type == "cuda" else dict(options={"cpp_wrapper": True})
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False, **settings)
         self.compile_seconds: float | None = None
