@@ -24,8 +24,8 @@ Two parts:
 
 Each run reports the measured speedup, α (accepted / judged), tokens per round, the
 distinct experts each MoE layer ran per verify forward (against E(1 - (1 - K/E)^T) for
-the T = B x width tokens it routed) and three predictions, all in units of one plain
-decode step of the same batch (t1):
+the T = B x width tokens it routed) and three predictions, all in units of t1, a plain
+decode step's forward of the same batch as the timed plain runs ran it:
 
     time(plain) = P + (N - 1)(1 + h)
     time(spec)  = P + P_draft + (R - 1)(round + h_spec)
@@ -35,15 +35,19 @@ N new tokens per row; R the target forwards until the batch's slowest row has N 
 simulated with each round's proposals n as the run made them, each passing with the row's
 α (its prompt's α at batch 1: rows differ, and a batch waits for its slowest; one row
 needs about N / E_round, E_round = mean of (1 - α^(n+1)) / (1 - α)); W the verify
-forward's width; c a draft step over t1 (0 for lookup); P and P_draft the prefills; h and
-h_spec the host time of a plain step and of a round (drawing, accepting, bookkeeping: the
-timed runs' wall time outside forwards). The three differ in v(W), the verify forward
-over t1:
+forward's width; c a draft step in the timed runs over t1 (0 for lookup); P the target's
+prefill in the plain runs, P_draft the draft's timed alone; h and h_spec the host time of a
+plain step and of a round (drawing, accepting, bookkeeping: the timed runs' wall time
+outside forwards). The three differ in v(W), the verify forward over t1:
 - `predicted_dense`: v = 1, the textbook assumption that checking W tokens costs one step;
 - `predicted_moe`: v = the weight bytes the verify forward reads over those of a decode
   step (shared weights plus the experts it touched, counted here): what a memory-bound
   device pays for the MoE twist;
-- `predicted`: v timed on this machine at each width.
+- `predicted`: v as the timed runs measured it (their verify forwards' mean time, the
+  widths as they came: `v_in_run`), so this one checks R, the rounds simulated from α.
+Each forward width is also timed alone, one after another (`v`, `t1_isolated_s`,
+`c_isolated`); on this CPU those timings read slower than the same forwards inside a
+decoding loop, and by a share that differs by width, so they are kept but not used.
 Results go to benchmarks/results/speculative.json.
 """
 
@@ -122,12 +126,13 @@ def plain_decode(model, prompts: list[list[int]], params: SamplingParams,
                  timing: dict | None = None) -> list[list[int]]:
     """params.max_new_tokens tokens per row, one per row per forward, each row's draws its
     own (seed, position) ones, as speculative_generate draws them. `timing` adds up the
-    seconds spent in forwards ("forward_s") and the decode steps ("steps")."""
+    seconds of the prefills ("prefill_s") and of the decode steps' forwards ("forward_s"),
+    the decode steps ("steps") and the calls ("runs")."""
     cache = KVCache(model.cfg, len(prompts), max(map(len, prompts)) + params.max_new_tokens + 1)
     seeds = [draw_seed(params) for _ in prompts]
     start = time.perf_counter()
     logits = ragged_forward(model, cache, prompts, [0] * len(prompts))  # [B, W, V]
-    forward_s = time.perf_counter() - start
+    prefill_s, forward_s = time.perf_counter() - start, 0.0
     last = [len(p) - 1 for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in range(params.max_new_tokens):
@@ -141,8 +146,10 @@ def plain_decode(model, prompts: list[list[int]], params: SamplingParams,
             logits, last = ragged_forward(model, cache, draws, positions), [0] * len(prompts)
             forward_s += time.perf_counter() - start
     if timing is not None:
+        timing["prefill_s"] += prefill_s
         timing["forward_s"] += forward_s
         timing["steps"] += params.max_new_tokens - 1
+        timing["runs"] += 1
     return outputs
 
 
@@ -286,8 +293,9 @@ def main() -> None:
     prompt_alpha: dict[tuple[str, bool], list[float]] = {}  # (mode, sampled) -> α of each prompt at batch 1
 
     def timings(batch: int) -> dict:
-        """Per batch, in units of t1 (a target forward over one token per row): the draft
-        step c, the prefills and v(w), the target forward over w tokens per row."""
+        """Per batch, each forward timed alone, in units of the target's forward over one
+        token per row (t1, in seconds here): the draft step c, the prefills and v(w), the
+        target forward over w tokens per row."""
         if batch not in costs:
             rows = prompts[:batch]
             target_t = forward_times(target, rows, list(range(max_width + 1)), 9)
@@ -308,7 +316,8 @@ def main() -> None:
         # host time (drawing, accepting, bookkeeping: wall time outside forwards), from the timed runs
         timed = {name: SpeculativeStats() for name in modes}
         timed_s = dict.fromkeys(seconds, 0.0)
-        plain_timing = dict(forward_s=0.0, steps=0)
+        plain_timing = dict(prefill_s=0.0, forward_s=0.0, steps=0, runs=0)
+        timed_runs = dict.fromkeys(modes, 0)  # speculative_generate calls in `timed`
         row_alpha = {name: [] for name in modes}  # per group: its α, or its rows' α from batch 1
         counters = {name: VerifyCounter(max_width) for name in modes}
         decode_experts, variety = [], []
@@ -336,6 +345,7 @@ def main() -> None:
                     if timed_run:
                         best[name] = min(best[name], elapsed)
                         timed_s[name] += elapsed
+                        timed_runs[name] += 1
                     if out != reference:
                         sys.exit(f"error: {name} at batch {batch}: speculative output differs from plain "
                                  "decoding; this is a bug")
@@ -350,24 +360,35 @@ def main() -> None:
         cost = timings(batch)
         decode = sum(sum(e) for e in decode_experts) / len(decode_experts)  # over layers, per decode step
         n_new = args.new_tokens
-        host_plain = (timed_s["plain"] - plain_timing["forward_s"]) / plain_timing["steps"] / cost["t1"]
-        plain_time = cost["prefill"] + (n_new - 1) * (1 + host_plain)
+        # the unit: a plain decode step's forward as the timed runs ran it (isolated timings
+        # of one forward after another read slower here, and by a share that differs by width)
+        t1 = plain_timing["forward_s"] / plain_timing["steps"]
+        prefill_s = plain_timing["prefill_s"] / plain_timing["runs"]
+        host_plain = (timed_s["plain"] - plain_timing["forward_s"] - plain_timing["prefill_s"]) / plain_timing["steps"] / t1
+        plain_time = prefill_s / t1 + (n_new - 1) * (1 + host_plain)
         rows = [dict(mode="plain", batch=batch, sampled=sampled, target_forwards_per_token=1.0,
                      tokens_per_s=len(groups) * batch * n_new / seconds["plain"], seconds=seconds["plain"],
-                     decode_experts_per_layer=decode / len(cfg.moe_layers), t1_s=cost["t1"], host_per_step=host_plain,
+                     decode_experts_per_layer=decode / len(cfg.moe_layers), t1_s=t1, t1_isolated_s=cost["t1"],
+                     host_per_step=host_plain,
                      distinct_4grams=sum(variety) / len(variety))]
         for name, kwargs in modes.items():
             s, counter = stats[name], counters[name]
             alpha = s.verified_acceptance
             e_round = sum(expected_tokens(alpha, n) for n in s.proposal_lengths) / len(s.proposal_lengths)
-            c = cost["c"] if "draft" in kwargs else 0.0
+            ts, runs = (timed[name], timed_runs[name]) if args.repeats > 1 else (stats[name], len(groups))
+            # each run's first target forward is its prefill (with the first proposals), and
+            # its first draft forward the draft's: the rest are verify forwards and draft steps
+            v_run = (ts.target_time_s - runs * prefill_s) / (ts.target_calls - runs) / t1
+            draft_prefill_s = cost["draft_prefill"] * cost["t1"]
+            c = ((ts.draft_time_s - runs * draft_prefill_s) / (ts.draft_forwards - runs) / t1
+                 if "draft" in kwargs else 0.0)
             touched = [sum(e) for e in counter.experts]  # per verify forward, over layers
             moe_v = sum((shared + t * per_expert) / (shared + decode * per_expert) for t in touched) / len(touched)
             widths = counter.widths
             round_of = {"predicted_dense": lambda w: (w - 1) * c + 1.0,
                         "predicted_moe": lambda w: (w - 1) * c + moe_v,
-                        "predicted": lambda w: (w - 1) * c + cost["v"][w]}
-            extra = cost["draft_prefill"] if "draft" in kwargs else 0.0
+                        "predicted": lambda w: (w - 1) * c + v_run}
+            extra = draft_prefill_s / t1 if "draft" in kwargs else 0.0
             # each row's own α where batch 1 measured it for this prompt (rows differ: the slowest
             # sets the batch's pace), else the batch's α
             known = prompt_alpha.get((name, sampled))
@@ -376,9 +397,8 @@ def main() -> None:
             calls = sum(expected_calls(a, s.proposal_lengths, n_new) for a in alphas) / len(alphas)
             if batch == 1:
                 prompt_alpha[(name, sampled)] = row_alpha[name]
-            ts = timed[name] if args.repeats > 1 else stats[name]
-            host = (timed_s[name] - ts.target_time_s - ts.draft_time_s) / ts.target_calls / cost["t1"]
-            predictions = {key: plain_time / (cost["prefill"] + extra
+            host = (timed_s[name] - ts.target_time_s - ts.draft_time_s) / ts.target_calls / t1
+            predictions = {key: plain_time / (prefill_s / t1 + extra
                                               + (calls - 1) * (sum(map(f, widths)) / len(widths) + host))
                            for key, f in round_of.items()}
             mean_width = sum(widths) / len(widths)
@@ -393,9 +413,10 @@ def main() -> None:
                 mean_verify_width=mean_width,
                 verify_experts_per_layer=sum(touched) / len(touched) / len(cfg.moe_layers),
                 uniform_routing_experts=expected_experts_hit(cfg.n_experts, cfg.experts_per_token, tokens),
-                verify_over_decode_bytes=moe_v, c=c, v={w: cost["v"][w] for w in sorted(set(widths))},
+                verify_over_decode_bytes=moe_v, c=c, c_isolated=cost["c"] if "draft" in kwargs else 0.0,
+                v_in_run=v_run, v={w: cost["v"][w] for w in sorted(set(widths))},
                 host_per_round=host, host_per_plain_step=host_plain,
-                prefill=cost["prefill"], draft_prefill=extra,
+                prefill=prefill_s / t1, draft_prefill=extra,
                 mean_proposal_length=s.proposed / max(s.rounds, 1),
                 per_position_acceptance=s.per_position_acceptance))
             print(f"batch {batch:2d} {'T=1' if sampled else 'greedy':6s} {name:15s} α {alpha:.2f} "
