@@ -46,8 +46,9 @@ outside forwards). The three differ in v(W), the verify forward over t1:
 - `predicted`: v as the timed runs measured it (their verify forwards' mean time, the
   widths as they came: `v_in_run`), so this one checks R, the rounds simulated from α.
 Each forward width is also timed alone, one after another (`v`, `t1_isolated_s`,
-`c_isolated`); on this CPU those timings read slower than the same forwards inside a
-decoding loop, and by a share that differs by width, so they are kept but not used.
+`c_isolated`); on this CPU at batch 1 those timings read slower than the same forwards
+inside a decoding loop, and by a share that differs by width, so they are kept but not
+used.
 Results go to benchmarks/results/speculative.json.
 """
 
@@ -360,8 +361,8 @@ def main() -> None:
         cost = timings(batch)
         decode = sum(sum(e) for e in decode_experts) / len(decode_experts)  # over layers, per decode step
         n_new = args.new_tokens
-        # the unit: a plain decode step's forward as the timed runs ran it (isolated timings
-        # of one forward after another read slower here, and by a share that differs by width)
+        # the unit: a plain decode step's forward as the timed runs ran it (forwards timed
+        # alone read slower here at batch 1, and by a share that differs by width)
         t1 = plain_timing["forward_s"] / plain_timing["steps"]
         prefill_s = plain_timing["prefill_s"] / plain_timing["runs"]
         host_plain = (timed_s["plain"] - plain_timing["forward_s"] - plain_timing["prefill_s"]) / plain_timing["steps"] / t1
