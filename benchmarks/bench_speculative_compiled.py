@@ -137,7 +137,7 @@ def run_batch(target, prompts: list[list[int]], batch: int, sampled: bool, modes
         s = stats[name]
         t_verify = s.target_time_s / s.target_calls
         host = (wall[name] - s.target_time_s) / s.target_calls
-        # each run's α for all its rows (a group's rows wait for its slowest)
+        # each group's α (over its runs); at a larger batch each row's prompt's α from batch 1
         group_alpha = [float(np.mean(a)) for a in alphas[name]]
         if batch == 1:
             prompt_alpha[name, sampled] = group_alpha
