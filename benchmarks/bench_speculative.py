@@ -97,6 +97,17 @@ def stdlib_prompts(n: int, length: int, seed: int, tokenizer: TextTokenizer) -> 
     return prompts
 
 
+def load_ngram_table(path: str, vocab_size: int) -> NgramDraft:
+    """--ngram-draft's table for a target of `vocab_size`; a missing, corrupt or foreign
+    file ends the benchmark with `error: ...`."""
+    try:
+        table = NgramDraft.load(path)
+        table.check_vocab(vocab_size, path)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    return table
+
+
 def checkpoint_name(path: str) -> str:
     """Which checkpoint a run folder resolves to (its ckpt/latest), else the path itself."""
     latest = Path(path) / "ckpt" / "latest"
@@ -270,13 +281,7 @@ def main() -> None:
             sys.exit(f"error: {path} does not exist: train it first (python train.py ...) or pass "
                      "--target/--draft checkpoints")
     target, draft = load_model(args.target).eval(), load_model(args.draft).eval()
-    ngram_table = None
-    if args.ngram_draft:
-        try:
-            ngram_table = NgramDraft.load(args.ngram_draft)
-            ngram_table.check_vocab(target.cfg.vocab_size, args.ngram_draft)
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"error: {error}")
+    ngram_table = load_ngram_table(args.ngram_draft, target.cfg.vocab_size) if args.ngram_draft else None
     cfg = target.cfg
     sizes = args.batches + args.grid_batches
     n_prompts = max([args.n_prompts, *sizes])

@@ -45,10 +45,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_speculative import checkpoint_name, expected_calls, stdlib_prompts  # noqa: E402
+from benchmarks.bench_speculative import (checkpoint_name, expected_calls, load_ngram_table,  # noqa: E402
+                                          stdlib_prompts)
 from moe.io.checkpoint import load_model  # noqa: E402
 from moe.serving.cache import KVCache  # noqa: E402
-from moe.serving.ngram_draft import NgramDraft, NgramProposer  # noqa: E402
+from moe.serving.ngram_draft import NgramProposer  # noqa: E402
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens  # noqa: E402
 from moe.serving.speculative import PromptLookupProposer, SpeculativeStats, ragged_forward, speculative_generate  # noqa: E402
 from moe.serving.static_decode import DecodeStep  # noqa: E402
@@ -205,12 +206,7 @@ def main() -> None:
                  f"{target.cfg.max_seq_len} tokens")
     proposers = {"prompt_lookup": PromptLookupProposer()}
     if args.ngram_draft:
-        try:
-            table = NgramDraft.load(args.ngram_draft)
-            table.check_vocab(target.cfg.vocab_size, args.ngram_draft)
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"error: {error}")
-        proposers["ngram_draft"] = NgramProposer(table)
+        proposers["ngram_draft"] = NgramProposer(load_ngram_table(args.ngram_draft, target.cfg.vocab_size))
     draft = None
     if args.draft:
         if not Path(args.draft).exists():

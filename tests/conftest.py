@@ -4,9 +4,14 @@ small model factory shared by the tests.
 The kernel tests build their tensors on `DEVICE`: compiled on a CUDA GPU when one is
 present (benchmarks/gpu_check.sh runs them there), through the interpreter otherwise, so
 the same test files serve both. `COMPILED` says which; bfloat16 dots are checked only
-when compiled (the interpreter multiplies bfloat16 bit patterns wrongly, Triton 3.8)."""
+when compiled (the interpreter multiplies bfloat16 bit patterns wrongly, Triton 3.8).
+`train_tiny_run` trains a two-step byte-level run folder for the scripts that read one."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -70,3 +75,20 @@ def make_model():
         torch.manual_seed(seed)
         return Transformer(tiny_config(**overrides)).eval()
     return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # for the subprocesses of the script tests
+
+
+def train_tiny_run(run: Path, source: Path, cache: Path, *settings: str) -> None:
+    """train.py, two steps of a byte-level one-layer MoE on `source`, into `run` (a folder
+    with setup.json and a checkpoint, what scripts/ take); `settings` are more --set values."""
+    base = [f"data.source={json.dumps(str(source))}", f"data.cache_dir={json.dumps(str(cache))}",
+            'data.tokenizer="bytes"', "model.vocab_size=259", "model.n_layers=1", "model.d_model=32",
+            "model.n_heads=2", "model.d_expert=32", "model.n_experts=4", "train.max_steps=2",
+            "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_batches=1"]
+    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.toml", "--out", str(run),
+                              "--quiet", *[f"--set={s}" for s in [*base, *settings]]],
+                             cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    assert trained.returncode == 0, trained.stderr

@@ -1,9 +1,6 @@
-import json
-import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from moe.serving.ngram_draft import (NgramDraft, NgramProposer, build_ngram_draf
                                      own_continuations)
 from moe.serving.sampling import SamplingParams
 from moe.serving.speculative import speculative_generate
+from tests.conftest import ONE_THREAD, ROOT, train_tiny_run
 
 VOCAB = 24
 GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -143,23 +141,15 @@ def test_speculation_with_the_ngram_draft_equals_plain_decoding_greedy_and_seede
 
 
 def test_the_build_script_writes_a_table_for_a_run_and_refuses_a_folder_that_is_not_one(tmp_path):
-    root = Path(__file__).resolve().parents[1]
     data = tmp_path / "data.txt"
     data.write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    settings = [f"data.source={json.dumps(str(data))}", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
-                'data.tokenizer="bytes"', "model.vocab_size=259", "model.n_layers=1", "model.d_model=32",
-                "model.n_heads=2", "model.d_expert=32", "model.n_experts=4", "train.max_steps=2",
-                "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_batches=1"]
-    trained = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.toml", "--out", str(run),
-                              "--quiet", *[f"--set={s}" for s in settings]],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert trained.returncode == 0, trained.stderr
+    train_tiny_run(run, data, tmp_path / "cache")
 
     def build(folder):
         return subprocess.run([sys.executable, "scripts/build_ngram_draft.py", str(folder), "--continuations", "4",
-                               "--threads", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+                               "--threads", "1"], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+                              timeout=120)
     done = build(run)
     assert done.returncode == 0, done.stderr
     table = NgramDraft.load(run / "ngram_draft.safetensors")
