@@ -14,8 +14,9 @@ shows it.
 
 Two parts:
 - the table (--batches, default 1 and 8; greedy and T = 1): draft at each --gammas,
-  adaptive γ, prompt lookup, and with --ngram-draft prompt lookup followed by the
-  target's n-gram draft (moe/serving/ngram_draft.py);
+  adaptive γ, prompt lookup, and with --ngram-draft the target's n-gram draft at each
+  --gammas (moe/serving/ngram_draft.py: greedy, prompt lookup then the table's argmax;
+  sampled, draws from the table's distributions; `ngram_draft` is the largest γ);
 - the grid (--grid-batches x --grid-gammas, greedy, the draft): where speculation stops
   paying as the batch grows;
 - the engine (--engine-slots, default 1 and 8, greedy): the same prompts through the
@@ -254,8 +255,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="runs/tiny")
     parser.add_argument("--draft", default="runs/draft")
-    parser.add_argument("--ngram-draft", help="also time prompt lookup followed by this n-gram draft of the "
-                                              "target (scripts/build_ngram_draft.py) at the largest γ")
+    parser.add_argument("--ngram-draft", help="also time this n-gram draft of the target "
+                                              "(scripts/build_ngram_draft.py) at each γ")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="the table's batch sizes")
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6], help="the table's fixed γ")
     parser.add_argument("--grid-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16],
@@ -439,7 +440,9 @@ def main() -> None:
             modes = {**{f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.gammas},
                      "draft_adaptive": dict(draft=draft, gamma=max(args.gammas), adaptive=True),
                      "prompt_lookup": dict(proposer=PromptLookupProposer(), gamma=max(args.gammas))}
-            if ngram_table is not None:
+            if ngram_table is not None:  # at every γ: greedy proposals pass far more often than sampled ones
+                modes.update({f"ngram_draft_gamma{g}": dict(proposer=NgramProposer(ngram_table), gamma=g)
+                              for g in args.gammas if g < max(args.gammas)})
                 modes["ngram_draft"] = dict(proposer=NgramProposer(ngram_table), gamma=max(args.gammas))
             table += run(batch, sampled, modes)
     grid = []

@@ -1,5 +1,7 @@
 """Build the n-gram draft of a trained target (moe/serving/ngram_draft.py) from its run's
-training split, for `generate.py --ngram-draft` and `bench_speculative.py --ngram-draft`.
+training split, for `generate.py --ngram-draft` and `bench_speculative.py --ngram-draft`:
+the target's argmax after each context (greedy requests) and its mean distribution after
+the contexts seen at least twice (sampled requests).
 
 Why a script and not part of train.py: the table is a product of the finished target
 (its argmax over the training text and its own continuations), like a distilled draft
@@ -41,6 +43,11 @@ def main() -> None:
     parser.add_argument("--max-order", type=int, default=4, help="longest context, in tokens")
     parser.add_argument("--continuations", type=int, default=2000,
                         help="prompts the target continues greedily, for its own contexts (0: none)")
+    parser.add_argument("--dist-size", type=int, default=16,
+                        help="tokens kept of the target's mean distribution after each context, which "
+                             "sampled requests draw their proposals from (0: none)")
+    parser.add_argument("--dist-min-count", type=int, default=2,
+                        help="occurrences a context needs in the training text to keep a distribution")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", help="also write the build's figures (seconds per pass, contexts, "
                                          "peak memory) as JSON here")
@@ -76,7 +83,8 @@ def main() -> None:
 
     try:
         draft = build_ngram_draft(model, tokens, args.max_order, continuations=args.continuations,
-                                  seed=setup["train"].seed, progress=progress)
+                                  seed=setup["train"].seed, dist_size=args.dist_size,
+                                  dist_min_count=args.dist_min_count, progress=progress)
     except ValueError as error:
         sys.exit(f"\nerror: {error}")
     out = Path(args.out) if args.out else run / DRAFT_FILE
@@ -84,13 +92,16 @@ def main() -> None:
                      "continuations": str(args.continuations)})
     seconds = time.perf_counter() - start
     sizes = ", ".join(f"order {n}: {len(k):,}" for n, k in enumerate(draft.keys, start=1))
-    print(f"{out}: contexts {sizes}, from {len(tokens):,} tokens and {args.continuations} continuations "
-          f"in {seconds:.0f} s")
+    dists = ", ".join(f"{len(k):,}" for k in draft.dist_keys) or "none"
+    print(f"{out}: contexts {sizes} (with a distribution: {dists}), from {len(tokens):,} tokens and "
+          f"{args.continuations} continuations in {seconds:.0f} s")
     if args.report:
         report = dict(command="python scripts/build_ngram_draft.py " + " ".join(sys.argv[1:]), table=str(out),
                       checkpoint=str(checkpoint), threads=args.threads, tokens=len(tokens),
                       continuations=args.continuations, max_order=args.max_order, seconds=seconds,
                       pass_ends_s=finished, contexts_per_order=[len(k) for k in draft.keys],
+                      dist_size=args.dist_size, dist_min_count=args.dist_min_count,
+                      distributions_per_order=[len(k) for k in draft.dist_keys],
                       file_bytes=out.stat().st_size,
                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")

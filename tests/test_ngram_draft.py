@@ -9,9 +9,9 @@ from safetensors.numpy import save_file
 
 from moe.serving.generation import generate
 from moe.serving.ngram_draft import (NgramDraft, NgramProposer, build_ngram_draft, max_order_for,
-                                     own_continuations)
-from moe.serving.sampling import SamplingParams
-from moe.serving.speculative import speculative_generate
+                                     mean_distributions, own_continuations)
+from moe.serving.sampling import SamplingParams, sample_at, warp_probs
+from moe.serving.speculative import SpeculativeStats, speculative_generate
 from tests.conftest import ONE_THREAD, ROOT, train_tiny_run
 
 VOCAB = 24
@@ -85,6 +85,65 @@ def test_the_next_token_comes_from_the_longest_context_the_table_knows():
     assert NgramProposer(draft).lookup([4, 2, 3, 2], 2) == [8]  # a one-token match is not enough: the table
 
 
+def test_a_contexts_distribution_is_the_mean_of_the_targets_top_k_over_its_occurrences():
+    context = np.array([5, 5, 7, 9])
+    tokens = np.array([[1, 2], [2, 3], [1, 2], [4, 0]])
+    probs = np.array([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.7, 0.3]])
+    keys, top, mean = mean_distributions(context, tokens, probs, vocab=10, size=2, min_count=1)
+    assert keys.tolist() == [5, 7, 9]
+    # context 5: token 1 (0.6 + 0) / 2, token 2 (0.4 + 0.5) / 2, token 3 (0 + 0.5) / 2; the two largest
+    assert top.tolist() == [[2, 1], [1, 2], [4, 0]]
+    assert np.allclose(mean, [[0.45, 0.3], [0.9, 0.1], [0.7, 0.3]])
+    keys, top, mean = mean_distributions(context, tokens, probs, vocab=10, size=4, min_count=2)
+    assert keys.tolist() == [5]  # seen once: no distribution
+    assert top.tolist() == [[2, 1, 3, 0]] and np.allclose(mean, [[0.45, 0.3, 0.25, 0.0]])  # padded with 0
+
+
+def test_sampled_proposals_are_draws_from_the_tables_distribution_with_the_requests_noise():
+    v = 10
+    draft = NgramDraft(v, keys=[np.array([1])], next=[np.array([2])],
+                       dist_keys=[np.array([1, 2, 3]), np.array([1 * v + 2])],
+                       dist_tokens=[np.array([[2, 4, 0], [3, 0, 0], [1, 9, 0]], dtype=np.int32),
+                                    np.array([[6, 7, 0]], dtype=np.int32)],
+                       dist_probs=[np.array([[0.7, 0.2, 0], [1, 0, 0], [0.5, 0.5, 0]], dtype=np.float32),
+                                   np.array([[0.6, 0.4, 0]], dtype=np.float32)])
+    params = SamplingParams(temperature=0.7, top_k=5, max_new_tokens=8)
+    seq, seed, expected = [5, 3], 11, []
+    for _ in range(4):  # after (3): {1, 9}; then whatever was drawn decides
+        q = draft.distribution(seq + expected)
+        if q is None:
+            break
+        assert torch.isinf(q).sum() == v - int((q > -torch.inf).sum())
+        expected.append(sample_at(warp_probs(q[None], params)[0], seed, len(seq) + len(expected)))
+    assert draft.sampled_continuation(seq, 4, params, seed) == expected
+    assert draft.sampled_continuation([1, 2], 1, params, seed) in ([6], [7])  # the bigram's distribution
+    assert draft.sampled_continuation([8], 3, params, seed) == []  # nothing known after 8
+    assert draft.sampled_continuation([2], 1, params, seed) == [3]  # one token with all the mass
+    assert draft.sampled_continuation([2], 3, params, seed)[:2] in ([3, 1], [3, 9])  # then (3)'s
+    proposer = NgramProposer(draft)
+    assert proposer.propose_row([5, 3], 4, params, seed) == expected
+    assert proposer.propose_row([5, 1], 2, SamplingParams(max_new_tokens=8), seed) == [2]  # greedy: the argmax table
+    no_dists = NgramProposer(NgramDraft(v, keys=[np.array([1])], next=[np.array([2])]))
+    assert no_dists.propose_row([5, 1], 2, params, seed) == [2]  # a table without them: its fixed guesses
+
+
+def test_sampled_proposals_from_distributions_are_accepted_far_more_often_than_fixed_guesses(target):
+    text = training_text()
+    with_dists = build_ngram_draft(target, text, max_order=3, window=32, **SMALL)
+    without = build_ngram_draft(target, text, max_order=3, window=32, dist_size=0, **SMALL)
+    assert not without.dist_keys and len(with_dists.dist_keys) == 3
+    g = torch.Generator().manual_seed(3)
+    batch = [torch.randint(0, VOCAB, (8,), generator=g).tolist() for _ in range(4)]
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=40, seed=2, ignore_eos=True)
+    acceptance = []
+    for table in (with_dists, without):
+        stats = SpeculativeStats()
+        out, _ = speculative_generate(target, batch, sampled, proposer=NgramProposer(table), gamma=3, stats=stats)
+        assert out == [generate(target, p, sampled) for p in batch]
+        acceptance.append(stats.verified_acceptance)
+    assert acceptance[0] > 2 * acceptance[1]
+
+
 def test_the_largest_order_keeps_a_key_and_its_token_inside_an_int64():
     for vocab in (24, 259, 4096, 32000):
         n = max_order_for(vocab)
@@ -98,9 +157,17 @@ def test_a_saved_table_loads_back_equal_and_leaves_no_temporary_file(target, tmp
     draft.save(path, {"checkpoint": "runs/x"})
     back = NgramDraft.load(path)
     assert back.vocab_size == VOCAB and back.max_order == 3
-    for a, b in zip(draft.keys + draft.next, back.keys + back.next):
+    for a, b in zip(draft.keys + draft.next + draft.dist_keys + draft.dist_tokens,
+                    back.keys + back.next + back.dist_keys + back.dist_tokens):
         assert np.array_equal(a, b)
+    assert len(back.dist_probs) == 3
+    for a, b in zip(draft.dist_probs, back.dist_probs):  # stored in float16
+        assert np.allclose(a, b, atol=1e-3)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    old = tmp_path / "before_distributions.safetensors"  # a table saved before they existed
+    save_file({"keys_1": draft.keys[0], "next_1": draft.next[0]}, str(old),
+              metadata={"vocab_size": str(VOCAB), "max_order": "1"})
+    assert NgramDraft.load(old).dist_keys == []
 
 
 def test_loading_refuses_a_missing_file_a_cut_one_and_one_that_is_not_a_table(tmp_path):
@@ -123,6 +190,8 @@ def test_building_refuses_what_it_cannot_tabulate(target):
         build_ngram_draft(target, training_text(10), window=16)
     with pytest.raises(ValueError, match="another tokenizer"):
         build_ngram_draft(target, np.full(64, VOCAB, dtype=np.uint16), window=16)
+    with pytest.raises(ValueError, match="dist_min_count at least 1"):
+        build_ngram_draft(target, training_text(), window=16, dist_min_count=0)
     with pytest.raises(ValueError, match="leave room"):
         build_ngram_draft(target, training_text(), window=16, prompt_len=64, new_tokens=target.cfg.max_seq_len)
 

@@ -22,30 +22,42 @@ table proposes everywhere, at the price of a few binary searches on the host:
 
 Greedy proposals are checked like any other (moe/serving/speculative.py), so the output
 is the target's own, token for token. A sampled request accepts a proposal only where it
-equals the target's draw, which a fixed guess does far less often.
+equals the target's draw. A fixed guess x does so with probability p(x), one time in five
+on the main job at T = 1 (alpha 0.21 in benchmarks/results/speculative.json at 016a6f2).
+So the table also keeps, per context, the target's mean distribution over the next
+token (its top `dist_size` tokens, averaged over every place the context occurs in the
+training text), and a sampled request draws its proposals from that distribution with
+its own noise for those positions, as a draft model does: the Gumbel-max coupling then
+accepts a proposal wherever the table's distribution and the target's overlap, not just
+where one guess hits. Only contexts seen at least `dist_min_count` times keep one (the
+others are most of the order-4 contexts and would triple the file).
 
 Each order n is stored as two sorted arrays: `keys`, the n context tokens read as one
 base-V number, and `next`, the target's most frequent argmax after that context (ties go
-to the smaller token id). Building a key together with its next token needs V^(n+1) <
+to the smaller token id); the distributions as `dist_keys` (sorted contexts) beside
+`dist_tokens` and `dist_probs` [C, M], each row's tokens by falling probability, padded
+with probability 0. Building a key together with its next token needs V^(n+1) <
 2^63, which bounds the order for large vocabularies (`max_order_for`).
 
-Shapes: V vocab, N training tokens, W window.
+Shapes: V vocab, N training tokens, W window, C contexts, M tokens kept per distribution.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from torch import Tensor
 
 from moe.io.files import write_file_atomically
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams
+from moe.serving.sampling import SamplingParams, sample_at, warp_probs
 from moe.serving.speculative import PromptLookupProposer, speculative_generate
 
 
@@ -62,22 +74,58 @@ class NgramDraft:
     vocab_size: int
     keys: list[np.ndarray]  # keys[n - 1]: sorted int64 contexts of order n
     next: list[np.ndarray]  # next[n - 1]: int32, the target's token after each context
+    dist_keys: list[np.ndarray] = field(default_factory=list)  # [n - 1]: sorted int64 contexts
+    dist_tokens: list[np.ndarray] = field(default_factory=list)  # [n - 1]: [C, M] int32
+    dist_probs: list[np.ndarray] = field(default_factory=list)  # [n - 1]: [C, M] float32, 0 = padding
 
     @property
     def max_order(self) -> int:
         return len(self.keys)
 
-    def next_token(self, seq: list[int]) -> int | None:
-        """The target's most frequent next token after the longest known tail of `seq`."""
-        for n in range(min(self.max_order, len(seq)), 0, -1):
+    def _find(self, keys: list[np.ndarray], seq: list[int]) -> tuple[int, int] | None:
+        """(order, index) of the longest tail of `seq` that `keys` holds."""
+        for n in range(min(len(keys), len(seq)), 0, -1):
             key = 0
             for t in seq[-n:]:
                 key = key * self.vocab_size + t
-            keys = self.keys[n - 1]
-            i = int(np.searchsorted(keys, key))
-            if i < len(keys) and keys[i] == key:
-                return int(self.next[n - 1][i])
+            i = int(np.searchsorted(keys[n - 1], key))
+            if i < len(keys[n - 1]) and keys[n - 1][i] == key:
+                return n, i
         return None
+
+    def next_token(self, seq: list[int]) -> int | None:
+        """The target's most frequent next token after the longest known tail of `seq`."""
+        found = self._find(self.keys, seq)
+        return None if found is None else int(self.next[found[0] - 1][found[1]])
+
+    def distribution(self, seq: list[int]) -> Tensor | None:
+        """[V] float32 log-probabilities: the target's mean distribution after the longest
+        tail of `seq` that has one (-inf outside its kept tokens), or None."""
+        found = self._find(self.dist_keys, seq)
+        if found is None:
+            return None
+        n, i = found
+        probs = self.dist_probs[n - 1][i]
+        kept = probs > 0
+        logits = torch.full((self.vocab_size,), -math.inf)
+        logits[torch.from_numpy(self.dist_tokens[n - 1][i][kept].astype(np.int64))] = \
+            torch.from_numpy(np.log(probs[kept].astype(np.float32)))
+        return logits
+
+    def sampled_continuation(self, seq: list[int], gamma: int, params: SamplingParams,
+                             seed: int) -> list[int]:
+        """Up to `gamma` tokens, each drawn from the table's distribution after what came
+        before, warped like the request, with the request's own noise for its position
+        (sample_at): the target's draw there whenever the two distributions agree."""
+        seq, out = list(seq), []
+        while len(out) < gamma:
+            logits = self.distribution(seq)
+            if logits is None:
+                break
+            token = sample_at(warp_probs(logits[None], params)[0], seed, len(seq))
+            out.append(token)
+            seq.append(token)
+        return out
 
     def continuation(self, seq: list[int], gamma: int) -> list[int]:
         """Up to `gamma` tokens, each the table's next token after what came before."""
@@ -101,7 +149,11 @@ class NgramDraft:
         tensors = {}
         for n, (keys, nxt) in enumerate(zip(self.keys, self.next), start=1):
             tensors[f"keys_{n}"], tensors[f"next_{n}"] = keys, nxt
-        meta = {"vocab_size": str(self.vocab_size), "max_order": str(self.max_order), **(metadata or {})}
+        for n, (keys, tokens, probs) in enumerate(zip(self.dist_keys, self.dist_tokens, self.dist_probs), start=1):
+            tensors[f"dist_keys_{n}"], tensors[f"dist_tokens_{n}"] = keys, tokens
+            tensors[f"dist_probs_{n}"] = probs.astype(np.float16)  # a proposal needs no more precision
+        meta = {"vocab_size": str(self.vocab_size), "max_order": str(self.max_order),
+                "dist_order": str(len(self.dist_keys)), **(metadata or {})}
         write_file_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
@@ -117,9 +169,13 @@ class NgramDraft:
                 if "vocab_size" not in meta or "max_order" not in meta:
                     raise ValueError(f"{path} is not an n-gram draft (no vocab_size / max_order in its "
                                      f"metadata); {rebuild}")
-                order = int(meta["max_order"])
-                return cls(int(meta["vocab_size"]), [f.get_tensor(f"keys_{n}") for n in range(1, order + 1)],
-                           [f.get_tensor(f"next_{n}") for n in range(1, order + 1)])
+                orders = range(1, int(meta["max_order"]) + 1)
+                dists = range(1, int(meta.get("dist_order", 0)) + 1)  # tables built before 2026-11-27 have none
+                return cls(int(meta["vocab_size"]), [f.get_tensor(f"keys_{n}") for n in orders],
+                           [f.get_tensor(f"next_{n}") for n in orders],
+                           [f.get_tensor(f"dist_keys_{n}") for n in dists],
+                           [f.get_tensor(f"dist_tokens_{n}") for n in dists],
+                           [f.get_tensor(f"dist_probs_{n}").astype(np.float32) for n in dists])
         except SafetensorError as error:
             raise ValueError(f"{path} is corrupt or truncated ({error}); {rebuild}") from None
 
@@ -141,6 +197,34 @@ def most_frequent(context: np.ndarray, guess: np.ndarray, vocab: int) -> tuple[n
     context, guess = context[order], guess[order]
     first = np.r_[True, context[1:] != context[:-1]]
     return context[first], guess[first]
+
+
+def mean_distributions(context: np.ndarray, tokens: np.ndarray, probs: np.ndarray, vocab: int, size: int,
+                       min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per context [P] seen at least `min_count` times: the mean over its occurrences of the
+    target's top-K distributions (tokens and probs [P, K]; a token outside an occurrence's
+    top K counts as 0 there), cut to its `size` most probable tokens:
+    (keys [C], tokens [C, size] int32, probs [C, size] float32, padded with 0)."""
+    keys, inverse, counts = np.unique(context, return_inverse=True, return_counts=True)
+    often = counts[inverse] >= min_count
+    pairs = (inverse[often][:, None] * vocab + tokens[often]).ravel()  # (context index, token)
+    pairs, where = np.unique(pairs, return_inverse=True)
+    mass = np.bincount(where.ravel(), weights=probs[often].ravel())
+    ctx, token = pairs // vocab, pairs % vocab
+    mean = mass / counts[ctx]
+    order = np.lexsort((-mean, ctx))  # by context, the most probable token first
+    ctx, token, mean = ctx[order], token[order], mean[order]
+    first = np.r_[True, ctx[1:] != ctx[:-1]]
+    rank = np.arange(len(ctx)) - np.maximum.accumulate(np.where(first, np.arange(len(ctx)), 0))
+    kept = np.flatnonzero(counts >= min_count)
+    row = np.full(len(keys), -1)
+    row[kept] = np.arange(len(kept))
+    out_tokens = np.zeros((len(kept), size), dtype=np.int32)
+    out_probs = np.zeros((len(kept), size), dtype=np.float32)
+    top = rank < size
+    out_tokens[row[ctx[top]], rank[top]] = token[top]
+    out_probs[row[ctx[top]], rank[top]] = mean[top]
+    return keys[kept], out_tokens, out_probs
 
 
 def prefer(first: tuple[np.ndarray, np.ndarray], then: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,11 +260,13 @@ def own_continuations(model: Transformer, tokens: np.ndarray, table: NgramDraft,
 @torch.no_grad()
 def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4, window: int = 256,
                       batch_size: int = 32, continuations: int = 2000, prompt_len: int = 64,
-                      new_tokens: int = 96, seed: int = 0,
+                      new_tokens: int = 96, seed: int = 0, dist_size: int = 16, dist_min_count: int = 2,
                       progress: Callable[[str, int, int], None] | None = None) -> NgramDraft:
     """Two passes of the target:
     1. over `tokens` [N] in windows of `window`, tabulating its argmax after every context
-       of 1 .. `max_order` tokens inside a window;
+       of 1 .. `max_order` tokens inside a window, and (`dist_size` > 0) its mean
+       distribution after every context seen `dist_min_count` times or more, its
+       `dist_size` most probable tokens (for sampled requests);
     2. its own greedy continuations (`new_tokens` each) of `continuations` prompts cut from
        `tokens`, decoded with the first table; a context seen there takes the token the
        target wrote after it, since decoding meets the target's own text, not the corpus
@@ -191,6 +277,10 @@ def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4
     if not 1 <= max_order <= max_order_for(vocab):
         raise ValueError(f"max_order must be between 1 and {max_order_for(vocab)} for a vocabulary "
                          f"of {vocab} (a key and its next token must fit one int64), got {max_order}")
+    if dist_size < 0 or dist_min_count < 1:
+        raise ValueError(f"dist_size must be at least 0 and dist_min_count at least 1, got {dist_size} "
+                         f"and {dist_min_count}")
+    dist_size = min(dist_size, vocab)
     window = min(window, model.cfg.max_seq_len)
     n_windows = len(tokens) // window
     if n_windows == 0:
@@ -206,18 +296,31 @@ def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4
     windows = torch.from_numpy(flat).view(n_windows, window)
     device = next(model.parameters()).device
     argmax = np.empty_like(flat)  # [N]: the model's next-token guess at every position
+    top_tokens = np.empty((len(flat), dist_size), dtype=np.int32)  # [N, M]: its most probable tokens
+    top_probs = np.empty((len(flat), dist_size), dtype=np.float32)  # [N, M]: their probabilities
     for start in range(0, n_windows, batch_size):
         chunk = windows[start:start + batch_size]
-        guess = model(chunk.to(device)).logits.argmax(-1)  # [b, W]
-        argmax[start * window:(start + len(chunk)) * window] = guess.reshape(-1).cpu().numpy()
+        logits = model(chunk.to(device)).logits  # [b, W, V]
+        rows = slice(start * window, (start + len(chunk)) * window)
+        argmax[rows] = logits.argmax(-1).reshape(-1).cpu().numpy()
+        if dist_size:
+            probs, ids = logits.float().softmax(-1).topk(dist_size, dim=-1)  # [b, W, M]
+            top_tokens[rows] = ids.reshape(-1, dist_size).cpu().numpy()
+            top_probs[rows] = probs.reshape(-1, dist_size).cpu().numpy()
         if progress is not None:
             progress("windows", start + len(chunk), n_windows)
     position = np.arange(len(flat)) % window
-    corpus = []
+    corpus, dists = [], []
     for n in range(1, max_order + 1):
         inside = position >= n - 1  # the whole context lies in the position's window
-        corpus.append(most_frequent(contexts(flat, n, vocab)[inside], argmax[inside], vocab))
-    table = NgramDraft(vocab, [k for k, _ in corpus], [g.astype(np.int32) for _, g in corpus])
+        context = contexts(flat, n, vocab)[inside]
+        corpus.append(most_frequent(context, argmax[inside], vocab))
+        if dist_size:
+            dists.append(mean_distributions(context, top_tokens[inside], top_probs[inside], vocab, dist_size,
+                                            dist_min_count))
+    del top_tokens, top_probs
+    dist_arrays = [list(column) for column in zip(*dists)] or [[], [], []]
+    table = NgramDraft(vocab, [k for k, _ in corpus], [g.astype(np.int32) for _, g in corpus], *dist_arrays)
     if not continuations:
         return table
     seqs = own_continuations(model, flat, table, continuations, prompt_len, new_tokens, seed, progress)
@@ -228,7 +331,7 @@ def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4
         k, g = prefer(own, fallback)
         keys.append(k)
         nexts.append(g.astype(np.int32))
-    return NgramDraft(vocab, keys, nexts)
+    return NgramDraft(vocab, keys, nexts, *dist_arrays)
 
 
 class NgramProposer(PromptLookupProposer):
@@ -243,3 +346,11 @@ class NgramProposer(PromptLookupProposer):
     def lookup(self, seq: list[int], gamma: int) -> list[int]:
         found = super().lookup(seq, gamma)
         return found + self.draft.continuation(seq + found, gamma - len(found))
+
+    def propose_row(self, seq: list[int], gamma: int, params: SamplingParams, seed: int) -> list[int]:
+        """Greedy: `lookup`. Sampled, from a table with distributions: draws from them with
+        the request's noise (`NgramDraft.sampled_continuation`), no prompt lookup (a copied
+        token is one fixed guess)."""
+        if params.greedy or not self.draft.dist_keys:
+            return self.lookup(seq, gamma)
+        return self.draft.sampled_continuation(seq, gamma, params, seed)

@@ -30,6 +30,7 @@ Shapes: N rows (requests), V vocab.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +128,12 @@ def stream_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
+@functools.lru_cache(maxsize=256)
 def exponential_noise(seed: int, position: int, vocab_size: int) -> Tensor:
-    """[V] float64 standard exponential noise E = -log U that depends on (seed, position) only."""
+    """[V] float64 standard exponential noise E = -log U that depends on (seed, position) only.
+    Kept for the last 256 (seed, position) pairs (8 MB at V = 4096), since speculative
+    decoding draws each position twice, proposing and verifying: callers must not write
+    into it."""
     generator = torch.Generator().manual_seed(stream_seed(seed, position))
     return torch.rand(vocab_size, generator=generator, dtype=torch.float64).clamp_(min=1e-300).log_().neg_()
 

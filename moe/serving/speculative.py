@@ -209,8 +209,12 @@ class PromptLookupProposer:
                     return seq[start + n:start + n + gamma]
         return []
 
+    def propose_row(self, seq: list[int], gamma: int, params: SamplingParams, seed: int) -> list[int]:
+        """One request's proposals (the n-gram draft's sampled ones use params and seed)."""
+        return self.lookup(seq, gamma)
+
     def propose(self, seqs, gammas, params, seeds):
-        return [self.lookup(s, g) for s, g in zip(seqs, gammas)]
+        return [self.propose_row(s, g, params, seed) for s, g, seed in zip(seqs, gammas, seeds)]
 
     def accepted(self, row: int, valid: int) -> None:
         pass

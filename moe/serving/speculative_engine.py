@@ -121,7 +121,8 @@ class SpeculativeEngine(Engine):
         speculating = {s.request.request_id: s for s in scheduled if s.request.request_id in gammas}
         if self.lookup is not None:  # no model: up to γ_b tokens each, often fewer or none
             for rid, s in speculating.items():
-                s.proposals.extend(self.lookup.lookup(s.request.tokens, gammas[rid]))
+                s.proposals.extend(self.lookup.propose_row(s.request.tokens, gammas[rid], s.request.params,
+                                                           s.request.seed))
             return
         rows = [(s.request, s.request.token_range(self.draft_cached.get(rid, 0), s.request.length),
                  self.draft_cached.get(rid, 0)) for rid, s in speculating.items()]
