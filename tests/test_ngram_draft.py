@@ -94,6 +94,8 @@ def test_a_contexts_distribution_is_the_mean_of_the_targets_top_k_over_its_occur
     # context 5: token 1 (0.6 + 0) / 2, token 2 (0.4 + 0.5) / 2, token 3 (0 + 0.5) / 2; the two largest
     assert top.tolist() == [[2, 1], [1, 2], [4, 0]]
     assert np.allclose(mean, [[0.45, 0.3], [0.9, 0.1], [0.7, 0.3]])
+    chunked = mean_distributions(context, tokens, probs, vocab=10, size=2, min_count=1, chunk=1)
+    assert all(np.array_equal(a, b) for a, b in zip(chunked, (keys, top, mean)))  # one context at a time
     keys, top, mean = mean_distributions(context, tokens, probs, vocab=10, size=4, min_count=2)
     assert keys.tolist() == [5]  # seen once: no distribution
     assert top.tolist() == [[2, 1, 3, 0]] and np.allclose(mean, [[0.45, 0.3, 0.25, 0.0]])  # padded with 0

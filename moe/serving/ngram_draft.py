@@ -200,30 +200,41 @@ def most_frequent(context: np.ndarray, guess: np.ndarray, vocab: int) -> tuple[n
 
 
 def mean_distributions(context: np.ndarray, tokens: np.ndarray, probs: np.ndarray, vocab: int, size: int,
-                       min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       min_count: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per context [P] seen at least `min_count` times: the mean over its occurrences of the
     target's top-K distributions (tokens and probs [P, K]; a token outside an occurrence's
     top K counts as 0 there), cut to its `size` most probable tokens:
-    (keys [C], tokens [C, size] int32, probs [C, size] float32, padded with 0)."""
+    (keys [C], tokens [C, size] int32, probs [C, size] float32, padded with 0).
+    Positions go through in runs of about `chunk`, whole contexts at a time, so the
+    (context, token) pairs in memory at once stay near chunk x K (the main job's table would
+    otherwise hold 50M of them, several GB)."""
     keys, inverse, counts = np.unique(context, return_inverse=True, return_counts=True)
-    often = counts[inverse] >= min_count
-    pairs = (inverse[often][:, None] * vocab + tokens[often]).ravel()  # (context index, token)
-    pairs, where = np.unique(pairs, return_inverse=True)
-    mass = np.bincount(where.ravel(), weights=probs[often].ravel())
-    ctx, token = pairs // vocab, pairs % vocab
-    mean = mass / counts[ctx]
-    order = np.lexsort((-mean, ctx))  # by context, the most probable token first
-    ctx, token, mean = ctx[order], token[order], mean[order]
-    first = np.r_[True, ctx[1:] != ctx[:-1]]
-    rank = np.arange(len(ctx)) - np.maximum.accumulate(np.where(first, np.arange(len(ctx)), 0))
     kept = np.flatnonzero(counts >= min_count)
     row = np.full(len(keys), -1)
     row[kept] = np.arange(len(kept))
     out_tokens = np.zeros((len(kept), size), dtype=np.int32)
     out_probs = np.zeros((len(kept), size), dtype=np.float32)
-    top = rank < size
-    out_tokens[row[ctx[top]], rank[top]] = token[top]
-    out_probs[row[ctx[top]], rank[top]] = mean[top]
+    often = np.flatnonzero(counts[inverse] >= min_count)
+    by_context = often[np.argsort(inverse[often], kind="stable")]  # positions, grouped by context
+    sorted_ctx = inverse[by_context]
+    start = 0
+    while start < len(by_context):
+        stop = min(start + chunk, len(by_context))
+        stop = int(np.searchsorted(sorted_ctx, sorted_ctx[stop - 1], side="right"))  # whole contexts
+        at = by_context[start:stop]
+        pairs = (inverse[at][:, None] * vocab + tokens[at]).ravel()  # (context index, token)
+        pairs, where = np.unique(pairs, return_inverse=True)
+        mass = np.bincount(where.ravel(), weights=probs[at].ravel())
+        ctx, token = pairs // vocab, pairs % vocab
+        mean = mass / counts[ctx]
+        order = np.lexsort((-mean, ctx))  # by context, the most probable token first
+        ctx, token, mean = ctx[order], token[order], mean[order]
+        first = np.r_[True, ctx[1:] != ctx[:-1]]
+        rank = np.arange(len(ctx)) - np.maximum.accumulate(np.where(first, np.arange(len(ctx)), 0))
+        top = rank < size
+        out_tokens[row[ctx[top]], rank[top]] = token[top]
+        out_probs[row[ctx[top]], rank[top]] = mean[top]
+        start = stop
     return keys[kept], out_tokens, out_probs
 
 
@@ -296,7 +307,8 @@ def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4
     windows = torch.from_numpy(flat).view(n_windows, window)
     device = next(model.parameters()).device
     argmax = np.empty_like(flat)  # [N]: the model's next-token guess at every position
-    top_tokens = np.empty((len(flat), dist_size), dtype=np.int32)  # [N, M]: its most probable tokens
+    token_type = np.uint16 if vocab <= 1 << 16 else np.int32
+    top_tokens = np.empty((len(flat), dist_size), dtype=token_type)  # [N, M]: its most probable tokens
     top_probs = np.empty((len(flat), dist_size), dtype=np.float32)  # [N, M]: their probabilities
     for start in range(0, n_windows, batch_size):
         chunk = windows[start:start + batch_size]
