@@ -202,7 +202,12 @@ def load_ngram_table(args):
     if not args.ngram_draft:
         return None
     from moe.serving.ngram_draft import NgramDraft
-    return NgramDraft.load(args.ngram_draft)
+    table = NgramDraft.load(args.ngram_draft)
+    if not table.dist_keys:
+        print(f"note: {args.ngram_draft} holds no distributions (it was built before they existed), so a "
+              "sampled request gets its fixed guesses, which seldom equal the target's draw; build it again "
+              "with scripts/build_ngram_draft.py", file=sys.stderr)
+    return table
 
 
 def model_free_proposer(args, model: Transformer, table):

@@ -196,3 +196,15 @@ def test_serve_speculates_with_the_ngram_draft_and_refuses_two_proposers(checkpo
     assert isinstance(engine, SpeculativeEngine) and isinstance(engine.lookup, NgramProposer) and engine.gamma == 5
     with pytest.raises(ValueError, match="--prompt-lookup and --ngram-draft are different ways"):
         cli.build_server(["--ckpt", str(path), "--prompt-lookup", *table])
+
+
+def test_a_table_without_distributions_still_speculates_and_says_to_rebuild_it(checkpoint, tmp_path, capsys):
+    model, path = checkpoint
+    text = torch.randint(0, model.cfg.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).numpy()
+    build_ngram_draft(model, text, max_order=2, window=32, continuations=0, dist_size=0).save(tmp_path / "old.safetensors")
+    cli.main_generate(["--ckpt", str(path), "--ngram-draft", str(tmp_path / "old.safetensors"), "--prompt", "hello",
+                       "--temperature", "1", "--seed", "4", "--max-new-tokens", "12", "--ignore-eos"])
+    captured = capsys.readouterr()
+    params = SamplingParams(temperature=1.0, seed=4, max_new_tokens=12, ignore_eos=True)
+    assert captured.out == decode(generate(model, encode("hello"), params)) + "\n"
+    assert "holds no distributions" in captured.err and "build_ngram_draft.py" in captured.err
