@@ -29,8 +29,9 @@ token (its top `dist_size` tokens, averaged over every place the context occurs 
 training text), and a sampled request draws its proposals from that distribution with
 its own noise for those positions, as a draft model does: the Gumbel-max coupling then
 accepts a proposal wherever the table's distribution and the target's overlap, not just
-where one guess hits. Only contexts seen at least `dist_min_count` times keep one (the
-others are most of the order-4 contexts and would triple the file).
+where one guess hits. Only contexts seen at least `dist_min_count` times keep one (those
+seen once are most of the order-3 and order-4 contexts, and would triple the space the
+distributions take).
 
 Each order n is stored as two sorted arrays: `keys`, the n context tokens read as one
 base-V number, and `next`, the target's most frequent argmax after that context (ties go
