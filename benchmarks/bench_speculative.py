@@ -19,9 +19,10 @@ Two parts:
   sampled, draws from the table's distributions; `ngram_draft` is the largest γ);
 - the grid (--grid-batches x --grid-gammas, greedy, the draft): where speculation stops
   paying as the batch grows;
-- the engine (--engine-slots, default 1 and 8, greedy): the same prompts through the
+- the engine (--engine-slots, default 1 and 8): the same prompts through the
   continuous-batching engine, plain against the draft at γ 2, prompt lookup and the
-  n-gram draft, each output checked against the plain engine's.
+  n-gram draft greedy, and the draft and the n-gram draft at γ 2 sampled at T = 1, each
+  output checked against the plain engine's.
 
 Each run reports the measured speedup, α (accepted / judged), tokens per round, the
 distinct experts each MoE layer ran per verify forward (against E(1 - (1 - K/E)^T) for
@@ -180,35 +181,41 @@ def engine_run(model, prompts: list[list[int]], params: SamplingParams, slots: i
 
 
 def engine_table(target, draft, ngram_table, prompts, slots_list: list[int], new_tokens: int,
-                 repeats: int, gamma: int) -> list[dict]:
-    """Greedy decoding of every prompt through the engine, plain against each proposer, at
-    each number of batch slots: the fastest of `repeats` runs, alternating modes, every
-    output checked against the plain engine's."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    modes = {"draft_gamma2": dict(draft=draft, gamma=2),
-             "prompt_lookup": dict(lookup=PromptLookupProposer(), gamma=gamma)}
-    if ngram_table is not None:
-        modes["ngram_draft"] = dict(lookup=NgramProposer(ngram_table), gamma=gamma)
+                 repeats: int, gamma: int, seed: int) -> list[dict]:
+    """Every prompt through the engine, plain against each proposer, at each number of
+    batch slots, greedy and sampled at T = 1 (seeded; the draft and the n-gram draft at
+    γ 2 there, where a proposal passes less often): the fastest of `repeats` runs,
+    alternating modes, every output checked against the plain engine's."""
     rows = []
-    for slots in slots_list:
-        best = dict.fromkeys(["plain", *modes], float("inf"))
-        stats = {}
-        for _ in range(repeats):
-            reference, seconds, _ = engine_run(target, prompts, params, slots)
-            best["plain"] = min(best["plain"], seconds)
-            for name, kwargs in modes.items():
-                out, seconds, stats[name] = engine_run(target, prompts, params, slots, **kwargs)
-                if out != reference:
-                    sys.exit(f"error: {name} in the engine with {slots} slots differs from plain decoding; "
-                             "this is a bug")
-                best[name] = min(best[name], seconds)
-        for name in modes:
-            s = stats[name]
-            rows.append(dict(mode=name, slots=slots, gamma=modes[name]["gamma"], speedup=best["plain"] / best[name],
-                             seconds=best[name], plain_seconds=best["plain"], alpha=s.verified_acceptance,
-                             tokens_per_round=s.mean_accepted_length))
-            print(f"engine, {slots} slots, greedy {name:15s} α {s.verified_acceptance:.2f} tokens/round "
-                  f"{s.mean_accepted_length:.2f} speedup {rows[-1]['speedup']:.2f}", flush=True)
+    for sampled in (False, True):
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True,
+                                temperature=1.0 if sampled else 0.0, seed=seed if sampled else None)
+        modes = {"draft_gamma2": dict(draft=draft, gamma=2)}
+        if not sampled:
+            modes["prompt_lookup"] = dict(lookup=PromptLookupProposer(), gamma=gamma)
+        if ngram_table is not None:
+            modes["ngram_draft_gamma2" if sampled else "ngram_draft"] = dict(lookup=NgramProposer(ngram_table),
+                                                                            gamma=2 if sampled else gamma)
+        for slots in slots_list:
+            best = dict.fromkeys(["plain", *modes], float("inf"))
+            stats = {}
+            for _ in range(repeats):
+                reference, seconds, _ = engine_run(target, prompts, params, slots)
+                best["plain"] = min(best["plain"], seconds)
+                for name, kwargs in modes.items():
+                    out, seconds, stats[name] = engine_run(target, prompts, params, slots, **kwargs)
+                    if out != reference:
+                        sys.exit(f"error: {name} in the engine with {slots} slots differs from plain decoding; "
+                                 "this is a bug")
+                    best[name] = min(best[name], seconds)
+            for name in modes:
+                s = stats[name]
+                rows.append(dict(mode=name, slots=slots, sampled=sampled, gamma=modes[name]["gamma"],
+                                 speedup=best["plain"] / best[name], seconds=best[name], plain_seconds=best["plain"],
+                                 alpha=s.verified_acceptance, tokens_per_round=s.mean_accepted_length))
+                print(f"engine, {slots} slots, {'T=1' if sampled else 'greedy':6s} {name:18s} "
+                      f"α {s.verified_acceptance:.2f} tokens/round {s.mean_accepted_length:.2f} "
+                      f"speedup {rows[-1]['speedup']:.2f}", flush=True)
     return rows
 
 
@@ -270,7 +277,7 @@ def main() -> None:
                         help="runs per batch and mode: the last counts experts, the fastest of the others "
                              "is timed (with 1, the one run does both)")
     parser.add_argument("--engine-slots", type=int, nargs="*", default=[1, 8],
-                        help="also decode greedily through the engine with these batch slots (none: skip)")
+                        help="also decode through the engine with these batch slots (none: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/speculative.json")
     args = parser.parse_args()
@@ -449,7 +456,7 @@ def main() -> None:
     for batch in args.grid_batches:
         grid += run(batch, False, {f"draft_gamma{g}": dict(draft=draft, gamma=g) for g in args.grid_gammas})
     engine = engine_table(target, draft, ngram_table, prompts[:n_prompts], args.engine_slots, args.new_tokens,
-                          args.repeats, max(args.gammas))
+                          args.repeats, max(args.gammas), args.seed)
     stops = {}  # γ -> the first batch where speculation ran slower than plain decoding
     for g in args.grid_gammas if args.grid_batches else []:
         losing = [r["batch"] for r in grid if r.get("gamma") == g and r["speedup"] < 1]

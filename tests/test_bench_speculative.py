@@ -42,7 +42,8 @@ def test_the_engine_table_times_every_proposer_against_plain_engine_decoding(ben
     text = np.random.default_rng(0).integers(0, 24, 512)
     table = build_ngram_draft(target, text, max_order=2, window=32, continuations=4, prompt_len=8, new_tokens=8)
     prompts = [[1, 2, 3, 1, 2], [5, 6, 7], [9, 9, 9, 9]]
-    rows = bench.engine_table(target, draft, table, prompts, [1, 2], new_tokens=8, repeats=1, gamma=3)
-    assert [(r["mode"], r["slots"]) for r in rows] == [(m, s) for s in (1, 2)
-                                                       for m in ("draft_gamma2", "prompt_lookup", "ngram_draft")]
+    rows = bench.engine_table(target, draft, table, prompts, [1, 2], new_tokens=8, repeats=1, gamma=3, seed=0)
+    assert [(r["mode"], r["slots"], r["sampled"]) for r in rows] == (
+        [(m, s, False) for s in (1, 2) for m in ("draft_gamma2", "prompt_lookup", "ngram_draft")]
+        + [(m, s, True) for s in (1, 2) for m in ("draft_gamma2", "ngram_draft_gamma2")])
     assert all(r["speedup"] > 0 and r["tokens_per_round"] >= 1 for r in rows)
