@@ -10,7 +10,8 @@ faster, so it is the baseline a user who wants speed has. Here the target's veri
 is compiled too (`speculative_generate(compile=True)`: one graph of B rows x (γ + 1)
 tokens, VerifyStep) and both sides are timed on the same prompts, alternating group by
 group. Only the proposers that cost no model run here (prompt lookup, and with
---ngram-draft prompt lookup followed by the target's n-gram table). With --draft, the
+--ngram-draft the target's n-gram draft: prompt lookup then its table for greedy requests,
+draws from its distributions for sampled ones). With --draft, the
 draft model's decode step is compiled and timed beside the target's at each batch
 (`draft_step`: c = its time over the target step's). Compiled, both are bound by a fixed
 cost per step more than by their size, so c stays far above the draft's share of the
@@ -179,7 +180,7 @@ def step_times(model, batch: int, prompt_len: int, repeats: int = 30) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="runs/tiny")
-    parser.add_argument("--ngram-draft", help="also time prompt lookup followed by this n-gram draft of the target "
+    parser.add_argument("--ngram-draft", help="also time this n-gram draft of the target "
                                               "(scripts/build_ngram_draft.py)")
     parser.add_argument("--draft", help="also time this draft model's compiled decode step against the target's")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])

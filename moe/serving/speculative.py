@@ -50,7 +50,7 @@ from moe.profiling import synchronize
 from moe.serving.cache import KVCache
 from moe.serving.requests import check_request
 from moe.serving.sampling import SamplingParams, draw_seed, draw_tokens
-from moe.serving.static_decode import VerifyStep
+from moe.serving.static_decode import VerifyStep, padded_rows
 from moe.serving.stopping import BYTES, Detokenizer, finish_reason
 
 
@@ -127,10 +127,7 @@ def ragged_forward(model: Transformer, cache: KVCache, rows: list[list[int]],
     """Row b feeds tokens rows[b] at positions starts[b].. (padded on the right with
     token 0 at the following positions) -> logits [B, W, V]. Only the first len(rows[b])
     outputs of a row mean anything."""
-    device = cache.k.device
-    width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # [B, W]
-    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # [B, W]
+    tokens, positions = padded_rows(rows, starts, max(map(len, rows)), cache.k.device)  # [B, W] each
     return model(tokens, positions, cache).logits
 
 

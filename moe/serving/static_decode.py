@@ -90,6 +90,16 @@ class DecodeStep:
         return self._step(tokens, positions)
 
 
+def padded_rows(rows: list[list[int]], starts: list[int], width: int,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rows of tokens to feed at positions starts[b].. -> tokens and positions [B, width],
+    each row padded on the right with token 0 at the following positions (a ragged
+    speculative forward, and the verify step's fixed width)."""
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # [B, W]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)  # [B, W]
+    return tokens, positions
+
+
 class VerifyStep:
     """The target's forward of a speculative round with static shapes: every row of the
     cache ([B, S]) feeds `width` tokens (γ + 1) at consecutive positions, compiled once.
@@ -116,9 +126,7 @@ class VerifyStep:
         if len(rows) != self.cache.k.shape[1] or max(map(len, rows)) > self.width:
             raise ValueError(f"a verify step runs {self.cache.k.shape[1]} rows of at most {self.width} tokens, "
                              f"got {len(rows)} rows of up to {max(map(len, rows))}")
-        tokens = torch.tensor([r + [0] * (self.width - len(r)) for r in rows], device=self.device)  # [B, W]
-        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(self.width, device=self.device)
-        return self._step(tokens, positions)
+        return self._step(*padded_rows(rows, starts, self.width, self.device))
 
 
 class PagedDecodeStep:
