@@ -75,6 +75,23 @@ def check_fits(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig) -
                           f"stored as uint16); got {model_cfg.vocab_size}, e.g. set model.vocab_size = 4096")
 
 
+    if cfg.unlikelihood_steps > cfg.max_steps:
+        raise ConfigError(f"train.unlikelihood_steps = {cfg.unlikelihood_steps} (the last steps that add "
+                          f"unlikelihood) exceeds train.max_steps = {cfg.max_steps}; lower it, e.g. "
+                          f"--set train.unlikelihood_steps={cfg.max_steps // 9}, or set it to 0")
+    if cfg.unlikelihood_steps and cfg.unlikelihood_prefix > cfg.seq_len:
+        raise ConfigError(f"train.unlikelihood_prefix = {cfg.unlikelihood_prefix} exceeds train.seq_len = "
+                          f"{cfg.seq_len} (prefixes are cut from training windows); lower it, or set "
+                          "train.unlikelihood_steps = 0")
+    if cfg.unlikelihood_steps and data_cfg.source == "tasks":
+        raise ConfigError("train.unlikelihood_steps penalises repeats in free text; the task mix is scored by "
+                          "exact match and its answers repeat by design (copy, sort): set it to 0")
+    if cfg.unlikelihood_steps and cfg.unlikelihood_prefix + cfg.unlikelihood_tokens > model_cfg.max_seq_len:
+        raise ConfigError(f"train.unlikelihood_prefix + unlikelihood_tokens = "
+                          f"{cfg.unlikelihood_prefix + cfg.unlikelihood_tokens} exceeds model.max_seq_len = "
+                          f"{model_cfg.max_seq_len}; lower one of them")
+
+
 def check_corpus(corpus: Corpus, cfg: TrainConfig, source: str) -> None:
     """Both splits must hold at least one training window, or the first evaluation fails
     after a checkpoint was already written."""
@@ -181,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_fits(model_cfg, cfg, data_cfg)
     ranks = distributed.init(cfg, args.expert_parallel)  # one process unless launched by torchrun
     device, main = ranks.device, ranks.is_main
+    if ranks.distributed and cfg.unlikelihood_steps:
+        raise ConfigError("train.unlikelihood_steps runs in one process only for now (its greedy decoding is "
+                          "not sharded); set it to 0 under torchrun")
 
     corpus = prepare(data_cfg, cfg.seed, model_cfg.vocab_size) if main else None
     distributed.barrier(ranks)  # rank 0 prepares the token files once; the others then map them
@@ -240,14 +260,21 @@ def main(argv: list[str] | None = None) -> dict:
         training_s = 0.0  # time in training steps only: evaluation and checkpoints left out
         skipped_in_a_row = 0
         result = {}
+        first_unlikelihood = cfg.max_steps - cfg.unlikelihood_steps
+        phase_s, phase_steps = [0.0, 0.0], [0, 0]  # training seconds and steps: plain, with unlikelihood
         for step in range(start, cfg.max_steps):
             step_began = time.perf_counter()
+            unlikelihood = step >= first_unlikelihood
+            if main and cfg.unlikelihood_steps and step == first_unlikelihood:
+                print(f"\nsteps {step + 1}..{cfg.max_steps} add unlikelihood on the repeats of the model's own "
+                      f"greedy continuations (train.unlikelihood_steps; slower steps)", flush=True)
             micro = [training_batch(corpus, cfg.seq_len, cfg.batch_size, cfg.seed,
                                     distributed.batch_index(step, i, cfg.grad_accum, ranks))
                      for i in range(cfg.grad_accum)]
             try:
                 stats = train_step(compiled, optimizer, micro, cfg, step, device, teacher,
-                                   clip_gradients, sum_over_ranks)
+                                   clip_gradients, sum_over_ranks,
+                                   unlikelihood=unlikelihood)
             except RuntimeError as error:
                 if ranks.distributed and "timed out" in str(error).lower():
                     raise RuntimeError(
@@ -257,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
                 raise
             stats["stop"] = float(stop["signal"])  # any rank stopping stops them all, at this step
             stats = distributed.mean_over_ranks(stats, ("loss", "ce", "aux", "z", "kl", "stop"), ranks)
+            phase_s[unlikelihood] += time.perf_counter() - step_began
+            phase_steps[unlikelihood] += 1
             training_s += time.perf_counter() - step_began
             done = step + 1
             elapsed = time.perf_counter() - began
@@ -278,8 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 log({**row, "routing": stats["routing"]})
             if main and not args.quiet:
-                eta = (cfg.max_steps - done) * elapsed / (done - start)
-                print(f"\rstep {done}/{cfg.max_steps} loss {stats['ce']:.3f} {tokens_per_s:,.0f} tok/s "
+                # each phase's steps at that phase's pace (unlikelihood steps decode: slower),
+                # stretched by the share of time spent outside steps (evaluations, saves)
+                pace = [phase_s[i] / phase_steps[i] if phase_steps[i] else phase_s[1 - i] / phase_steps[1 - i]
+                        for i in (0, 1)]
+                left = (max(0, first_unlikelihood - done), min(cfg.unlikelihood_steps, cfg.max_steps - done))
+                eta = (left[0] * pace[0] + left[1] * pace[1]) * elapsed / training_s
+                repeats = f"repeats {stats['repeat_share']:.0%} " if "repeat_share" in stats else ""
+                print(f"\rstep {done}/{cfg.max_steps} loss {stats['ce']:.3f} {repeats}{tokens_per_s:,.0f} tok/s "
                       f"ETA {eta:.0f}s ", end="", file=sys.stderr, flush=True)
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 result = {"step": done, **evaluate(model, corpus, cfg, device)}  # every rank, same windows

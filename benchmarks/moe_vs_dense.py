@@ -15,7 +15,9 @@ same minutes, which is better? Three runs on the same batches and schedule shape
    in 1 and 2), with its own cosine schedule over those steps.
 
 Each is evaluated on the whole validation split (bits per byte) at a quarter, half,
-three quarters and the end of its run; curves against steps and against seconds.
+three quarters and the end of its run; curves against steps and against seconds. All
+steps are plain cross-entropy steps (train.unlikelihood_steps = 0: the main job's last
+steps decode greedily, which would time decoding, not the architectures).
 
     .venv/bin/python benchmarks/moe_vs_dense.py --steps 400 --threads 2
 
@@ -84,8 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    setup = load_setup(args.config, [f"train.max_steps={args.steps}", *args.set])
+    setup = load_setup(args.config, [f"train.max_steps={args.steps}", "train.unlikelihood_steps=0", *args.set])
     cfg, moe_cfg = setup["train"], setup["model"]
+    if cfg.unlikelihood_steps:
+        sys.exit("error: moe_vs_dense.py runs plain cross-entropy steps; drop --set train.unlikelihood_steps")
     dense_cfg = dataclasses.replace(moe_cfg, moe_every=0, d_ff=moe_cfg.experts_per_token * moe_cfg.d_expert)
     corpus = prepare(setup["data"], cfg.seed, moe_cfg.vocab_size)
     moe, dense = Run("moe", moe_cfg, cfg, corpus), Run("dense", dense_cfg, cfg, corpus)

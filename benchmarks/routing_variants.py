@@ -108,7 +108,9 @@ class Run:
 
 
 def train_side_by_side(config: str, steps: int, names: list[str], extra: list[str]) -> dict[str, dict]:
-    runs = [Run(name, config, [f"train.max_steps={steps}", *extra, *VARIANTS[name]]) for name in names]
+    # plain cross-entropy steps: Run.advance calls train_step without unlikelihood
+    runs = [Run(name, config, [f"train.max_steps={steps}", "train.unlikelihood_steps=0", *extra, *VARIANTS[name]])
+            for name in names]
     for step in range(steps):
         for run in runs:
             run.advance()

@@ -181,6 +181,11 @@ class TrainConfig:
     distill_from: str | None = None  # target checkpoint or run folder: train on KL to its distribution
     distill_weight: float = 1.0  # weight of the distillation KL against the plain cross-entropy
     distill_temperature: float = 1.0  # softening temperature of both distributions
+    unlikelihood_steps: int = 0  # the last this many steps add sequence-level unlikelihood on the model's own greedy continuations (moe/training/unlikelihood.py); 0 = off
+    unlikelihood_weight: float = 1.0  # weight of that term beside the cross-entropy
+    unlikelihood_prefix: int = 48  # continuations start after the first 4..this many tokens of a training window
+    unlikelihood_tokens: int = 96  # greedy tokens decoded per window and scored
+    unlikelihood_ngram: int = 4  # a decoded token inside an n-gram of this many tokens seen before it is penalised
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every",
@@ -200,6 +205,14 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             _require(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}",
                      "train")
+        _require(self.unlikelihood_steps >= 0, "unlikelihood_steps",
+                 f"must be 0 (off) or a number of steps, got {self.unlikelihood_steps}", "train")
+        _require(self.unlikelihood_weight >= 0, "unlikelihood_weight",
+                 f"must be non-negative, got {self.unlikelihood_weight}", "train")
+        _require(self.unlikelihood_prefix >= 4, "unlikelihood_prefix",
+                 f"must be at least 4 tokens, got {self.unlikelihood_prefix}", "train")
+        for key in ("unlikelihood_tokens", "unlikelihood_ngram"):
+            _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}", "train")
         _require(self.distill_temperature > 0, "distill_temperature",
                  f"must be positive, got {self.distill_temperature}", "train")
         _require(self.device in ("auto", "cpu", "cuda"), "device",

@@ -44,7 +44,8 @@ from moe.training.run_folder import metrics_rows, newest  # noqa: E402
 QUICK_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_expert=32",
                "model.n_experts=4", "model.vocab_size=512"]
 QUICK_TRAIN = ["train.max_steps=30", "train.batch_size=4", "train.seq_len=64", "train.eval_every=30",
-               "train.eval_batches=2", "train.checkpoint_every=30", "train.warmup_steps=5"]
+               "train.eval_batches=2", "train.checkpoint_every=30", "train.warmup_steps=5",
+               "train.unlikelihood_steps=0"]
 
 
 class Failed(RuntimeError):

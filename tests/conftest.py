@@ -87,7 +87,8 @@ def train_tiny_run(run: Path, source: Path, cache: Path, *settings: str) -> None
     base = [f"data.source={json.dumps(str(source))}", f"data.cache_dir={json.dumps(str(cache))}",
             'data.tokenizer="bytes"', "model.vocab_size=259", "model.n_layers=1", "model.d_model=32",
             "model.n_heads=2", "model.d_expert=32", "model.n_experts=4", "train.max_steps=2",
-            "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_batches=1"]
+            "train.batch_size=2", "train.seq_len=16", "train.eval_every=2", "train.eval_batches=1",
+            "train.unlikelihood_steps=0"]
     trained = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.toml", "--out", str(run),
                               "--quiet", *[f"--set={s}" for s in [*base, *settings]]],
                              cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=120)

@@ -281,7 +281,8 @@ def test_a_run_trained_with_a_learned_bpe_generates_and_exports_with_it(tmp_path
                                          "model.vocab_size=300", "model.d_model=32", "model.n_layers=1",
                                          "model.n_heads=2", "model.d_expert=16", "model.n_experts=4",
                                          "train.max_steps=2", "train.batch_size=2", "train.seq_len=16",
-                                         "train.eval_every=2", "train.checkpoint_every=2")]])
+                                         "train.eval_every=2", "train.checkpoint_every=2",
+                                         "train.unlikelihood_steps=0")]])
     assert (run / "ckpt" / "step_000002" / "tokenizer.json").is_file()
     tok = load_tokenizer(run)
     assert tok.source.endswith("tokenizer.json") and (tok.bos_id, tok.eos_id) == (BOS, EOS)

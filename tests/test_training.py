@@ -95,12 +95,12 @@ import os, signal, sys
 import moe.training.loop, train
 mode, at = sys.argv[1], int(sys.argv[2])
 real_step, real_write = train.train_step, moe.training.loop.write_model
-def step(model, optimizer, micro, cfg, index, *rest):
+def step(model, optimizer, micro, cfg, index, *rest, **options):
     if mode == "step" and index == at:
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "sigterm" and index == at:  # arrives mid-step: acted on at its end
         os.kill(os.getpid(), signal.SIGTERM)
-    return real_step(model, optimizer, micro, cfg, index, *rest)
+    return real_step(model, optimizer, micro, cfg, index, *rest, **options)
 def write(model, folder, metadata):
     real_write(model, folder, metadata)
     if mode == "save" and int(metadata["step"]) == at:
@@ -121,7 +121,7 @@ def _losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
-def test_run_killed_mid_run_mid_save_or_by_sigterm_resumes_to_the_same_losses(tmp_path):
+def test_run_killed_mid_run_mid_save_or_by_sigterm_resumes_to_the_same_losses_unlikelihood_steps_too(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("".join(f"line {i}: the quick brown fox {i * i}\n" for i in range(400)))
     def args(run):
@@ -133,10 +133,15 @@ def test_run_killed_mid_run_mid_save_or_by_sigterm_resumes_to_the_same_losses(tm
                                          "train.max_steps=8", "train.batch_size=2", "train.seq_len=16",
                                          "train.grad_accum=2", "train.warmup_steps=2", "train.log_every=1",
                                          "train.eval_every=4", "train.eval_batches=1",
-                                         "train.checkpoint_every=2", "train.keep_checkpoints=2")]]
+                                         "train.checkpoint_every=2", "train.keep_checkpoints=2",
+                                         # steps 5..8 decode greedily for unlikelihood: resumed too
+                                         "train.unlikelihood_steps=4", "train.unlikelihood_prefix=8",
+                                         "train.unlikelihood_tokens=8")]]
     assert _train(args("whole")) == 0
     expected = _losses(tmp_path / "whole")
     assert [s for s, _, _ in expected] == list(range(1, 9))
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "repeat_share" in r] == [5, 6, 7, 8]
     for mode, at, code, saved in (("step", 5, -9, 4), ("save", 6, -9, 4), ("sigterm", 4, 143, 5)):
         run = tmp_path / mode
         assert _train(args(mode), killer=(mode, at)) == code
@@ -161,7 +166,7 @@ def test_a_diverging_run_stops_and_leaves_only_finite_checkpoints(tmp_path):
                                   "model.d_expert=32", "model.n_experts=4", "train.max_steps=30",
                                   "train.batch_size=2", "train.seq_len=16", "train.lr=1e4",
                                   "train.warmup_steps=1", "train.checkpoint_every=2",
-                                  "train.eval_every=10", "train.eval_batches=1")]],
+                                  "train.eval_every=10", "train.eval_batches=1", "train.unlikelihood_steps=0")]],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not finite for 5 steps in a row" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -204,6 +209,7 @@ def test_user_errors_print_the_fix_and_exit_2_without_a_traceback(tmp_path):
     (tmp_path / "used" / "metrics.jsonl").write_text("")
     def small(run):
         return [f"--set=data.source={json.dumps(str(data))}", "--set=data.tokenizer=\"bytes\"",
+                "--set=train.unlikelihood_steps=0",
                 "--set=model.vocab_size=259", f"--set=data.cache_dir={json.dumps(str(tmp_path / 'cache'))}",
                 "--out", tmp_path / run]
     cases = {  # a piece of the message -> the command line

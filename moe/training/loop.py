@@ -45,6 +45,7 @@ from moe.io.checkpoint import load_model, write_model
 from moe.io.files import CheckpointError, write_directory_atomically, write_text_atomically
 from moe.config import TrainConfig
 from moe.training.data import TASKS, Corpus, task_batch
+from moe.training.unlikelihood import unlikelihood_term
 from moe.model.moe_layer import MoELayer, update_balance_bias
 from moe.model.transformer import Transformer, model_loss
 from moe.tokenizer import PAD
@@ -109,19 +110,25 @@ def unwrap(model) -> Transformer:
 def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, device: torch.device,
                teacher: Transformer | None = None,
                clip_gradients: Callable[[float], Tensor] | None = None,
-               sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> dict:
+               sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+               unlikelihood: bool = False) -> dict:
     """One optimiser step over `micro_batches` [(inputs [B, T], targets [B, T])], gradients
     averaged over them (so 2 micro-batches of B equal one batch of 2B); a step whose loss
 or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
     gradients are all-reduced once, in the last micro-batch's backward. `clip_gradients`
     (max_norm -> global norm) replaces clip_grad_norm_ where gradients need more than that
     (expert parallel: moe.parallel.distributed.gradient_clipper); `sum_over_ranks` makes the
-    routing statistics those of the global batch (moe.parallel.distributed.summer)."""
+    routing statistics those of the global batch (moe.parallel.distributed.summer).
+    `unlikelihood` adds, per micro-batch, cfg.unlikelihood_weight times the unlikelihood
+    of the repeats in the model's greedy continuations of its windows
+    (moe/training/unlikelihood.py; "unlikelihood" and "repeat_share" in the result)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0, "kl": 0.0}
+    if unlikelihood:
+        totals.update(unlikelihood=0.0, repeat_share=0.0)
     routing = []
     model_cfg = unwrap(model).cfg
     for index, (inputs, targets) in enumerate(micro_batches):
@@ -138,6 +145,11 @@ or gradient norm is not finite changes nothing ("skipped": True). Under DDP the
                     kl = distillation_loss(output.logits, target_logits, cfg.distill_temperature)
                     total = total + cfg.distill_weight * kl
                     totals["kl"] += kl.item() / len(micro_batches)
+                if unlikelihood:
+                    penalty, share = unlikelihood_term(model, unwrap(model), inputs, cfg, step)
+                    total = total + cfg.unlikelihood_weight * penalty
+                    totals["unlikelihood"] += penalty.item() / len(micro_batches)
+                    totals["repeat_share"] += share / len(micro_batches)
             (total / len(micro_batches)).backward()
         for key, value in (("loss", total), ("ce", loss.cross_entropy), ("aux", loss.aux), ("z", loss.z)):
             totals[key] += value.item() / len(micro_batches)
