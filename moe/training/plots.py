@@ -5,8 +5,10 @@ running job is then one call away (`python -m moe.training.plots runs/tiny`), an
 keeps no plotting state. matplotlib is an optional extra (`pip install -e ".[plots]"`);
 without it this prints one line and draws nothing.
 
-Files: loss.png (train and validation loss per step), expert_load.png (MoE layers x
-experts, share of routed slots at the last logged step), task_routing.png (synthetic task
+Files: loss.png (train loss raw and smoothed with the validation loss; validation bits
+per byte beside gzip -9 and xz -9 on the same bytes; the share of repeats in the model's
+own greedy continuations during unlikelihood steps), expert_load.png (per MoE layer,
+experts x logged steps: each expert's share of routed slots over the run), task_routing.png (synthetic task
 mix only: per MoE layer, tasks x experts, which experts each task's tokens go to, titled
 with I(task; expert) and I(task; expert | token) in bits; moe.training.loop.task_report).
 """
@@ -34,22 +36,69 @@ def write_plots(run: str | Path) -> list[Path]:
     evals = [r for r in rows if "eval" in r]
     written = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train")
-    ax.plot([r["step"] for r in evals], [r["eval"]["val_loss"] for r in evals], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=run.name)
-    ax.legend()
-    written.append(_save(fig, run / "loss.png"))
-
+    written.append(_loss(plt, run, train, evals))
     routed = [r for r in train if r.get("routing")]
     if routed:
-        load = [layer["load"] for layer in routed[-1]["routing"]]  # [layers, E]
-        written.append(_heatmap(plt, load, "expert", "MoE layer", f"share of routed slots, step "
-                                f"{routed[-1]['step']}", run / "expert_load.png"))
+        written.append(_expert_load(plt, routed, run / "expert_load.png"))
     with_tasks = [r for r in evals if "task_routing" in r["eval"]]
     if with_tasks:
         written.append(_task_routing(plt, with_tasks[-1], run / "task_routing.png"))
     return written
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased at the start (as TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** (i + 1)))
+    return out
+
+
+def _loss(plt, run: Path, train: list[dict], evals: list[dict]) -> Path:
+    """Training loss (raw and smoothed) with the validation loss, in nats per token; the
+    validation bits per byte beside the compressors' figures for the same bytes; and, when
+    the run had unlikelihood steps, the share of repeats in its own greedy continuations."""
+    repeats = [r for r in train if "repeat_share" in r]
+    fig, axes = plt.subplots(1, 3 if repeats else 2, figsize=(13 if repeats else 10, 4), squeeze=False)
+    ax = axes[0, 0]
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["ce"] for r in train], color="C0", alpha=0.3, linewidth=0.8, label="train")
+    ax.plot(steps, smoothed([r["ce"] for r in train]), color="C0", label="train, smoothed")
+    ax.plot([r["step"] for r in evals], [r["eval"]["val_loss"] for r in evals], "o-", color="C1",
+            label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per token)", title=run.name)
+    ax.legend()
+    ax = axes[0, 1]
+    ax.plot([r["step"] for r in evals], [r["eval"]["val_bpb"] for r in evals], "o-", color="C1", label="model")
+    compressors = (evals[-1]["eval"].get("compressors") or {}) if evals else {}
+    for i, (name, bpb) in enumerate(sorted(compressors.items())):
+        ax.axhline(bpb, linestyle="--", color=f"C{i + 2}", label=name)
+    ax.set(xlabel="step", ylabel="validation bits per byte", title="held-out data")
+    ax.legend()
+    if repeats:
+        ax = axes[0, 2]
+        ax.plot([r["step"] for r in repeats], [r["repeat_share"] for r in repeats], "o-", color="C4")
+        ax.set(xlabel="step", ylabel="share of decoded tokens in a repeated n-gram", ylim=(0, 1),
+               title="unlikelihood steps: own greedy repeats")
+    return _save(fig, run / "loss.png")
+
+
+def _expert_load(plt, routed: list[dict], path: Path) -> Path:
+    """Per MoE layer, each expert's share of the routed slots at every logged step: load
+    over the whole run, where collapse or a dead expert shows as a band."""
+    n_layers = len(routed[0]["routing"])
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 0.6 + 1.6 * n_layers), squeeze=False)
+    steps = [r["step"] for r in routed]
+    for layer, ax in enumerate(axes[:, 0]):
+        load = [[r["routing"][layer]["load"][e] for r in routed] for e in range(len(routed[0]["routing"][layer]["load"]))]
+        image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
+                          extent=(steps[0], steps[-1], len(load) - 0.5, -0.5))
+        fig.colorbar(image, ax=ax)
+        ax.set(ylabel=f"layer {layer}\nexpert")
+    axes[0, 0].set_title("share of routed slots per expert, over the run")
+    axes[-1, 0].set_xlabel("step")
+    return _save(fig, path)
 
 
 def _task_routing(plt, row: dict, path: Path) -> Path:
@@ -67,16 +116,6 @@ def _task_routing(plt, row: dict, path: Path) -> Path:
                      f"(shuffled {evaluation['task_expert_mi_given_token_shuffled_bits'][layer]:.2f})",
                      fontsize=9)
     axes[-1, 0].set_xlabel(f"expert (share of each task's routed slots, step {row['step']})")
-    return _save(fig, path)
-
-
-def _heatmap(plt, values, xlabel, ylabel, title, path, ylabels=None) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * len(values)))
-    image = ax.imshow(values, aspect="auto", cmap="viridis")
-    fig.colorbar(image, ax=ax)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    if ylabels:
-        ax.set_yticks(range(len(ylabels)), ylabels)
     return _save(fig, path)
 
 
