@@ -89,11 +89,13 @@ def _expert_load(plt, routed: list[dict], path: Path) -> Path:
     over the whole run, where collapse or a dead expert shows as a band."""
     n_layers = len(routed[0]["routing"])
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 0.6 + 1.6 * n_layers), squeeze=False)
-    steps = [r["step"] for r in routed]
+    first, last = routed[0]["step"], routed[-1]["step"]
+    if first == last:  # one logged step: a column of width one
+        first, last = first - 0.5, last + 0.5
     for layer, ax in enumerate(axes[:, 0]):
         load = [[r["routing"][layer]["load"][e] for r in routed] for e in range(len(routed[0]["routing"][layer]["load"]))]
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
-                          extent=(steps[0], steps[-1], len(load) - 0.5, -0.5))
+                          extent=(first, last, len(load) - 0.5, -0.5))
         fig.colorbar(image, ax=ax)
         ax.set(ylabel=f"layer {layer}\nexpert")
     axes[0, 0].set_title("share of routed slots per expert, over the run")
