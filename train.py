@@ -73,8 +73,6 @@ def check_fits(model_cfg: ModelConfig, cfg: TrainConfig, data_cfg: DataConfig) -
         raise ConfigError(f"data.tokenizer = \"bpe\" learns a vocabulary of model.vocab_size ids, which must be "
                           f"above the {BYTE_VOCAB_SIZE} byte and special ids and at most 65536 (ids are "
                           f"stored as uint16); got {model_cfg.vocab_size}, e.g. set model.vocab_size = 4096")
-
-
     if cfg.unlikelihood_steps > cfg.max_steps:
         raise ConfigError(f"train.unlikelihood_steps = {cfg.unlikelihood_steps} (the last steps that add "
                           f"unlikelihood) exceeds train.max_steps = {cfg.max_steps}; lower it, e.g. "
