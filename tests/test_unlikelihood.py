@@ -4,6 +4,7 @@ makes the model's own repeats less likely."""
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,3 +100,12 @@ def test_train_refuses_unlikelihood_on_the_task_mix_and_past_the_context():
     check_fits(model_cfg, TrainConfig(max_steps=10, seq_len=32, unlikelihood_steps=0), DataConfig())  # off: fine
     with pytest.raises(ConfigError, match="unlikelihood_prefix must be at least 4"):
         TrainConfig(unlikelihood_prefix=3)
+
+
+def test_train_refuses_unlikelihood_under_torchrun_before_touching_the_run(tmp_path, monkeypatch):
+    import train
+    launched = SimpleNamespace(distributed=True, device=torch.device("cpu"), is_main=True)
+    monkeypatch.setattr(train.distributed, "init", lambda cfg, expert_parallel: launched)
+    with pytest.raises(ConfigError, match="one process only"):
+        train.main(["--out", str(tmp_path / "run"), "--quiet"])  # the main job: its last 100 steps
+    assert not (tmp_path / "run").exists()
