@@ -56,6 +56,8 @@ def record(run: Path, command: str, wall_s: float | None) -> dict:
         "train_tokens_per_s": train[-1]["tokens_per_s"] if train else None,
         "train_elapsed_s": train[-1]["elapsed_s"] if train else None,
         "evals": [{k: e[k] for k in keep if k in e} for e in evals],
+        "unlikelihood_steps": [{k: r[k] for k in ("step", "unlikelihood", "repeat_share")}
+                               for r in train if "repeat_share" in r],
         "final": final,
         "samples": samples,
         "validation_distinct_4grams": (validation_variety(setup) if samples and setup["data"].get("source") != "tasks"

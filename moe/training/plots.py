@@ -93,7 +93,7 @@ def _expert_load(plt, routed: list[dict], path: Path) -> Path:
     if first == last:  # one logged step: a column of width one
         first, last = first - 0.5, last + 0.5
     for layer, ax in enumerate(axes[:, 0]):
-        load = [[r["routing"][layer]["load"][e] for r in routed] for e in range(len(routed[0]["routing"][layer]["load"]))]
+        load = list(zip(*(r["routing"][layer]["load"] for r in routed)))  # [E, steps]
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest",
                           extent=(first, last, len(load) - 0.5, -0.5))
         fig.colorbar(image, ax=ax)
