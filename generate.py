@@ -349,8 +349,9 @@ def main_generate(argv: list[str]) -> None:
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding without a draft: propose from earlier text")
     parser.add_argument("--ngram-draft", help="speculative decoding with this n-gram draft of the model "
-                                              "(scripts/build_ngram_draft.py): greedy, prompt lookup then its "
-                                              "guesses; sampled, draws from its distributions")
+                                              "(scripts/build_ngram_draft.py): greedy, its guesses (a copy where the "
+                                              "text repeats more than it knows); sampled, draws from its "
+                                              "distributions")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     parser.add_argument("--adaptive", action="store_true", help="grow/shrink gamma with acceptance")
     add_engine_args(parser)
@@ -509,8 +510,9 @@ def build_server(argv: list[str]):
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding without a draft: propose from earlier text")
     parser.add_argument("--ngram-draft", help="speculative decoding with this n-gram draft of the model "
-                                              "(scripts/build_ngram_draft.py): greedy, prompt lookup then its "
-                                              "guesses; sampled, draws from its distributions")
+                                              "(scripts/build_ngram_draft.py): greedy, its guesses (a copy where the "
+                                              "text repeats more than it knows); sampled, draws from its "
+                                              "distributions")
     parser.add_argument("--speculate", type=int, default=4, help="tokens proposed per target call (gamma)")
     add_engine_args(parser)
     args = parse_engine_args(parser, argv)

@@ -15,7 +15,8 @@ shows it.
 Two parts:
 - the table (--batches, default 1 and 8; greedy and T = 1): draft at each --gammas,
   adaptive γ, prompt lookup, and with --ngram-draft the target's n-gram draft at each
-  --gammas (moe/serving/ngram_draft.py: greedy, prompt lookup then the table's argmax;
+  --gammas (moe/serving/ngram_draft.py: greedy, the table's argmax, or a copy where the
+  text repeats more of its tail than the table knows;
   sampled, draws from the table's distributions; `ngram_draft` is the largest γ);
 - the grid (--grid-batches x --grid-gammas, greedy, the draft): where speculation stops
   paying as the batch grows;

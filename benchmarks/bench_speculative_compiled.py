@@ -10,7 +10,8 @@ faster, so it is the baseline a user who wants speed has. Here the target's veri
 is compiled too (`speculative_generate(compile=True)`: one graph of B rows x (γ + 1)
 tokens, VerifyStep) and both sides are timed on the same prompts, alternating group by
 group. Only the proposers that cost no model run here (prompt lookup, and with
---ngram-draft the target's n-gram draft: prompt lookup then its table for greedy requests,
+--ngram-draft the target's n-gram draft: its table's guesses for greedy requests, or a copy
+where the text repeats more of its tail than the table knows;
 draws from its distributions for sampled ones). With --draft, the
 draft model's decode step is compiled and timed beside the target's at each batch
 (`draft_step`: c = its time over the target step's). Compiled, both are bound by a fixed

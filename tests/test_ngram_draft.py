@@ -11,7 +11,7 @@ from moe.serving.generation import generate
 from moe.serving.ngram_draft import (NgramDraft, NgramProposer, build_ngram_draft, max_order_for,
                                      mean_distributions, own_continuations)
 from moe.serving.sampling import SamplingParams, sample_at, warp_probs
-from moe.serving.speculative import SpeculativeStats, speculative_generate
+from moe.serving.speculative import SpeculativeStats, repeat_continuation, speculative_generate
 from tests.conftest import ONE_THREAD, ROOT, train_tiny_run
 
 VOCAB = 24
@@ -81,8 +81,29 @@ def test_the_next_token_comes_from_the_longest_context_the_table_knows():
     assert draft.next_token([6]) is None
     assert draft.continuation([1, 2], 3) == [5, 3, 9]  # each guess is fed back in as context
     assert draft.continuation([6], 3) == []
-    assert NgramProposer(draft).lookup([1, 2, 3, 1, 2], 4) == [3, 1, 2, 5]  # prompt lookup, then the table
-    assert NgramProposer(draft).lookup([4, 2, 3, 2], 2) == [8]  # a one-token match is not enough: the table
+    assert draft.known_order([4, 1, 2]) == 2 and draft.known_order([4, 3, 2]) == 1 and draft.known_order([6]) == 0
+
+
+def test_the_ngram_proposer_copies_the_sequence_only_where_it_repeats_more_than_the_table_knows():
+    v = 10
+    draft = NgramDraft(v, keys=[np.array([1, 2, 3, 5]), np.array([1 * v + 2])],
+                       next=[np.array([7, 8, 9, 3]), np.array([5])])
+    proposer = NgramProposer(draft)
+    # the tail (7, 1, 2) recurs: three tokens beat the table's bigram (1, 2); then the table
+    assert proposer.lookup([7, 1, 2, 6, 7, 1, 2], 6) == [6, 7, 1, 2, 5, 3]
+    # the tail (1, 2) recurs, but the table knows that bigram too: the table's guess, not the copy
+    assert proposer.lookup([1, 2, 3, 1, 2], 4) == [5, 3, 9]
+    # the tail (3, 2) recurs and the table knows only the unigram (2): the copy
+    assert proposer.lookup([3, 2, 8, 4, 3, 2], 2) == [8, 4]
+    assert NgramProposer(draft, max_ngram=1).lookup([3, 2, 8, 4, 3, 2], 2) == [8]  # no copy of one token: the table
+
+
+def test_prompt_lookup_copies_after_the_latest_occurrence_of_the_longest_repeated_tail():
+    seq = [5, 1, 2, 3, 9, 2, 3, 7, 1, 2, 3]
+    assert repeat_continuation(seq, 2, 8, 1) == [9, 2]  # (1, 2, 3) at 1..3 beats the later (2, 3)
+    assert repeat_continuation(seq, 2, 2, 1) == [7, 1]  # capped at two tokens: the latest (2, 3)
+    assert repeat_continuation(seq, 2, 8, 4) == []  # nothing repeats four tokens
+    assert repeat_continuation([4, 4, 4], 3, 8, 1) == [4]  # a match may overlap the tail itself
 
 
 def test_a_contexts_distribution_is_the_mean_of_the_targets_top_k_over_its_occurrences():

@@ -14,11 +14,15 @@ table proposes everywhere, at the price of a few binary searches on the host:
              prompts greedily and, where a context occurs in those continuations, keep
              what the target wrote after it there instead: decoding meets the target's own
              text, with its own habits, more than the corpus's
-    propose  prompt lookup first (what followed the latest earlier occurrence of the last
-             two or three tokens in this very sequence); then, for the rest of the γ
-             tokens, each next token from the longest context the table knows, fed back in
-             as context. A one-token match in the sequence is weaker evidence than the
-             table's context of up to four, so prompt lookup here needs two
+    propose  the longer evidence first: if this very sequence repeats a longer stretch of
+             its tail (up to 8 tokens) than the longest context the table knows, what
+             followed that stretch (prompt lookup); else the table's next token. Then,
+             for the rest of the γ tokens, each next token from the longest context the
+             table knows, fed back in as context. A short match in the sequence is weaker
+             evidence than the table's context of the same length, which sums every
+             occurrence in the target's own text: letting a 2-token repeat win over the
+             table kept 2.77 tokens per round at batch 1 and γ 6, this rule 2.99
+             (benchmarks/results/speculative.json at commit 5848081, and now)
 
 Greedy proposals are checked like any other (moe/serving/speculative.py), so the output
 is the target's own, token for token. A sampled request accepts a proposal only where it
@@ -59,7 +63,7 @@ from torch import Tensor
 from moe.io.files import write_file_atomically
 from moe.model.transformer import Transformer
 from moe.serving.sampling import SamplingParams, sample_at, warp_probs
-from moe.serving.speculative import PromptLookupProposer, speculative_generate
+from moe.serving.speculative import PromptLookupProposer, repeat_continuation, speculative_generate
 
 
 def max_order_for(vocab_size: int) -> int:
@@ -93,6 +97,11 @@ class NgramDraft:
             if i < len(keys[n - 1]) and keys[n - 1][i] == key:
                 return n, i
         return None
+
+    def known_order(self, seq: list[int]) -> int:
+        """How many of the last tokens of `seq` the longest context the table holds covers (0: none)."""
+        found = self._find(self.keys, seq)
+        return 0 if found is None else found[0]
 
     def next_token(self, seq: list[int]) -> int | None:
         """The target's most frequent next token after the longest known tail of `seq`."""
@@ -348,16 +357,18 @@ def build_ngram_draft(model: Transformer, tokens: np.ndarray, max_order: int = 4
 
 
 class NgramProposer(PromptLookupProposer):
-    """Prompt lookup, then the n-gram draft for the rest of the γ tokens. Plugs in where
+    """The longer evidence proposes: prompt lookup where the sequence repeats a longer
+    stretch of its tail (up to `max_ngram` tokens) than the longest context the table holds,
+    else the table; the table then goes on for the rest of the γ tokens. Plugs in where
     prompt lookup does: `speculative_generate(proposer=...)` and
     `SpeculativeEngine(lookup=...)`."""
 
-    def __init__(self, draft: NgramDraft, max_ngram: int = 3, min_ngram: int = 2):
-        super().__init__(max_ngram, min_ngram)
+    def __init__(self, draft: NgramDraft, max_ngram: int = 8):
+        super().__init__(max_ngram, 1)
         self.draft = draft
 
     def lookup(self, seq: list[int], gamma: int) -> list[int]:
-        found = super().lookup(seq, gamma)
+        found = repeat_continuation(seq, gamma, self.max_ngram, self.draft.known_order(seq) + 1)
         return found + self.draft.continuation(seq + found, gamma - len(found))
 
     def propose_row(self, seq: list[int], gamma: int, params: SamplingParams, seed: int) -> list[int]:

@@ -187,6 +187,25 @@ class DraftProposer:
         self.valid = [self.valid[r] for r in rows]
 
 
+def repeat_continuation(seq: list[int], gamma: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Up to `gamma` tokens that followed the latest earlier occurrence of the longest tail
+    of `seq` (between `min_ngram` and `max_ngram` tokens) that occurs earlier; [] if none.
+    One backward pass: every earlier place of the last token, extended leftwards."""
+    best, best_len = -1, min_ngram - 1
+    last = len(seq) - 1
+    for end in range(last - 1, -1, -1):  # latest first; `end` is where the match ends
+        if seq[end] != seq[last]:
+            continue
+        n = 1
+        while n < max_ngram and n <= end and seq[end - n] == seq[last - n]:
+            n += 1
+        if n > best_len:
+            best, best_len = end, n
+            if n == max_ngram:
+                break
+    return seq[best + 1:best + 1 + gamma] if best >= 0 else []
+
+
 class PromptLookupProposer:
     """Draft-free: find the latest earlier occurrence of the last n tokens (n from
     `max_ngram` down to `min_ngram`) and propose what followed it. Costs no model; pays off
@@ -199,12 +218,7 @@ class PromptLookupProposer:
         self.stats: SpeculativeStats | None = None
 
     def lookup(self, seq: list[int], gamma: int) -> list[int]:
-        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
-            tail = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):  # latest match first, not the tail itself
-                if seq[start:start + n] == tail:
-                    return seq[start + n:start + n + gamma]
-        return []
+        return repeat_continuation(seq, gamma, self.max_ngram, self.min_ngram)
 
     def propose_row(self, seq: list[int], gamma: int, params: SamplingParams, seed: int) -> list[int]:
         """One request's proposals (the n-gram draft's sampled ones use params and seed)."""
