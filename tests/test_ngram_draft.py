@@ -152,6 +152,24 @@ def test_sampled_proposals_are_draws_from_the_tables_distribution_with_the_reque
     assert no_dists.propose_row([5, 1], 2, params, seed) == [2]  # a table without them: its fixed guesses
 
 
+def test_a_sampled_proposal_is_the_draw_sample_at_makes_from_the_whole_vocabulary():
+    v = 64
+    rng = np.random.default_rng(0)
+    tokens = rng.permutation(v)[:6].astype(np.int32)
+    probs = np.sort(rng.dirichlet(np.ones(6)))[::-1].astype(np.float32)
+    draft = NgramDraft(v, keys=[np.array([1])], next=[np.array([2])], dist_keys=[np.array([1])],
+                       dist_tokens=[np.r_[tokens, [0, 0]][None].astype(np.int32)],
+                       dist_probs=[np.r_[probs, [0, 0]][None].astype(np.float32)])
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_k=3),
+                   SamplingParams(temperature=1.3, top_p=0.7)):
+        drawn = Counter()
+        for seed in range(200):
+            expected = sample_at(warp_probs(draft.distribution([1])[None], params)[0], seed, 1)
+            assert draft.sampled_continuation([1], 1, params, seed) == [expected]
+            drawn[expected] += 1
+        assert len(drawn) > 1  # the noise decides, not one fixed guess
+
+
 def test_sampled_proposals_from_distributions_are_accepted_far_more_often_than_fixed_guesses(target):
     text = training_text()
     with_dists = build_ngram_draft(target, text, max_order=3, window=32, **SMALL)

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from moe.io.files import write_file_atomically
 from moe.model.transformer import Transformer
-from moe.serving.sampling import SamplingParams, sample_at, warp_probs
+from moe.serving.sampling import SamplingParams, exponential_noise, warp_probs
 from moe.serving.speculative import PromptLookupProposer, repeat_continuation, speculative_generate
 
 
@@ -108,31 +108,45 @@ class NgramDraft:
         found = self._find(self.keys, seq)
         return None if found is None else int(self.next[found[0] - 1][found[1]])
 
-    def distribution(self, seq: list[int]) -> Tensor | None:
-        """[V] float32 log-probabilities: the target's mean distribution after the longest
-        tail of `seq` that has one (-inf outside its kept tokens), or None."""
+    def kept_distribution(self, seq: list[int]) -> tuple[Tensor, Tensor] | None:
+        """The tokens the table kept after the longest tail of `seq` that has a distribution
+        and their log-probabilities (int64 and float32, [M'] each), or None."""
         found = self._find(self.dist_keys, seq)
         if found is None:
             return None
         n, i = found
         probs = self.dist_probs[n - 1][i]
         kept = probs > 0
+        return (torch.from_numpy(self.dist_tokens[n - 1][i][kept].astype(np.int64)),
+                torch.from_numpy(np.log(probs[kept].astype(np.float32))))
+
+    def distribution(self, seq: list[int]) -> Tensor | None:
+        """[V] float32 log-probabilities: the target's mean distribution after the longest
+        tail of `seq` that has one (-inf outside its kept tokens), or None."""
+        kept = self.kept_distribution(seq)
+        if kept is None:
+            return None
         logits = torch.full((self.vocab_size,), -math.inf)
-        logits[torch.from_numpy(self.dist_tokens[n - 1][i][kept].astype(np.int64))] = \
-            torch.from_numpy(np.log(probs[kept].astype(np.float32)))
+        logits[kept[0]] = kept[1]
         return logits
 
     def sampled_continuation(self, seq: list[int], gamma: int, params: SamplingParams,
                              seed: int) -> list[int]:
         """Up to `gamma` tokens, each drawn from the table's distribution after what came
-        before, warped like the request, with the request's own noise for its position
-        (sample_at): the target's draw there whenever the two distributions agree."""
+        before, warped like the request, with the request's own noise for its position:
+        the token sample_at would draw from `distribution` (the target's draw there
+        whenever the two distributions agree), computed over the kept tokens alone, since
+        the rest have probability 0: a sampled round's proposals are host time, and
+        warping the whole vocabulary for each cost more than the draws."""
         seq, out = list(seq), []
         while len(out) < gamma:
-            logits = self.distribution(seq)
-            if logits is None:
+            kept = self.kept_distribution(seq)
+            if kept is None:
                 break
-            token = sample_at(warp_probs(logits[None], params)[0], seed, len(seq))
+            tokens, logprobs = kept  # [M'] each
+            probs = warp_probs(logprobs[None], params)[0]  # [M']
+            noise = exponential_noise(seed, len(seq), self.vocab_size)[tokens]  # [M']
+            token = int(tokens[int((probs.double() / noise).argmax())])
             out.append(token)
             seq.append(token)
         return out
