@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="runs per batch and mode: the last counts experts, the fastest of the others "
                              "is timed (with 1, the one run does both)")
     parser.add_argument("--engine-slots", type=int, nargs="*", default=[1, 8],

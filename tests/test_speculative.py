@@ -4,8 +4,8 @@ import torch
 from moe.serving.engine import EngineConfig
 from moe.serving.generation import generate
 from moe.serving.ngram_draft import NgramProposer, build_ngram_draft
-from moe.serving.sampling import SamplingParams, draw_tokens, sample_at, warp_probs
-from moe.serving.speculative import PromptLookupProposer, accept, speculative_generate
+from moe.serving.sampling import SamplingParams, draw_tokens, exponential_noise, sample_at, warp_probs
+from moe.serving.speculative import PromptLookupProposer, accept, coupled_acceptance, speculative_generate
 from moe.serving.speculative_engine import SpeculativeEngine
 
 VOCAB = 24
@@ -328,3 +328,26 @@ def test_per_request_adaptive_gamma_in_the_engine_keeps_every_output_and_moves_g
     assert [r.output for r in requests] == [generate(target, p, q) for p, q in zip(batch, params)]
     assert len(set(engine.stats.gammas)) > 1 and max(engine.stats.gammas) <= 6
     assert not engine.wanted  # forgotten with the requests
+
+
+def test_the_coupled_acceptance_formula_matches_shared_noise_draws_and_sits_between_its_bounds():
+    g = torch.Generator().manual_seed(0)
+    v = 12
+    p = torch.softmax(1.5 * torch.randn(3, v, generator=g), -1)
+    q = torch.softmax(1.5 * torch.randn(3, v, generator=g), -1)
+    q[2, :5] = 0  # a draft that never draws five of the tokens
+    q[2] /= q[2].sum()
+    alpha = coupled_acceptance(p, q)
+    noise = torch.stack([exponential_noise(7, i, v) for i in range(20000)])  # [n, V]
+    for row in range(3):
+        drawn = ((p[row].double() / noise).argmax(-1) == (q[row].double() / noise).argmax(-1)).double().mean()
+        assert float(alpha[row]) == pytest.approx(float(drawn), abs=0.01)  # 3.5 standard errors
+        d = 0.5 * (p[row] - q[row]).abs().sum()
+        assert (1 - d) / (1 + d) - 1e-6 <= alpha[row] <= 1 - d + 1e-6
+    assert torch.allclose(coupled_acceptance(p, p), torch.ones(3, dtype=torch.float64))
+    one_hot = torch.eye(v)[[5, 6, 7]]  # a fixed guess is the target's draw with probability p(guess)
+    assert torch.allclose(coupled_acceptance(p, one_hot), p[[0, 1, 2], [5, 6, 7]].double())
+    x = torch.arange(v)  # the formula itself, summed over every pair of tokens
+    pairs = torch.maximum(p[:, None, :] / p[:, :, None], q[:, None, :] / q[:, :, None]).double()  # [3, x, y]
+    by_pairs = torch.where(q[:, x] > 0, 1 / pairs.sum(-1), 0.0).sum(-1)
+    assert torch.allclose(coupled_acceptance(p, q), by_pairs)

@@ -250,6 +250,27 @@ def accept(proposals: list[int], draws: list[int]) -> tuple[list[int], int]:
     return proposals[:n_ok] + [draws[n_ok]], n_ok
 
 
+def coupled_acceptance(p: Tensor, q: Tensor) -> Tensor:
+    """p, q [N, V] (target and draft distributions at N positions) -> [N]: the chance that
+    the draft's draw equals the target's when both draw with the same noise, the rule
+    above. Both draw x (argmax p / E and argmax q / E, E exponential) when every other E_y
+    exceeds E_x max(p_y / p_x, q_y / q_x); integrated over E_x that is
+    1 / sum_y max(p_y / p_x, q_y / q_x). The larger ratio is p's where p_y / q_y >= p_x / q_x,
+    so with the tokens sorted by p / q the sum is (p's mass ranked at or above x) / p_x +
+    (q's mass ranked below x) / q_x: two cumulative sums instead of V x V ratios. (The
+    rejection rule of Leviathan et al. accepts with probability sum_x min(p_x, q_x), which
+    bounds this from above.)"""
+    p, q = p.double(), q.double()
+    ratio = torch.where(q > 0, p / q.clamp(min=1e-300), torch.where(p > 0, torch.inf, 0.0))  # [N, V]
+    order = ratio.argsort(dim=-1, descending=True)
+    ps, qs = p.gather(-1, order), q.gather(-1, order)  # [N, V], by falling p / q
+    p_above = ps.cumsum(-1)  # p_y summed over y ranked at or above x
+    q_below = qs.sum(-1, keepdim=True) - qs.cumsum(-1)  # q_y summed over y ranked below x
+    both = (ps > 0) & (qs > 0)  # a token one side never draws adds 0
+    total = p_above / ps.where(both, 1.0) + q_below / qs.where(both, 1.0)
+    return (both / total).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------
 # The decoding loop
 # ---------------------------------------------------------------------------------------
