@@ -341,13 +341,13 @@ def test_the_coupled_acceptance_formula_matches_shared_noise_draws_and_sits_betw
     noise = torch.stack([exponential_noise(7, i, v) for i in range(20000)])  # [n, V]
     for row in range(3):
         drawn = ((p[row].double() / noise).argmax(-1) == (q[row].double() / noise).argmax(-1)).double().mean()
-        assert float(alpha[row]) == pytest.approx(float(drawn), abs=0.01)  # 3.5 standard errors
+        assert float(alpha[row]) == pytest.approx(float(drawn), abs=0.01)  # about 3 standard errors (seeded noise)
         d = 0.5 * (p[row] - q[row]).abs().sum()
         assert (1 - d) / (1 + d) - 1e-6 <= alpha[row] <= 1 - d + 1e-6
     assert torch.allclose(coupled_acceptance(p, p), torch.ones(3, dtype=torch.float64))
     one_hot = torch.eye(v)[[5, 6, 7]]  # a fixed guess is the target's draw with probability p(guess)
     assert torch.allclose(coupled_acceptance(p, one_hot), p[[0, 1, 2], [5, 6, 7]].double())
-    x = torch.arange(v)  # the formula itself, summed over every pair of tokens
+    # the formula itself, summed over every pair of tokens (x, y)
     pairs = torch.maximum(p[:, None, :] / p[:, :, None], q[:, None, :] / q[:, :, None]).double()  # [3, x, y]
-    by_pairs = torch.where(q[:, x] > 0, 1 / pairs.sum(-1), 0.0).sum(-1)
+    by_pairs = torch.where(q > 0, 1 / pairs.sum(-1), 0.0).sum(-1)
     assert torch.allclose(coupled_acceptance(p, q), by_pairs)
