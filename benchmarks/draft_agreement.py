@@ -39,16 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_speculative import checkpoint_name, load_ngram_table, stdlib_prompts  # noqa: E402
+from benchmarks.bench_speculative import (checkpoint_name, expected_tokens, load_ngram_table,  # noqa: E402
+                                          stdlib_prompts)
 from moe.io.checkpoint import load_model  # noqa: E402
 from moe.serving.generation import generate  # noqa: E402
 from moe.serving.sampling import SamplingParams, warp_probs  # noqa: E402
 from moe.serving.speculative import coupled_acceptance  # noqa: E402
 from moe.serving.text import load_tokenizer  # noqa: E402
-
-
-def tokens_per_round(alpha: float, gamma: int) -> float:
-    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
 def agreement(p, q) -> dict[str, list[float]]:
@@ -114,7 +111,7 @@ def main() -> None:
     for name, values in per_position.items():
         means = {key: sum(v) / max(len(v), 1) for key, v in values.items()}
         proposers[name] = dict(**means, coverage=len(values["coupled"]) / positions,
-                               tokens_per_round={rule: {g: tokens_per_round(means[rule], g) for g in (2, 4, 6)}
+                               tokens_per_round={rule: {g: expected_tokens(means[rule], g) for g in (2, 4, 6)}
                                                  for rule in ("coupled", "rejection")})
         print(f"{name:12s} coupled {means['coupled']:.3f} (floor {means['coupled_floor']:.3f})  "
               f"rejection {means['rejection']:.3f}  coverage {proposers[name]['coverage']:.2f}")
